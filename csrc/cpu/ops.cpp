@@ -1,0 +1,28 @@
+// The flashquant op schemas (defined once, here) and their CPU implementations.
+// CUDA implementations of the same schemas live in csrc/cuda/ops_cuda.cpp (TORCH_LIBRARY_IMPL(..., CUDA)).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/quant_gemv.h"
+
+namespace {
+std::string cpu_simd_level() { return flashquant::cpu::simd_level(); }
+}  // namespace
+
+TORCH_LIBRARY(flashquant, m) {
+  m.def("quant_matmul_packed(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor");
+  // Flash-decoding (Sq = 1) over a contiguous or paged KV cache; CUDA only (see csrc/cuda).
+  m.def(
+      "decode_attention_packed(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+      "float softmax_scale, int num_splits) -> Tensor");
+  m.def("cpu_simd_level() -> str", &cpu_simd_level);
+}
+
+TORCH_LIBRARY_IMPL(flashquant, CPU, m) { m.impl("quant_matmul_packed", &flashquant::cpu::quant_matmul_cpu); }
+
+// Importable as flashquant._C: loading it runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "flashquant C++ ops (torch.ops.flashquant)", -1,
+                                   nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,19 @@
+// Weight-only int4/int8 dequant-matmul on the CPU: declarations shared by ops.cpp and quant_gemv.cpp.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+namespace flashquant::cpu {
+
+// out (M, N) = x (M, K) @ dequant(qdata)^T, accumulated in fp32, returned in x's dtype.
+// qdata: uint8, (N, K/2) for bits=4 (k=2j in the low nibble of byte j, k=2j+1 in the high one) or (N, K)
+// for bits=8. scales: (N, K/group_size) fp32/fp16/bf16. zeros: uint8 (N, K/group_size) or nullopt, in
+// which case the zero point is 2^(bits-1). Dequantized weight: (q - zero) * scale.
+at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size);
+
+// "avx2" when the AVX2+FMA+F16C path will run on this machine, else "scalar".
+// FLASHQUANT_CPU_SIMD=0 in the environment forces the portable scalar path (used by the tests).
+const char* simd_level();
+
+}  // namespace flashquant::cpu

@@ -1,0 +1,131 @@
+"""The one place that decides which implementation runs.
+
+Every public op calls :func:`resolve` with the backend the user asked for (``"auto"`` or a name) and the
+device of its tensors. Naming a backend that is unavailable raises; ``"auto"`` picks the fastest available
+implementation and logs (once) when it has to fall back to a slow path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import torch
+
+from . import _ext
+
+log = logging.getLogger("flashquant")
+
+BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
+
+# Which backends implement which op.
+OPS: dict[str, tuple[str, ...]] = {
+    "attention": ("reference", "torch", "triton"),
+    "attention_varlen": ("reference", "torch", "triton"),
+    "attention_with_kvcache": ("reference", "torch", "triton", "cuda"),
+    "quant_matmul": ("reference", "torch", "triton", "cuda", "cpu"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    available: bool
+    reason: str
+    devices: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{'yes' if self.available else 'no '}  [{', '.join(self.devices)}]  {self.reason}"
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    if triton_interpret():
+        return True, f"triton {triton.__version__} in interpreter mode (TRITON_INTERPRET=1): CPU tensors, slow"
+    if not torch.cuda.is_available():
+        return False, f"triton {triton.__version__} is installed but no CUDA device is visible"
+    return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+
+def backends() -> dict[str, BackendInfo]:
+    """What can run on this machine, and why not where it cannot."""
+    cpu_ok, cpu_why = _ext.cpu_ext()
+    if cpu_ok:
+        cpu_why = f"C++ extension loaded, SIMD: {torch.ops.flashquant.cpu_simd_level()}"
+    cuda_ok, cuda_why = _ext.cuda_ext()
+    if cuda_ok and not torch.cuda.is_available():
+        cuda_ok, cuda_why = False, "CUDA extension built but no CUDA device is visible"
+    elif not cuda_ok and torch.version.cuda is None:
+        cuda_why = f"this torch ({torch.__version__}) is a CPU build; the CUDA extension was not built"
+    tri_ok, tri_why = _triton_status()
+    tri_devices = ("cpu (interpreter)",) if triton_interpret() else ("cuda",)
+    return {
+        "reference": BackendInfo(True, "pure PyTorch, fp32 (the correctness oracle; slow)", ("cpu", "cuda")),
+        "torch": BackendInfo(True, "PyTorch ops (SDPA, dequantize + F.linear)", ("cpu", "cuda")),
+        "triton": BackendInfo(tri_ok, tri_why, tri_devices),
+        "cuda": BackendInfo(cuda_ok, cuda_why if not cuda_ok else "CUDA extension loaded", ("cuda",)),
+        "cpu": BackendInfo(cpu_ok, cpu_why, ("cpu",)),
+    }
+
+
+@functools.cache
+def _available(name: str) -> tuple[bool, str]:
+    info = backends()[name]
+    return info.available, info.reason
+
+
+@functools.cache
+def _warn_once(msg: str) -> None:
+    log.warning(msg)
+
+
+def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, ...] | None = None) -> str:
+    """Return the concrete backend name for `op` on `device`.
+
+    `auto_order` is the op's own preference list for "auto" on this device and shape (fastest first); the
+    first available one wins.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    supported = OPS[op]
+    if backend == "auto":
+        if auto_order is None:
+            auto_order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+        for name in auto_order:
+            if name in supported and _available(name)[0] and _device_ok(name, device):
+                if device.type == "cuda" and name == "torch" and op != "quant_matmul":
+                    _warn_once(f"flashquant.{op}: no fused kernel available on CUDA, using the PyTorch path")
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend not in supported:
+        raise ValueError(f"backend={backend!r} does not implement flashquant.{op}; it has {supported}")
+    ok, why = _available(backend)
+    if not ok:
+        raise RuntimeError(f"backend={backend!r} was requested for flashquant.{op} but is unavailable: {why}")
+    if not _device_ok(backend, device):
+        raise ValueError(
+            f"backend={backend!r} cannot run flashquant.{op} on {device.type} tensors "
+            f"(it runs on: {', '.join(backends()[backend].devices)})"
+        )
+    return backend
+
+
+def _device_ok(name: str, device: torch.device) -> bool:
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+    return True

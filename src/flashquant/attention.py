@@ -1,0 +1,375 @@
+"""Fused attention: :func:`attention`, :func:`attention_varlen`, :func:`attention_with_kvcache`.
+
+Layouts follow flash-attn: q (batch, seqlen, heads, head_dim). Masking semantics (bottom-right causal
+alignment, sliding window, softcap, empty rows -> zeros with lse = -inf) are defined once, in
+:mod:`flashquant.reference.attention`. Forward only (inference): there is no backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _dispatch
+from ._checks import FLOAT_DTYPES, check_last_dim_contiguous, check_same_device, check_shape, check_tensor, check_window
+from .reference import attention as ref
+
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache"]
+
+INDEX_DTYPES = (torch.int32,)
+
+
+# ---- validation -----------------------------------------------------------------------------------------
+def _check_qkv(q, k, v, q_ndim: int, k_what: str):
+    check_tensor("q", q, ndim=q_ndim, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=k.dim() if isinstance(k, torch.Tensor) else q_ndim, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    check_shape("v", v, tuple(k.shape), k_what)
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have head_dim D={d} like q {tuple(q.shape)}, got k {tuple(k.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the number of query heads Hq={hq} must be a multiple of the number of KV heads "
+                         f"Hkv={hkv} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, t)
+
+
+def _scalars(q, softmax_scale, window_size, softcap):
+    left, right = check_window(window_size)
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    elif not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale), left, right, float(softcap)
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: int | None, total: int) -> None:
+    check_tensor(name, cu, ndim=1, dtypes=INDEX_DTYPES)
+    if cu.shape[0] < 1 or (batch is not None and cu.shape[0] != batch + 1):
+        raise ValueError(f"{name} must have shape (batch + 1,), got {tuple(cu.shape)}")
+    if cu.device.type == "cpu":  # checking device tensors would need a host sync
+        c = cu.tolist()
+        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > total:
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {total}, got {c}")
+
+
+# ---- PyTorch backend ------------------------------------------------------------------------------------
+def _masked_attention_torch(q, k, v, mask, scale, softcap, return_lse):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), mask None or bool broadcastable to (B, Sq, Sk)."""
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    if q.numel() == 0 or Sk == 0:
+        return torch.zeros_like(q), q.new_full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
+    if softcap == 0 and not return_lse:
+        attn_mask = None if mask is None else mask[:, None] if mask.dim() == 3 else mask
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=attn_mask, scale=scale, enable_gqa=Hq != Hkv)
+        out = out.transpose(1, 2)
+        if mask is not None:  # rows with no visible key: zeros, never NaN
+            empty = ~mask.any(-1)  # (Sq,) or (B, Sq)
+            out = out.masked_fill(empty[..., None, None], 0)
+        return out, q.new_empty((0,), dtype=torch.float32)
+    # softcap / lse: explicit fp32 math, query heads grouped per KV head (no K/V repeat), chunked over Sq.
+    G = Hq // Hkv
+    kf = k.float().permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, Sk, D)
+    vf = v.float().permute(0, 2, 1, 3)[:, :, None]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    chunk = max(1, (1 << 26) // max(1, B * Hq * Sk))
+    for s0 in range(0, Sq, chunk):
+        s1 = min(Sq, s0 + chunk)
+        qg = q[:, s0:s1].float().reshape(B, s1 - s0, Hkv, G, D).permute(0, 2, 3, 1, 4)
+        s = (qg @ kf.transpose(-1, -2)) * scale  # (B, Hkv, G, sq, Sk)
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        if mask is not None:
+            m = mask[..., s0:s1, :] if mask.dim() == 3 else mask[s0:s1][None]
+            s = s.masked_fill(~m[:, None, None], float("-inf"))
+        l = torch.logsumexp(s, dim=-1)
+        p = torch.nan_to_num(torch.exp(s - l[..., None]), nan=0.0)
+        o = p @ vf  # (B, Hkv, G, sq, D)
+        out[:, s0:s1] = o.permute(0, 3, 1, 2, 4).reshape(B, s1 - s0, Hq, D).to(q.dtype)
+        lse[:, :, s0:s1] = l.reshape(B, Hq, s1 - s0)
+    return out, (lse if return_lse else q.new_empty((0,), dtype=torch.float32))
+
+
+def _dense_mask(sq, sk, causal, left, right, device):
+    if not causal and left < 0 and right < 0:
+        return None
+    return ref.visible(sq, sk, causal, (left, right), device)
+
+
+def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table):
+    """Write new tokens k/v (B, Snew, Hkv, D) at positions cache_seqlens[b] + t, in place. No host sync."""
+    B, snew = k.shape[:2]
+    pos = cache_seqlens.long()[:, None] + torch.arange(snew, device=k.device)  # (B, Snew)
+    if block_table is None:
+        rows = torch.arange(B, device=k.device)[:, None].expand(B, snew)
+        k_cache[rows, pos] = k
+        v_cache[rows, pos] = v
+    else:
+        bs = k_cache.shape[1]
+        blocks = block_table.long().gather(1, pos // bs)
+        k_cache[blocks, pos % bs] = k
+        v_cache[blocks, pos % bs] = v
+
+
+def _kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, causal, scale, left, right, softcap, return_lse):
+    B, Sq = q.shape[:2]
+    if block_table is not None:
+        nb, bs = block_table.shape[1], k_cache.shape[1]
+        k_all = k_cache[block_table.long()].reshape(B, nb * bs, *k_cache.shape[2:])
+        v_all = v_cache[block_table.long()].reshape(B, nb * bs, *v_cache.shape[2:])
+    else:
+        k_all, v_all = k_cache, v_cache
+    sk = k_all.shape[1]
+    j = torch.arange(sk, device=q.device)[None, None, :]
+    lens = seqlens_k.long()[:, None, None]
+    diag = torch.arange(Sq, device=q.device)[None, :, None] + lens - Sq
+    mask = j < lens
+    if causal:
+        right = 0
+    if right >= 0:
+        mask = mask & (j <= diag + right)
+    if left >= 0:
+        mask = mask & (j >= diag - left)
+    return _masked_attention_torch(q, k_all, v_all, mask, scale, softcap, return_lse)
+
+
+# ---- custom ops (one per public op; torch.compile traces through them) ---------------------------------
+@torch.library.custom_op("flashquant::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+                  window_left: int, window_right: int, softcap: float, return_lse: bool,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    window = (window_left, window_right)
+    if backend == "reference":
+        out, lse = ref.attention_ref(q, k, v, causal, softmax_scale, window, softcap)
+        return out, lse if return_lse else lse.new_empty((0,))
+    if backend == "triton":
+        from .kernels import attention as tri
+
+        return tri.attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse)
+    mask = _dense_mask(q.shape[1], k.shape[1], causal, window_left, window_right, q.device)
+    return _masked_attention_torch(q, k, v, mask, softmax_scale, softcap, return_lse)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, softmax_scale, window_left, window_right, softcap, return_lse, backend):
+    B, Sq, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashquant::attention_varlen", mutates_args=())
+def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                         softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                         return_lse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    window = (window_left, window_right)
+    if backend == "reference":
+        out, lse = ref.attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window,
+                                            softcap)
+        return out, lse if return_lse else lse.new_empty((0,))
+    if backend == "triton":
+        from .kernels import attention as tri
+
+        return tri.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale,
+                                    window, softcap, return_lse)
+    # PyTorch path: one dense call per sequence (reads cu_seqlens on the host).
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        (qs, qe), (ks, ke) = (cq[b], cq[b + 1]), (ck[b], ck[b + 1])
+        if qe == qs:
+            continue
+        mask = _dense_mask(qe - qs, ke - ks, causal, window_left, window_right, q.device)
+        o, l = _masked_attention_torch(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], mask, softmax_scale,
+                                       softcap, return_lse)
+        out[qs:qe] = o[0]
+        if return_lse:
+            lse[:, qs:qe] = l[0]
+    return out, lse if return_lse else lse.new_empty((0,))
+
+
+@_attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left,
+      window_right, softcap, return_lse, backend):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashquant::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _attention_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          cache_seqlens: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                          block_table: torch.Tensor | None, causal: bool, softmax_scale: float, window_left: int,
+                          window_right: int, softcap: float, return_lse: bool, num_splits: int,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    window = (window_left, window_right)
+    if backend == "reference":
+        out, lse = ref.attention_kvcache_ref(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal,
+                                             softmax_scale, window, softcap)
+        return out, lse if return_lse else lse.new_empty((0,))
+    if k is not None:
+        append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+    seqlens_k = cache_seqlens if k is None else cache_seqlens + k.shape[1]
+    if backend == "triton":
+        from .kernels import attention as tri
+
+        return tri.attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window,
+                                     softcap, return_lse, num_splits)
+    if backend == "cuda":
+        out = torch.ops.flashquant.decode_attention_packed(q[:, 0], k_cache, v_cache, seqlens_k.to(torch.int32),
+                                                           block_table, softmax_scale, num_splits)
+        return out[:, None], q.new_empty((0,), dtype=torch.float32)
+    return _kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window_left,
+                          window_right, softcap, return_lse)
+
+
+@_attention_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, softmax_scale, window_left, window_right,
+      softcap, return_lse, num_splits, backend):
+    B, Sq, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+
+
+# ---- public API -----------------------------------------------------------------------------------------
+def attention(q, k, v, causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
+              softcap: float = 0.0, return_lse: bool = False, backend: str = "auto"):
+    """Multi-/grouped-/multi-query attention, fused (never materialises the Sq x Sk matrix on the kernels).
+
+    Args:
+        q: (B, Sq, Hq, D) fp16/bf16 (fp32 too). k, v: (B, Sk, Hkv, D), same dtype/device, Hq % Hkv == 0.
+        causal: bottom-right aligned: query i sees key j iff j <= i + Sk - Sq.
+        softmax_scale: defaults to 1/sqrt(D).
+        window_size: (left, right) sliding window, -1 = unbounded (flash-attn semantics).
+        softcap: if > 0, scores become softcap * tanh(scores / softcap).
+        return_lse: also return the log-sum-exp of the scaled scores, (B, Hq, Sq) fp32 (-inf for empty rows).
+        backend: "auto", "reference", "torch" or "triton".
+    Returns:
+        out (B, Sq, Hq, D) in q.dtype, or (out, lse) if return_lse.
+    """
+    _check_qkv(q, k, v, 4, "(B, Sk, Hkv, D)")
+    B, Sq, Hq, D = q.shape
+    if k.dim() != 4 or k.shape[0] != B:
+        raise ValueError(f"k must have shape (B={B}, Sk, Hkv, D={D}), got {tuple(k.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
+    name = _dispatch.resolve("attention", backend, q.device)
+    out, lse = torch.ops.flashquant.attention(q, k, v, bool(causal), scale, left, right, softcap, bool(return_lse),
+                                              name)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                     causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
+                     softcap: float = 0.0, return_lse: bool = False, backend: str = "auto"):
+    """Attention over a packed batch of variable-length sequences.
+
+    q: (total_q, Hq, D); k, v: (total_k, Hkv, D). cu_seqlens_q / cu_seqlens_k: int32 (batch + 1,) cumulative
+    lengths starting at 0 (sequence b is rows cu[b]:cu[b+1]; empty sequences are allowed). max_seqlen_q/k:
+    upper bounds on the lengths (used to size the launch). Masking as in :func:`attention`, per sequence.
+    Returns out (total_q, Hq, D) or (out, lse (Hq, total_q) fp32).
+    """
+    _check_qkv(q, k, v, 3, "(total_k, Hkv, D)")
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0])
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0] - 1, k.shape[0])
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {val!r}")
+    scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
+    name = _dispatch.resolve("attention_varlen", backend, q.device)
+    out, lse = torch.ops.flashquant.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                     max_seqlen_k, bool(causal), scale, left, right, softcap,
+                                                     bool(return_lse), name)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, block_table=None,
+                           causal: bool = True, softmax_scale: float | None = None, window_size=(-1, -1),
+                           softcap: float = 0.0, return_lse: bool = False, num_splits: int = 0,
+                           backend: str = "auto"):
+    """Decoding / chunked prefill against a KV cache, optionally appending new tokens first.
+
+    Args:
+        q: (B, Sq, Hq, D) queries of the new tokens.
+        k_cache, v_cache: contiguous (B, S_max, Hkv, D), or paged (num_blocks, block_size, Hkv, D) when
+            block_table is given (block_size a power of two >= 16 for the Triton kernel).
+        cache_seqlens: int32 (B,): tokens already in the cache for each sequence.
+        k, v: optional (B, Snew, Hkv, D) new tokens, written in place into the caches at positions
+            cache_seqlens[b] ... cache_seqlens[b] + Snew - 1 before attending (cache_seqlens is not updated).
+        block_table: int32 (B, max_blocks) of cache block indices (paged cache), or None.
+        causal: bottom-right aligned over the cache_seqlens[b] + Snew visible keys.
+        num_splits: split-KV parallelism for the Triton kernel (0 = choose from the cache capacity).
+    Returns:
+        out (B, Sq, Hq, D), or (out, lse (B, Hq, Sq) fp32).
+    On CUDA the capacity bound (cache_seqlens + Snew <= capacity) is not checked on the host (that would
+    need a sync); the kernels mask out-of-range positions.
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=INDEX_DTYPES)
+    B, Sq, Hq, D = q.shape
+    check_shape("v_cache", v_cache, tuple(k_cache.shape), "like k_cache")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}/{v_cache.dtype}")
+    hkv = k_cache.shape[2]
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache must have head_dim D={D} like q, got {tuple(k_cache.shape)}")
+    if hkv == 0 or Hq % hkv != 0:
+        raise ValueError(f"Hq={Hq} must be a multiple of the cache's Hkv={hkv}")
+    check_shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"contiguous k_cache must have shape (B={B}, S_max, Hkv, D), got {tuple(k_cache.shape)}")
+        capacity = k_cache.shape[1]
+    else:
+        check_tensor("block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
+        if block_table.shape[0] != B:
+            raise ValueError(f"block_table must have shape (B={B}, max_blocks), got {tuple(block_table.shape)}")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    snew = 0
+    if k is not None:
+        check_tensor("k", k, ndim=4, dtypes=(q.dtype,))
+        check_tensor("v", v, ndim=4, dtypes=(q.dtype,))
+        check_shape("k", k, (B, None, hkv, D), "(B, Snew, Hkv, D)")
+        check_shape("v", v, tuple(k.shape), "like k")
+        snew = k.shape[1]
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_last_dim_contiguous(name, t)
+    device = check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
+                               block_table=block_table)
+    if device.type == "cpu" and B > 0:
+        lens = cache_seqlens.tolist()
+        if min(lens) < 0 or max(lens) + snew > capacity:
+            raise ValueError(f"cache_seqlens + Snew must lie in [0, capacity={capacity}], got cache_seqlens={lens}, "
+                             f"Snew={snew}")
+        if block_table is not None and block_table.numel() and (
+            int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0]
+        ):
+            raise ValueError(f"block_table entries must lie in [0, num_blocks={k_cache.shape[0]})")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
+    cuda_ok = (Sq == 1 and left < 0 and (right < 0 or causal) and softcap == 0 and not return_lse
+               and D in (64, 128, 256) and q.dtype in (torch.float16, torch.bfloat16))
+    order = (("cuda",) if cuda_ok else ()) + ("triton", "torch") if device.type == "cuda" else ("torch",)
+    name = _dispatch.resolve("attention_with_kvcache", backend, device, order)
+    if name == "cuda" and not cuda_ok:
+        raise ValueError("backend='cuda' for attention_with_kvcache supports Sq=1 without window/softcap/lse, "
+                         f"head_dim 64/128/256 and fp16/bf16; got Sq={Sq}, window={window_size}, softcap={softcap}, "
+                         f"return_lse={return_lse}, D={D}, dtype={q.dtype}")
+    out, lse = torch.ops.flashquant.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table,
+                                                           bool(causal), scale, left, right, softcap,
+                                                           bool(return_lse), num_splits, name)
+    return (out, lse) if return_lse else out

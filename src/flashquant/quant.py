@@ -1,0 +1,172 @@
+"""Weight-only int4/int8 quantization: :func:`quantize`, :class:`QuantizedWeight`, :func:`quant_matmul`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _dispatch
+from ._checks import FLOAT_DTYPES, check_tensor
+from .reference import quant as ref
+
+__all__ = ["QuantizedWeight", "quantize", "quant_matmul", "pack", "unpack"]
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (N, K) -> packed uint8: (N, K) for 8 bits, (N, K // 2) for 4 bits (k = 2j in the low
+    nibble of byte j, k = 2j + 1 in the high nibble; viewed as int32 that is eight codes per word, k = 8i + t
+    in bits 4t..4t+3, little-endian)."""
+    if bits == 8:
+        return codes.contiguous()
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack(qdata: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: packed uint8 -> codes uint8 (N, K)."""
+    if bits == 8:
+        return qdata
+    return torch.stack((qdata & 0xF, qdata >> 4), dim=-1).reshape(qdata.shape[0], -1)
+
+
+class QuantizedWeight:
+    """A weight (N = out_features, K = in_features) quantized by :func:`quantize`.
+
+    Attributes:
+        qdata:  uint8. bits=8: (N, K), one code per byte. bits=4: (N, K // 2), two codes per byte,
+                k = 2j in the low nibble of byte j, k = 2j + 1 in the high nibble (see :func:`pack`).
+                Codes are unsigned (offset-binary): code in [0, 2^bits).
+        scales: (N, K // group_size), dtype of the original weight (fp16/bf16/fp32).
+        zeros:  uint8 (N, K // group_size) zero points, or None for symmetric quantization, where the
+                zero point is 2^(bits-1) (8 for int4, 128 for int8).
+        bits, group_size (-1 = one group per output channel), shape (N, K), dtype (the original weight's).
+    Dequantized weight: ``(code - zero) * scale``; the exact rounding rules are in
+    :mod:`flashquant.reference.quant`. Row-major along K, so a GEMV reads each row of codes contiguously.
+    """
+
+    def __init__(self, qdata, scales, zeros, bits: int, group_size: int, shape, dtype):
+        self.qdata, self.scales, self.zeros = qdata, scales, zeros
+        self.bits, self.group_size = int(bits), int(group_size)
+        self.shape, self.dtype = torch.Size(shape), dtype
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.shape[1] if self.group_size == -1 else self.group_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.qdata.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matmul must read: codes + scales (+ zeros)."""
+        z = 0 if self.zeros is None else self.zeros.numel() * self.zeros.element_size()
+        return self.qdata.numel() + self.scales.numel() * self.scales.element_size() + z
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qdata, self.bits)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(N, K) dense weight in `dtype` (default: the original dtype)."""
+        w = ref.dequantize_ref(self.codes(), self.scales, self.zeros, self.bits, self.group_size)
+        return w.to(dtype or self.dtype)
+
+    def to(self, device) -> QuantizedWeight:
+        z = None if self.zeros is None else self.zeros.to(device)
+        return QuantizedWeight(self.qdata.to(device), self.scales.to(device), z, self.bits, self.group_size,
+                               self.shape, self.dtype)
+
+    def __repr__(self) -> str:
+        sym = "symmetric" if self.zeros is None else "asymmetric"
+        return (f"QuantizedWeight(shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, "
+                f"{sym}, dtype={self.dtype}, device={self.device})")
+
+
+def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
+    """Quantize a weight w (out_features N, in_features K), fp16/bf16/fp32, to int4 or int8.
+
+    group_size: 32, 64, 128, 256, ... (must divide K) or -1 for one scale per output channel.
+    int4 needs an even K (two codes per byte). Returns a :class:`QuantizedWeight` on w's device.
+    """
+    check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES)
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise ValueError(f"group_size must be a positive int or -1 (per output channel), got {group_size!r}")
+    N, K = w.shape
+    if group_size != -1 and K % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide in_features K={K} (w has shape {tuple(w.shape)})")
+    if bits == 4 and K % 2 != 0:
+        raise ValueError(f"int4 packs two codes per byte, so in_features K must be even, got K={K}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w contains inf or NaN; quantization needs finite weights")
+    codes, scales, zeros = ref.quantize_ref(w, bits, group_size, symmetric)
+    return QuantizedWeight(pack(codes, bits), scales, zeros, bits, group_size, w.shape, w.dtype)
+
+
+def _auto_order(device: torch.device, m: int) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return ("cuda", "triton", "torch") if m <= 16 else ("triton", "torch")
+    # The C++ kernel dequantizes once per tile of 4 rows: it wins for decode-sized M, the dequantize +
+    # BLAS path wins once the GEMM work dominates (see bench/ for the crossover).
+    return ("cpu", "torch") if m <= 16 else ("torch",)
+
+
+def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, qweight.dequantize(), bias)``, computed by a fused dequant-matmul kernel.
+
+    x: (..., K) fp16/bf16/fp32, on qweight's device. bias: (N,) or None. Returns (..., N) in x.dtype
+    (accumulation in fp32).
+    """
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a flashquant.QuantizedWeight (from flashquant.quantize), "
+                        f"got {type(qweight).__name__}")
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    N, K = qweight.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x must have shape (..., K={K}) to match qweight {tuple(qweight.shape)}, got {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape (N={N},), got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight.qdata), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {t.device}; move them to one device")
+    x2 = x.reshape(-1, K)
+    name = _dispatch.resolve("quant_matmul", backend, x.device, _auto_order(x.device, x2.shape[0]))
+    out = torch.ops.flashquant.quant_matmul(x2, qweight.qdata, qweight.scales, qweight.zeros, bias, qweight.bits,
+                                            qweight.effective_group_size, name)
+    return out.reshape(*x.shape[:-1], N)
+
+
+# ---- the custom op (so torch.compile traces through it) ---------------------------------------------------
+@torch.library.custom_op("flashquant::quant_matmul", mutates_args=())
+def _quant_matmul_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bias: torch.Tensor | None, bits: int, group_size: int, backend: str) -> torch.Tensor:
+    if backend == "reference":
+        return ref.quant_matmul_ref(x, unpack(qdata, bits), scales, zeros, bits, group_size, bias)
+    if backend == "torch":
+        w = ref.dequantize_ref(unpack(qdata, bits), scales, zeros, bits, group_size).to(x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if backend == "triton":
+        from .kernels.quant_matmul import quant_matmul_triton
+
+        out = quant_matmul_triton(x, qdata, scales, zeros, bits, group_size)
+    elif backend in ("cpu", "cuda"):
+        out = torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+@_quant_matmul_op.register_fake
+def _(x, qdata, scales, zeros, bias, bits, group_size, backend):
+    return x.new_empty((x.shape[0], qdata.shape[0]))

@@ -1,0 +1,64 @@
+"""Reference weight-only quantization (the math every quantized kernel must reproduce).
+
+For a weight w (N, K), groups of `group_size` consecutive input channels share one scale (and zero point):
+* symmetric:  qmax = 2^(bits-1) - 1;  scale = max|w_group| / qmax;  code = clamp(round(w / scale), -qmax-1, qmax)
+  + 2^(bits-1)  (stored offset-binary, unsigned); the zero point is implicitly 2^(bits-1).
+* asymmetric: lo = min(min w_group, 0), hi = max(max w_group, 0);  scale = (hi - lo) / (2^bits - 1);
+  zero = clamp(round(-lo / scale), 0, 2^bits - 1);  code = clamp(round(w / scale) + zero, 0, 2^bits - 1).
+* dequantized weight = (code - zero) * scale.
+`round` is round-half-to-even (torch.round). The scale is first rounded to the storage dtype (w's dtype), then
+used for the codes, so dequantize() reproduces exactly what the kernels compute. A group whose range is 0 gets
+scale 1 (all codes equal the zero point, dequantizing to exact zeros); scales are clamped to the storage dtype's
+smallest normal number so they never underflow to 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantize_ref(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """w (N, K) float -> (codes uint8 (N, K), scales (N, K // group_size) in w.dtype, zeros uint8 or None)."""
+    N, K = w.shape
+    gs = K if group_size == -1 else group_size
+    groups = w.float().reshape(N, K // gs, gs)
+    tiny = torch.finfo(w.dtype).tiny
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = groups.abs().amax(-1) / qmax
+    else:
+        qmax = 2**bits - 1
+        lo = groups.amin(-1).clamp(max=0)
+        hi = groups.amax(-1).clamp(min=0)
+        scale = (hi - lo) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale.clamp(min=tiny))
+    scale = scale.to(w.dtype)  # what is stored ...
+    s = scale.float()[..., None]  # ... is what the codes are computed against
+    if symmetric:
+        offset = 2 ** (bits - 1)
+        codes = torch.clamp(torch.round(groups / s), -offset, offset - 1) + offset
+        zeros = None
+    else:
+        zero = torch.clamp(torch.round(-lo / scale.float()), 0, qmax)
+        codes = torch.clamp(torch.round(groups / s) + zero[..., None], 0, qmax)
+        zeros = zero.to(torch.uint8)
+    return codes.reshape(N, K).to(torch.uint8), scale, zeros
+
+
+def dequantize_ref(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                   group_size: int) -> torch.Tensor:
+    """codes uint8 (N, K) -> fp32 (N, K)."""
+    N, K = codes.shape
+    gs = K if group_size == -1 else group_size
+    z = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
+    c = codes.float().reshape(N, K // gs, gs)
+    return ((c - z[..., None]) * scales.float()[..., None]).reshape(N, K)
+
+
+def quant_matmul_ref(x, codes, scales, zeros, bits, group_size, bias=None):
+    """F.linear(x, dequantize(W), bias) computed in fp32, returned in x.dtype."""
+    w = dequantize_ref(codes, scales, zeros, bits, group_size)
+    out = x.float() @ w.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
