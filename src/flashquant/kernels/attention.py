@@ -1,0 +1,373 @@
+"""Triton FlashAttention-style forward kernels: dense, varlen and KV-cache (contiguous or paged), with
+split-KV ("flash-decoding") and an LSE-merge kernel.
+
+Layout of the work: one program owns BLOCK_M *rows*, where a row is a (query position, query head of the
+KV group) pair, so the Hq/Hkv query heads that share a KV head are rows of the same tile and every K/V byte is
+read once per group (GQA/MQA never repeat K/V). Programs loop over BLOCK_N keys with an online softmax in
+base 2 and fp32 accumulators. The key loop is clipped to the causal / sliding-window band of the tile, so
+fully masked key blocks are skipped, not computed. With split-KV, program (m, bh, s) covers keys
+[s * split_size, (s + 1) * split_size) and writes an fp32 partial output + its LSE; `_combine_kernel` merges.
+
+Semantics (masks, empty rows -> 0 with lse -inf) are those of flashquant.reference.attention.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, OutPart, LsePart,
+    CuSeqQ, CuSeqK, SeqlensK, BlockTable,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    stride_bt,
+    seqlen_q, seqlen_k, batch, num_kv_heads, head_dim,
+    sm_scale, softcap, window_left, window_right, split_size,
+    GROUP: tl.constexpr,
+    MODE: tl.constexpr,  # 0: dense, 1: varlen (cu_seqlens), 2: kv cache (per-batch seqlens_k)
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // num_kv_heads
+    hkv = pid_bh % num_kv_heads
+    num_heads = num_kv_heads * GROUP
+
+    # Per-sequence extents and base offsets (64-bit: batch * seqlen * heads * head_dim may exceed 2^31).
+    if MODE == 1:
+        q_start = tl.load(CuSeqQ + b)
+        sq = tl.load(CuSeqQ + b + 1) - q_start
+        k_start = tl.load(CuSeqK + b)
+        sk = tl.load(CuSeqK + b + 1) - k_start
+        q_base = q_start.to(tl.int64) * stride_qs
+        o_base = q_start.to(tl.int64) * stride_os
+        k_base = k_start.to(tl.int64) * stride_ks
+        v_base = k_start.to(tl.int64) * stride_vs
+        l_base = q_start.to(tl.int64)
+    else:
+        sq = seqlen_q
+        if MODE == 2:
+            sk = tl.load(SeqlensK + b)
+        else:
+            sk = seqlen_k
+        q_base = b.to(tl.int64) * stride_qb
+        o_base = b.to(tl.int64) * stride_ob
+        k_base = b.to(tl.int64) * stride_kb
+        v_base = b.to(tl.int64) * stride_vb
+        l_base = b.to(tl.int64) * stride_lb
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_pos = rows // GROUP
+    head = hkv * GROUP + rows % GROUP
+    row_valid = q_pos < sq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < head_dim
+
+    q = tl.load(Q + q_base + q_pos[:, None].to(tl.int64) * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+
+    # Keys this tile can see: the causal/window band of its first and last query positions.
+    first_pos = (pid_m * BLOCK_M) // GROUP
+    last_pos = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, sq - 1)
+    n_lo = 0
+    n_hi = sk
+    if window_right >= 0:
+        n_hi = tl.minimum(sk, last_pos + sk - sq + window_right + 1)
+    if window_left >= 0:
+        n_lo = tl.maximum(0, first_pos + sk - sq - window_left)
+    if SPLIT:
+        n_lo = tl.maximum(n_lo, pid_s * split_size)
+        n_hi = tl.minimum(n_hi, (pid_s + 1) * split_size)
+    if first_pos >= sq:  # tile past the end of this (varlen) sequence
+        n_hi = n_lo
+
+    if USE_SOFTCAP:
+        qk_scale = sm_scale / softcap
+    else:
+        qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    diag = q_pos + sk - sq
+
+    for start_n in range((n_lo // BLOCK_N) * BLOCK_N, n_hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_valid = (cols >= n_lo) & (cols < n_hi)
+        if PAGED:
+            block = tl.load(BlockTable + b.to(tl.int64) * stride_bt + cols // PAGE_SIZE, mask=col_valid, other=0)
+            slot = (cols % PAGE_SIZE).to(tl.int64)
+            k_off = block.to(tl.int64) * stride_kb + slot * stride_ks
+            v_off = block.to(tl.int64) * stride_vb + slot * stride_vs
+        else:
+            k_off = k_base + cols.to(tl.int64) * stride_ks
+            v_off = v_base + cols.to(tl.int64) * stride_vs
+        k = tl.load(K + k_off[None, :] + hkv * stride_kh + offs_d[:, None],
+                    mask=col_valid[None, :] & d_valid[:, None], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        if USE_SOFTCAP:
+            # softcap * tanh(x / softcap), tanh via exp (exact limits at +-inf), then to base 2.
+            x = s * qk_scale
+            s = (softcap * 1.4426950408889634) * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+        else:
+            s = s * qk_scale
+        visible = col_valid[None, :] & row_valid[:, None]
+        if window_right >= 0:
+            visible = visible & (cols[None, :] <= diag[:, None] + window_right)
+        if window_left >= 0:
+            visible = visible & (cols[None, :] >= diag[:, None] - window_left)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_off[:, None] + hkv * stride_vh + offs_d[None, :],
+                    mask=col_valid[:, None] & d_valid[None, :], other=0.0)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if SPLIT:
+        # partials: (num_splits, B, Hq, Sq, D) fp32 and (num_splits, B, Hq, Sq)
+        prow = ((pid_s * batch + b).to(tl.int64) * num_heads + head) * seqlen_q + q_pos
+        tl.store(OutPart + prow[:, None] * head_dim + offs_d[None, :], out,
+                 mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(LsePart + prow, lse, mask=row_valid)
+    else:
+        tl.store(Out + o_base + q_pos[:, None].to(tl.int64) * stride_os + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        if WRITE_LSE:
+            tl.store(Lse + l_base + head * stride_lh + q_pos, lse, mask=row_valid)
+
+
+@triton.jit
+def _combine_kernel(
+    Out, Lse, OutPart, LsePart,
+    stride_ob, stride_os, stride_oh,
+    num_rows, num_heads, seqlen_q, num_splits, head_dim,
+    WRITE_LSE: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # over (B, Hq, Sq)
+    b = row // (num_heads * seqlen_q)
+    h = (row // seqlen_q) % num_heads
+    s = row % seqlen_q
+    splits = tl.arange(0, SPLITS_P2)
+    split_valid = splits < num_splits
+    lse_s = tl.load(LsePart + splits.to(tl.int64) * num_rows + row, mask=split_valid, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    w_sum = tl.sum(w, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < head_dim
+    parts = tl.load(OutPart + (splits.to(tl.int64)[:, None] * num_rows + row) * head_dim + offs_d[None, :],
+                    mask=split_valid[:, None] & d_valid[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    tl.store(Out + b * stride_ob + s * stride_os + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_valid)
+    if WRITE_LSE:
+        lse = tl.where(w_sum == 0.0, float("-inf"), m_safe + tl.log(tl.where(w_sum == 0.0, 1.0, w_sum)))
+        tl.store(Lse + row, lse)
+
+
+# ---- launch configs ---------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head_dim bucket, for the prefill (many rows per KV head) and
+# decode (few rows) regimes. Chosen from the FlashAttention-2 / Triton-tutorial settings for sm80/sm90;
+# not yet tuned on a real H100 (see the issue notes). Fixed per bucket: no autotuning per sequence length.
+_PREFILL = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+_DECODE = {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)}  # (BLOCK_N, num_warps, num_stages)
+MAX_HEAD_DIM = 256
+
+
+def _head_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: small, so the tests exercise split-KV
+
+
+def _check(q: torch.Tensor, k: torch.Tensor) -> int:
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM or d == 0:
+        raise ValueError(f"the Triton attention kernels support head_dim 1..{MAX_HEAD_DIM} (padded to a power of "
+                         f"two internally), got {d}")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        raise TypeError("bf16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32 on "
+                        "the CPU or run on a GPU")
+    return max(16, triton.next_power_of_2(d))
+
+
+def _launch(q, k, v, out, lse, *, mode, seqlen_q, seqlen_k, batch, causal, softmax_scale, window, softcap,
+            cu_q=None, cu_k=None, seqlens_k=None, block_table=None, grid_m, block_m, block_n, num_warps,
+            num_stages, num_splits=1, split_size=0):
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    group = hq // hkv
+    block_d = max(16, triton.next_power_of_2(d))
+    left, right = window
+    if causal:
+        right = 0
+    split = num_splits > 1
+    if split:
+        out_part = torch.empty(num_splits, batch, hq, seqlen_q, d, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_splits, batch, hq, seqlen_q, dtype=torch.float32, device=q.device)
+    else:
+        out_part = lse_part = out  # unused
+    dummy = out
+    if mode == 1:  # varlen tensors are (total, H, D)
+        qs = (0, q.stride(0), q.stride(1))
+        ks = (0, k.stride(0), k.stride(1))
+        vs = (0, v.stride(0), v.stride(1))
+        os_ = (0, out.stride(0), out.stride(1))
+        ls = (0, lse.stride(0)) if lse is not None else (0, 0)
+    else:
+        qs = (q.stride(0), q.stride(1), q.stride(2))
+        ks = (k.stride(0), k.stride(1), k.stride(2))
+        vs = (v.stride(0), v.stride(1), v.stride(2))
+        os_ = (out.stride(0), out.stride(1), out.stride(2))
+        ls = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    grid = (grid_m, batch * hkv, num_splits)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse if lse is not None else dummy, out_part, lse_part,
+        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
+        seqlens_k if seqlens_k is not None else dummy, block_table if block_table is not None else dummy,
+        *qs, *ks, *vs, *os_, *ls,
+        block_table.stride(0) if block_table is not None else 0,
+        seqlen_q, seqlen_k, batch, hkv, d,
+        softmax_scale, softcap if softcap > 0 else 1.0, left, right, split_size,
+        GROUP=group, MODE=mode, PAGED=block_table is not None,
+        PAGE_SIZE=k.shape[1] if block_table is not None else 1,
+        USE_SOFTCAP=softcap > 0, SPLIT=split, WRITE_LSE=lse is not None and not split,
+        IEEE_DOT=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        rows = batch * hq * seqlen_q
+        _combine_kernel[(rows,)](
+            out, lse if lse is not None else dummy, out_part, lse_part,
+            out.stride(0), out.stride(1), out.stride(2),
+            rows, hq, seqlen_q, num_splits, d,
+            WRITE_LSE=lse is not None, SPLITS_P2=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+            num_warps=4,
+        )
+
+
+def _empty_lse(q, shape, return_lse):
+    if not return_lse:
+        return None
+    return torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
+
+
+def attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out, lse (B, Hq, Sq) or empty)."""
+    block_d = _check(q, k)
+    B, Sq, Hq, D = q.shape
+    Sk = k.shape[1]
+    out = torch.empty_like(q)
+    lse = _empty_lse(q, (B, Hq, Sq), return_lse)
+    if out.numel():
+        group = Hq // k.shape[2]
+        block_m, block_n, warps, stages = _PREFILL[_head_bucket(block_d)]
+        block_m = min(block_m, max(16, triton.next_power_of_2(Sq * group)))
+        _launch(q, k, v, out, lse, mode=0, seqlen_q=Sq, seqlen_k=Sk, batch=B, causal=causal,
+                softmax_scale=softmax_scale, window=window, softcap=softcap, grid_m=triton.cdiv(Sq * group, block_m),
+                block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+
+
+def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, causal, softmax_scale, window, softcap, return_lse):
+    """q (total_q, Hq, D), k/v (total_k, Hkv, D) -> (out, lse (Hq, total_q) or empty)."""
+    block_d = _check(q, k)
+    total_q, Hq, D = q.shape
+    out = torch.zeros_like(q)
+    lse = _empty_lse(q, (Hq, total_q), return_lse)
+    batch = cu_q.shape[0] - 1
+    if total_q and batch and max_seqlen_q:
+        group = Hq // k.shape[1]
+        block_m, block_n, warps, stages = _PREFILL[_head_bucket(block_d)]
+        block_m = min(block_m, max(16, triton.next_power_of_2(max_seqlen_q * group)))
+        _launch(q, k, v, out, lse, mode=1, seqlen_q=max_seqlen_q, seqlen_k=0, batch=batch, causal=causal,
+                softmax_scale=softmax_scale, window=window, softcap=softcap, cu_q=cu_q, cu_k=cu_k,
+                grid_m=triton.cdiv(max_seqlen_q * group, block_m), block_m=block_m, block_n=block_n,
+                num_warps=warps, num_stages=stages)
+    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+
+
+def choose_num_splits(device, work_programs: int, capacity: int, block_n: int) -> int:
+    """Split the KV length until ~2 waves of programs fill the device, keeping >= 2 key blocks per split.
+    Depends only on shapes known on the host (the cache capacity, not the device-side seqlens)."""
+    if work_programs <= 0 or capacity <= 0:
+        return 1
+    want = triton.cdiv(2 * _num_sms(device), work_programs)
+    return max(1, min(want, triton.cdiv(capacity, 2 * block_n), 128))
+
+
+def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window, softcap,
+                      return_lse, num_splits):
+    """Attention of q (B, Sq, Hq, D) over the first seqlens_k[b] keys of each cache (already appended)."""
+    block_d = _check(q, k_cache)
+    B, Sq, Hq, D = q.shape
+    hkv = k_cache.shape[2]
+    if block_table is not None:
+        page = k_cache.shape[1]
+        if page & (page - 1):
+            raise ValueError(f"the Triton paged kernel needs a power-of-two block_size, got {page}")
+        capacity = block_table.shape[1] * page
+    else:
+        capacity = k_cache.shape[1]
+    out = torch.empty_like(q)
+    lse = _empty_lse(q, (B, Hq, Sq), return_lse)
+    if out.numel() == 0:
+        return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+    rows = Sq * (Hq // hkv)
+    if rows <= 64:
+        block_n, warps, stages = _DECODE[_head_bucket(block_d)]
+        block_m = max(16, triton.next_power_of_2(rows))
+    else:
+        block_m, block_n, warps, stages = _PREFILL[_head_bucket(block_d)]
+    grid_m = triton.cdiv(rows, block_m)
+    if num_splits == 0:
+        num_splits = choose_num_splits(q.device, grid_m * B * hkv, capacity, block_n)
+    num_splits = max(1, min(num_splits, triton.cdiv(capacity, block_n)))
+    split_size = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(capacity, split_size)
+    _launch(q, k_cache, v_cache, out, lse, mode=2, seqlen_q=Sq, seqlen_k=0, batch=B, causal=causal,
+            softmax_scale=softmax_scale, window=window, softcap=softcap, seqlens_k=seqlens_k.to(torch.int32),
+            block_table=block_table, grid_m=grid_m, block_m=block_m, block_n=block_n, num_warps=warps,
+            num_stages=stages, num_splits=num_splits, split_size=split_size)
+    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+
+
