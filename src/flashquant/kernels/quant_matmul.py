@@ -1,0 +1,131 @@
+"""Triton int4/int8 weight-only dequant-matmul: out (M, N) = x (M, K) @ dequant(W)^T.
+
+One kernel, two regimes chosen by the launch config:
+* small M (decode, M <= 16): one BLOCK_M=16 row tile covers all of x, the grid runs over N tiles and SPLIT_K
+  slices of K, so a batch-1 GEMV still fills the GPU; every packed weight byte is read exactly once. Split-K
+  partials go to an fp32 workspace reduced by a deterministic sum (no bf16 atomics).
+* large M (prefill): classic tiled GEMM, weight tiles dequantized on the fly into tensor-core operands.
+
+Dequantization stays in integer form until after the dot: (code - zero) is an integer in [-255, 255], exact
+in fp16/bf16, so acc_group = x @ (code - zero)^T is computed on the tensor cores and multiplied by the group
+scale in fp32 once per output element and group (BLOCK_K never straddles a group).
+Packed format: flashquant.quant.QuantizedWeight.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qmm_kernel(
+    X, Qw, Scales, Zeros, Out,
+    M, N, K, num_groups, group_size, tiles_per_split,
+    stride_xm, stride_qn, stride_sn, stride_om, stride_os,
+    BITS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_valid = offs_m < M
+    n_valid = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    PACK: tl.constexpr = 8 // BITS  # codes per byte
+    tile0 = pid_k * tiles_per_split
+    for t in range(tile0, tile0 + tiles_per_split):
+        k0 = t * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=m_valid[:, None] & (offs_k[None, :] < K), other=0.0)
+        offs_b = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        w_bytes = tl.load(Qw + offs_n[:, None].to(tl.int64) * stride_qn + offs_b[None, :],
+                          mask=n_valid[:, None] & (offs_b[None, :] < K // PACK), other=0)
+        if BITS == 4:
+            lo = w_bytes & 0xF
+            hi = w_bytes >> 4
+            codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # k = 2j low nibble, 2j + 1 high
+        else:
+            codes = w_bytes
+        g = k0 // group_size
+        if HAS_ZEROS:
+            zero = tl.load(Zeros + offs_n.to(tl.int64) * stride_sn + g, mask=n_valid, other=0).to(tl.int32)
+        else:
+            zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.int32)
+        w = (codes.to(tl.int32) - zero[:, None]).to(x.dtype)  # exact: |code - zero| <= 255
+        if IEEE_DOT:
+            part = tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            part = tl.dot(x, tl.trans(w))
+        scale = tl.load(Scales + offs_n.to(tl.int64) * stride_sn + g, mask=n_valid, other=0.0).to(tl.float32)
+        acc += part * scale[None, :]
+    out_ptrs = Out + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+# ---- launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by M bucket ------------------------
+# Starting points from gemlite/Marlin-style settings for sm80/sm90; not yet tuned on a real H100.
+_CONFIGS = {16: (16, 64, 128, 4, 4), 64: (64, 64, 64, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
+
+
+def _config(m: int):
+    for bound, cfg in _CONFIGS.items():
+        if m <= bound:
+            return cfg
+    raise AssertionError  # unreachable: the last bound is effectively infinite
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so tests exercise split-K
+
+
+def quant_matmul_triton(x, qdata, scales, zeros, bits, group_size, split_k: int | None = None,
+                        config: tuple | None = None):
+    """x (M, K) fp16/bf16/fp32 -> (M, N) in x.dtype. `split_k` / `config` override the heuristics (tests,
+    benchmarks)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError("bf16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32")
+    x = x.contiguous()
+    M, K = x.shape
+    N = qdata.shape[0]
+    block_m, block_n, block_k, warps, stages = config or _config(M)
+    # BLOCK_K must not straddle a quantization group (one scale per tile): a power of two dividing group_size.
+    while group_size % block_k and block_k > 16:
+        block_k //= 2
+    if group_size % block_k and group_size != K:
+        raise ValueError(f"the Triton kernel needs group_size divisible by 16 (or -1), got {group_size}")
+    block_k = max(16, block_k)
+    k_tiles = triton.cdiv(K, block_k)
+    grid_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    if split_k is None:  # fill ~2 waves of SMs for decode-sized M
+        split_k = 1 if M > 64 else max(1, min(triton.cdiv(2 * _num_sms(x.device), grid_mn), k_tiles // 4, 16))
+    tiles_per_split = triton.cdiv(k_tiles, split_k)
+    split_k = triton.cdiv(k_tiles, tiles_per_split)
+    if split_k > 1:
+        out = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(1, M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out.sum(0).to(x.dtype)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
+    _qmm_kernel[grid](
+        x, qdata, scales, zeros if zeros is not None else scales, out,
+        M, N, K, scales.shape[1], group_size, tiles_per_split,
+        x.stride(0), qdata.stride(0), scales.stride(0), out.stride(1), out.stride(0),
+        BITS=bits, HAS_ZEROS=zeros is not None, IEEE_DOT=x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )
+    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
