@@ -77,10 +77,14 @@ def backends() -> dict[str, BackendInfo]:
     }
 
 
+@torch.compiler.assume_constant_result  # evaluated once at trace time, not traced (it imports extensions)
+def _available(name: str) -> bool:
+    return _availability()[name].available
+
+
 @functools.cache
-def _available(name: str) -> tuple[bool, str]:
-    info = backends()[name]
-    return info.available, info.reason
+def _availability() -> dict[str, BackendInfo]:
+    return backends()
 
 
 @functools.cache
@@ -101,7 +105,7 @@ def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, 
         if auto_order is None:
             auto_order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for name in auto_order:
-            if name in supported and _available(name)[0] and _device_ok(name, device):
+            if name in supported and _available(name) and _device_ok(name, device):
                 if device.type == "cuda" and name == "torch" and op != "quant_matmul":
                     _warn_once(f"flashquant.{op}: no fused kernel available on CUDA, using the PyTorch path")
                 return name
@@ -110,8 +114,8 @@ def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, 
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend not in supported:
         raise ValueError(f"backend={backend!r} does not implement flashquant.{op}; it has {supported}")
-    ok, why = _available(backend)
-    if not ok:
+    if not _available(backend):
+        why = _availability()[backend].reason
         raise RuntimeError(f"backend={backend!r} was requested for flashquant.{op} but is unavailable: {why}")
     if not _device_ok(backend, device):
         raise ValueError(

@@ -21,7 +21,10 @@ def load(name: str) -> tuple[bool, str]:
 
 
 def cpu_ext() -> tuple[bool, str]:
-    return load("_C")
+    ok, why = load("_C")
+    if ok:
+        load("_fakes")  # fake impls for the C++ schemas (needs the schemas registered first)
+    return ok, why
 
 
 def cuda_ext() -> tuple[bool, str]:

@@ -55,7 +55,7 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: int | None, total: int
     check_tensor(name, cu, ndim=1, dtypes=INDEX_DTYPES)
     if cu.shape[0] < 1 or (batch is not None and cu.shape[0] != batch + 1):
         raise ValueError(f"{name} must have shape (batch + 1,), got {tuple(cu.shape)}")
-    if cu.device.type == "cpu":  # checking device tensors would need a host sync
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():  # device tensors would need a host sync
         c = cu.tolist()
         if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > total:
             raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {total}, got {c}")
@@ -349,7 +349,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, b
         check_last_dim_contiguous(name, t)
     device = check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
                                block_table=block_table)
-    if device.type == "cpu" and B > 0:
+    if device.type == "cpu" and B > 0 and not torch.compiler.is_compiling():  # data-dependent: eager only
         lens = cache_seqlens.tolist()
         if min(lens) < 0 or max(lens) + snew > capacity:
             raise ValueError(f"cache_seqlens + Snew must lie in [0, capacity={capacity}], got cache_seqlens={lens}, "

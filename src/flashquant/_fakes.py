@@ -1,0 +1,14 @@
+"""Fake (meta) implementations of the C++ op schemas, so torch.compile / opcheck can trace them.
+Imported by _ext right after flashquant._C has registered the schemas."""
+
+import torch
+
+
+@torch.library.register_fake("flashquant::quant_matmul_packed")
+def _quant_matmul_packed_fake(x, qdata, scales, zeros, bits, group_size):
+    return x.new_empty((x.shape[0], qdata.shape[0]))
+
+
+@torch.library.register_fake("flashquant::decode_attention_packed")
+def _decode_attention_packed_fake(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, num_splits):
+    return torch.empty_like(q)

@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashquant as fq
+from flashquant import _dispatch
+
+
+def test_backends_reports_every_backend_with_a_reason():
+    info = fq.backends()
+    assert set(info) == set(_dispatch.BACKENDS)
+    assert info["reference"].available and info["torch"].available
+    for b in info.values():
+        assert b.reason
+    if not torch.cuda.is_available():
+        assert not info["cuda"].available
+
+
+def test_auto_on_cpu_is_a_cpu_path():
+    dev = torch.device("cpu")
+    assert _dispatch.resolve("attention", "auto", dev) == "torch"
+    assert _dispatch.resolve("attention_with_kvcache", "auto", dev, ("torch",)) == "torch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_unavailable_backend_raises_instead_of_falling_back():
+    q = torch.randn(1, 2, 2, 16)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        fq.attention_with_kvcache(q, torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16),
+                                  torch.tensor([1], dtype=torch.int32), backend="cuda")
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if fq.backends()["triton"].available:
+        with pytest.raises(ValueError, match="cannot run"):
+            _dispatch.resolve("attention", "triton", torch.device("cpu"))
+
+
+def test_import_survives_a_missing_extension():
+    code = (
+        "import sys; sys.modules['flashquant._C'] = None\n"  # makes 'import flashquant._C' fail
+        "import torch, flashquant as fq\n"
+        "info = fq.backends()['cpu']\n"
+        "assert not info.available and 'could not be loaded' in info.reason, info\n"
+        "q = torch.randn(1, 3, 2, 8)\n"
+        "print(fq.attention(q, q, q).shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

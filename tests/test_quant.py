@@ -1,0 +1,146 @@
+"""quantize / QuantizedWeight / quant_matmul on the CPU: torch and C++ (cpu) backends vs the reference."""
+
+import pytest
+import torch
+
+import flashquant as fq
+from tolerances import SQNR_DB_MIN, assert_qmm_close, sqnr_db
+
+CPU_OK = fq.backends()["cpu"].available
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_shapes_and_dequantize(bits, group_size, symmetric):
+    w = torch.randn(48, 256, dtype=torch.float16)
+    qw = fq.quantize(w, bits, group_size, symmetric)
+    groups = 1 if group_size == -1 else 256 // group_size
+    assert qw.qdata.dtype == torch.uint8 and qw.qdata.shape == (48, 256 // (8 // bits))
+    assert qw.scales.shape == (48, groups) and qw.scales.dtype == torch.float16
+    assert (qw.zeros is None) == symmetric
+    deq = qw.dequantize()
+    assert deq.dtype == torch.float16 and deq.shape == w.shape
+    step = qw.scales.float().repeat_interleave(256 // groups, dim=1)
+    # symmetric: within half a step; asymmetric: the rounded zero point can cost up to one step at the range ends
+    bound = step * (0.5 if symmetric else 1.0) + 1e-3  # + fp16 rounding of the dequantized value
+    assert ((deq.float() - w.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bits,group_size", list(SQNR_DB_MIN))
+def test_quantization_sqnr_of_layer_output(bits, group_size):
+    w, x = torch.randn(256, 512), torch.randn(8, 512)
+    qw = fq.quantize(w, bits, group_size)
+    assert sqnr_db(x @ w.t(), fq.quant_matmul(x, qw, backend="reference")) >= SQNR_DB_MIN[(bits, group_size)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_edge_values_never_nan(bits, symmetric):
+    w = torch.zeros(6, 64)
+    w[1] = 3.0  # all-equal group
+    w[2, :32] = 1e-30  # underflowing range
+    w[3] = torch.linspace(-6e4, 6e4, 64)  # extreme range (fp16 max 65504)
+    w[4, 0] = -1.0  # a single non-zero
+    w[5] = -2.5
+    for dt in (torch.float16, torch.float32, torch.bfloat16):
+        qw = fq.quantize(w.to(dt), bits, 32, symmetric)
+        deq = qw.dequantize(torch.float32)
+        assert torch.isfinite(qw.scales.float()).all() and (qw.scales.float() > 0).all()
+        assert torch.isfinite(deq).all()
+        assert torch.equal(deq[0], torch.zeros(64))  # zero group dequantizes exactly to zero
+        x = (torch.randn(2, 64) * 1e-3).to(dt)  # small enough that the true products fit in fp16
+        for backend in ["torch"] + (["cpu"] if CPU_OK else []):
+            assert torch.isfinite(fq.quant_matmul(x, qw, backend=backend)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(w=torch.randn(4, 100), group_size=128), ValueError, "must divide in_features"),
+        (dict(w=torch.randn(4, 7), group_size=-1), ValueError, "must be even"),
+        (dict(w=torch.randn(4, 64), bits=3), ValueError, "bits must be 4 or 8"),
+        (dict(w=torch.randn(4, 64), group_size=0), ValueError, "group_size must be"),
+        (dict(w=torch.randn(64)), ValueError, "w must be 2-D"),
+        (dict(w=torch.randint(0, 3, (4, 64))), TypeError, "w must have dtype"),
+        (dict(w=torch.full((4, 64), float("nan"))), ValueError, "inf or NaN"),
+    ],
+)
+def test_quantize_validation(kwargs, exc, match):
+    kwargs.setdefault("group_size", 32)
+    with pytest.raises(exc, match=match):
+        fq.quantize(**kwargs)
+
+
+def test_int8_per_channel_allows_odd_k():
+    w = torch.randn(5, 7)
+    qw = fq.quantize(w, 8, -1)
+    x = torch.randn(3, 7)
+    assert_qmm_close(fq.quant_matmul(x, qw, backend="torch"), fq.quant_matmul(x, qw, backend="reference"))
+
+
+def test_quant_matmul_validation():
+    qw = fq.quantize(torch.randn(8, 64), 4, 32)
+    with pytest.raises(ValueError, match=r"x must have shape \(..., K=64\)"):
+        fq.quant_matmul(torch.randn(2, 32), qw)
+    with pytest.raises(TypeError, match="qweight must be a flashquant.QuantizedWeight"):
+        fq.quant_matmul(torch.randn(2, 64), torch.randn(8, 64))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fq.quant_matmul(torch.randn(2, 64), qw, torch.randn(9))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fq.quant_matmul(torch.randn(2, 64).double(), qw)
+
+
+BACKENDS = ["torch"] + (["cpu"] if CPU_OK else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 4, 17])
+def test_quant_matmul_matches_reference(backend, bits, group_size, symmetric, m):
+    n, k = 37, 256 if group_size != -1 else 250  # odd N; per-channel with K not a multiple of 32
+    w = torch.randn(n, k)
+    qw = fq.quantize(w, bits, group_size, symmetric)
+    x, bias = torch.randn(2, m, k), torch.randn(n)
+    ref = fq.quant_matmul(x, qw, bias, backend="reference")
+    out = fq.quant_matmul(x, qw, bias, backend=backend)
+    assert out.shape == (2, m, n)
+    assert_qmm_close(out, ref, f"{backend} bits={bits} g={group_size} sym={symmetric} m={m}")
+
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_kernel_simd_and_scalar_paths_and_dtypes(monkeypatch, simd, dtype, bits):
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    assert torch.ops.flashquant.cpu_simd_level() == ("scalar" if simd == "0" else torch.ops.flashquant.cpu_simd_level())
+    w = torch.randn(33, 192, dtype=dtype)
+    qw = fq.quantize(w, bits, 64, symmetric=False)
+    x = torch.randn(5, 192, dtype=dtype)
+    out = fq.quant_matmul(x, qw, backend="cpu")
+    assert out.dtype == dtype
+    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"))
+
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+def test_auto_uses_cpu_kernel_for_small_m_and_opcheck():
+    qw = fq.quantize(torch.randn(16, 64), 4, 32)
+    x = torch.randn(1, 64)
+    torch.library.opcheck(torch.ops.flashquant.quant_matmul.default,
+                          (x, qw.qdata, qw.scales, qw.zeros, None, 4, 32, "cpu"))
+    torch.library.opcheck(torch.ops.flashquant.quant_matmul_packed.default, (x, qw.qdata, qw.scales, None, 4, 32))
+    from flashquant import _dispatch
+    from flashquant.quant import _auto_order
+
+    assert _dispatch.resolve("quant_matmul", "auto", x.device, _auto_order(x.device, 1)) == "cpu"
+    assert _dispatch.resolve("quant_matmul", "auto", x.device, _auto_order(x.device, 512)) == "torch"
+
+
+def test_quant_matmul_compiles_fullgraph():
+    qw = fq.quantize(torch.randn(16, 64), 8, -1)
+    f = torch.compile(lambda x: fq.quant_matmul(x, qw), fullgraph=True, backend="eager")
+    x = torch.randn(3, 64)
+    assert torch.allclose(f(x), fq.quant_matmul(x, qw), atol=1e-5)
