@@ -1,0 +1,175 @@
+"""Triton attention kernels vs the fp32 reference. On a CPU-only machine they run under the Triton interpreter
+(TRITON_INTERPRET=1, set in conftest.py) in fp16/fp32 on small shapes; with a GPU the same tests run on CUDA in
+fp16/bf16 and the large-shape tests at the bottom apply flash-attn's 2x-of-PyTorch rule."""
+
+import pytest
+import torch
+
+import flashquant as fq
+from flashquant.reference import attention_ref
+from tolerances import assert_close, assert_flash_rule, max_err
+
+pytest.importorskip("triton")
+if not fq.backends()["triton"].available:
+    pytest.skip("triton backend unavailable: " + fq.backends()["triton"].reason, allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16, torch.float32]
+HEADS = [(8, 2), (6, 1), (4, 4)]  # GQA, MQA, MHA
+
+
+def rand(*shape, dtype):
+    return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
+def check_against_reference(out, lse, ref, ref_lse, dtype, what):
+    assert_close(out.float(), ref.float(), dtype, what)
+    if lse is not None:
+        assert max_err(lse, ref_lse) < 1e-3, f"{what}: lse"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("sq,sk", [(1, 1), (1, 37), (37, 53), (53, 37), (64, 64), (17, 130)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_forward(dtype, heads, sq, sk, causal):
+    hq, hkv = heads
+    q, k, v = rand(2, sq, hq, 32, dtype=dtype), rand(2, sk, hkv, 32, dtype=dtype), rand(2, sk, hkv, 32, dtype=dtype)
+    out, lse = fq.attention(q, k, v, causal=causal, return_lse=True, backend="triton")
+    ref, ref_lse = attention_ref(q, k, v, causal)
+    check_against_reference(out, lse, ref, ref_lse, dtype, f"sq={sq} sk={sk} causal={causal} heads={heads}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,softcap", [((4, 0), 0.0), ((3, 5), 0.0), ((-1, -1), 0.5), ((8, -1), 1.0)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_window_and_softcap(dtype, window, softcap, causal):
+    q, k, v = rand(1, 45, 8, 32, dtype=dtype), rand(1, 77, 2, 32, dtype=dtype), rand(1, 77, 2, 32, dtype=dtype)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    out, lse = fq.attention(q, k, v, return_lse=True, backend="triton", **kw)
+    ref, ref_lse = attention_ref(q, k, v, causal, None, window, softcap)
+    check_against_reference(out, lse, ref, ref_lse, dtype, str(kw))
+
+
+@pytest.mark.parametrize("head_dim", [16, 59, 64, 111, 128, 256])
+def test_head_dims_including_odd_ones(head_dim):
+    dtype = DTYPES[0]
+    q, k, v = rand(1, 19, 4, head_dim, dtype=dtype), rand(1, 23, 2, head_dim, dtype=dtype), rand(1, 23, 2, head_dim,
+                                                                                              dtype=dtype)
+    out = fq.attention(q, k, v, causal=True, backend="triton")
+    assert_close(out.float(), attention_ref(q, k, v, True)[0].float(), dtype, f"D={head_dim}")
+
+
+def test_head_dim_over_256_is_a_clear_error():
+    q = rand(1, 2, 2, 320, dtype=DTYPES[0])
+    with pytest.raises(ValueError, match="head_dim"):
+        fq.attention(q, q, q, backend="triton")
+
+
+def test_fully_masked_rows_and_empty_keys():
+    dtype = DTYPES[0]
+    q, k = rand(1, 9, 4, 32, dtype=dtype), rand(1, 3, 2, 32, dtype=dtype)
+    out, lse = fq.attention(q, k, k, causal=True, return_lse=True, backend="triton")
+    assert torch.equal(out[0, :6].float().cpu(), torch.zeros(6, 4, 32)) and torch.isneginf(lse[0, :, :6]).all()
+    out = fq.attention(q, k[:, :0], k[:, :0], backend="triton")
+    assert torch.equal(out.float().cpu(), torch.zeros(1, 9, 4, 32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
+def test_varlen_with_empty_sequence(dtype, causal, heads):
+    hq, hkv = heads
+    lens_q, lens_k = [5, 0, 33, 1], [9, 4, 33, 70]
+    cq = torch.tensor([0, 5, 5, 38, 39], dtype=torch.int32, device=DEVICE)
+    ck = torch.tensor([0, 9, 13, 46, 116], dtype=torch.int32, device=DEVICE)
+    q = rand(sum(lens_q), hq, 32, dtype=dtype)
+    k, v = rand(sum(lens_k), hkv, 32, dtype=dtype), rand(sum(lens_k), hkv, 32, dtype=dtype)
+    out, lse = fq.attention_varlen(q, k, v, cq, ck, 33, 70, causal=causal, return_lse=True, backend="triton")
+    ref, ref_lse = fq.attention_varlen(q, k, v, cq, ck, 33, 70, causal=causal, return_lse=True, backend="reference")
+    check_against_reference(out, lse, ref, ref_lse, dtype, "varlen")
+
+
+def make_cache(B, hkv, d, lens, paged, dtype, block_size=16, capacity=96):
+    if paged:
+        per_seq = capacity // block_size
+        num_blocks = B * per_seq + 5
+        kc = rand(num_blocks, block_size, hkv, d, dtype=dtype)
+        perm = torch.randperm(num_blocks)[: B * per_seq]  # shuffled block table
+        table = perm.reshape(B, per_seq).to(torch.int32).to(DEVICE)
+    else:
+        kc, table = rand(B, capacity, hkv, d, dtype=dtype), None
+    return kc, torch.randn_like(kc), torch.tensor(lens, dtype=torch.int32, device=DEVICE), table
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged,block_size", [(False, 0), (True, 16), (True, 32)])
+@pytest.mark.parametrize("sq,snew", [(1, 0), (1, 1), (3, 3), (4, 0)])
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+@pytest.mark.parametrize("heads", [(8, 2), (6, 1)])
+def test_kvcache_decode(dtype, paged, block_size, sq, snew, num_splits, heads):
+    hq, hkv = heads
+    B, d = 3, 64
+    lens = [15, 47, 0]  # 15 + 3 and 47 + 1 cross 16-token block boundaries when appending
+    kc, vc, cache_seqlens, table = make_cache(B, hkv, d, lens, paged, dtype, block_size or 16)
+    q = rand(B, sq, hq, d, dtype=dtype)
+    knew = rand(B, snew, hkv, d, dtype=dtype) if snew else None
+    vnew = rand(B, snew, hkv, d, dtype=dtype) if snew else None
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    ref, ref_lse = fq.attention_with_kvcache(q, kc_ref, vc_ref, cache_seqlens, knew, vnew, table, return_lse=True,
+                                             backend="reference")
+    out, lse = fq.attention_with_kvcache(q, kc, vc, cache_seqlens, knew, vnew, table, return_lse=True,
+                                         num_splits=num_splits, backend="triton")
+    check_against_reference(out, lse, ref, ref_lse, dtype, f"paged={paged} sq={sq} snew={snew} splits={num_splits}")
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), "in-place append differs from the reference"
+
+
+@pytest.mark.parametrize("window,softcap", [((8, 0), 0.0), ((-1, -1), 0.7)])
+def test_kvcache_window_softcap_split(window, softcap):
+    dtype = DTYPES[0]
+    kc, vc, lens, table = make_cache(2, 2, 32, [40, 70], True, dtype)
+    q = rand(2, 2, 8, 32, dtype=dtype)
+    kw = dict(window_size=window, softcap=softcap, return_lse=True)
+    ref, ref_lse = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="reference", **kw)
+    out, lse = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, num_splits=4, backend="triton", **kw)
+    check_against_reference(out, lse, ref, ref_lse, dtype, str(kw))
+
+
+def test_non_power_of_two_page_size_is_a_clear_error():
+    dtype = DTYPES[0]
+    kc = rand(4, 24, 2, 32, dtype=dtype)
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="power-of-two block_size"):
+        fq.attention_with_kvcache(rand(1, 1, 4, 32, dtype=dtype), kc, kc.clone(),
+                                  torch.tensor([3], dtype=torch.int32, device=DEVICE), block_table=table,
+                                  backend="triton")
+
+
+# ---- GPU only: large shapes, bf16, flash-attn's rule -------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seqlen", [1024, 4096, 16384])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_llama3_prefill_flash_rule(dtype, seqlen, causal):
+    q = rand(1, seqlen, 32, 128, dtype=dtype)
+    k, v = rand(1, seqlen, 8, 128, dtype=dtype), rand(1, seqlen, 8, 128, dtype=dtype)
+    ref = attention_ref(q, k, v, causal)[0].float()  # fp32 oracle
+    base = fq.attention(q, k, v, causal=causal, backend="torch")  # PyTorch SDPA in the same dtype
+    out = fq.attention(q, k, v, causal=causal, backend="triton")
+    assert_flash_rule(out, ref, base, f"S={seqlen} causal={causal} {dtype}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_decode_long_cache_flash_rule(dtype, paged):
+    B, cap = 4, 16384
+    kc, vc, lens, table = make_cache(B, 8, 128, [16000, 5, 9000, 12345], paged, dtype, 64, cap)
+    q = rand(B, 1, 32, 128, dtype=dtype)
+    ref = fq.attention_with_kvcache(q.float(), kc.float(), vc.float(), lens, block_table=table, backend="torch")
+    base = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="torch")
+    out = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="triton")
+    assert_flash_rule(out, ref, base, f"decode paged={paged} {dtype}")

@@ -1,0 +1,62 @@
+"""Triton dequant-matmul vs the dequantize-then-matmul reference (interpreter on CPU, CUDA on a GPU)."""
+
+import pytest
+import torch
+
+import flashquant as fq
+from tolerances import assert_qmm_close
+
+pytest.importorskip("triton")
+if not fq.backends()["triton"].available:
+    pytest.skip("triton backend unavailable: " + fq.backends()["triton"].reason, allow_module_level=True)
+
+from flashquant.kernels.quant_matmul import quant_matmul_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+def test_quant_matmul_triton_matches_reference(dtype, bits, group_size, symmetric, m):
+    n, k = 67, 512 if group_size != -1 else 200  # odd N; K not a multiple of the K tile for per-channel
+    w = torch.randn(n, k, device=DEVICE).to(dtype)
+    qw = fq.quantize(w, bits, group_size, symmetric)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    ref = fq.quant_matmul(x, qw, bias, backend="reference")
+    out = fq.quant_matmul(x, qw, bias, backend="triton")
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert_qmm_close(out, ref, f"bits={bits} g={group_size} sym={symmetric} m={m}")
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 5])
+def test_split_k_partials_are_reduced_exactly_once(split_k):
+    dtype = DTYPES[0]
+    w = torch.randn(40, 640, device=DEVICE).to(dtype)
+    qw = fq.quantize(w, 4, 64, symmetric=False)
+    x = torch.randn(2, 640, device=DEVICE).to(dtype)
+    out = quant_matmul_triton(x, qw.qdata, qw.scales, qw.zeros, 4, 64, split_k=split_k)
+    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), f"split_k={split_k}")
+
+
+def test_large_m_tile_config():
+    dtype = DTYPES[0]
+    w = torch.randn(96, 256, device=DEVICE).to(dtype)
+    qw = fq.quantize(w, 8, 128)
+    x = torch.randn(130, 256, device=DEVICE).to(dtype)
+    assert_qmm_close(fq.quant_matmul(x, qw, backend="triton"), fq.quant_matmul(x, qw, backend="reference"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 512])
+def test_gpu_llama_mlp_shapes(dtype, m):
+    for n, k in ((14336, 4096), (4096, 14336)):
+        w = torch.randn(n, k, device="cuda", dtype=dtype)
+        qw = fq.quantize(w, 4, 128)
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        assert_qmm_close(fq.quant_matmul(x, qw, backend="triton"), fq.quant_matmul(x, qw, backend="reference"))
