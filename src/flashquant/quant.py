@@ -111,9 +111,15 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: b
     return QuantizedWeight(pack(codes, bits), scales, zeros, bits, group_size, w.shape, w.dtype)
 
 
-def _auto_order(device: torch.device, m: int) -> tuple[str, ...]:
+def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
+    """The CUDA GEMV handles decode-sized M with K and group_size multiples of 32, fp16/bf16."""
+    return (1 <= x2.shape[0] <= 16 and qweight.in_features % 32 == 0 and qweight.effective_group_size % 32 == 0
+            and x2.dtype in (torch.float16, torch.bfloat16))
+
+
+def _auto_order(device: torch.device, m: int, cuda_ok: bool = True) -> tuple[str, ...]:
     if device.type == "cuda":
-        return ("cuda", "triton", "torch") if m <= 16 else ("triton", "torch")
+        return ("cuda", "triton", "torch") if m <= 16 and cuda_ok else ("triton", "torch")
     # The C++ kernel dequantizes once per tile of 4 rows: it wins for decode-sized M, the dequantize +
     # BLAS path wins once the GEMM work dominates (see bench/ for the crossover).
     return ("cpu", "torch") if m <= 16 else ("torch",)
@@ -141,7 +147,11 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor |
         if t is not None and t.device != x.device:
             raise ValueError(f"x is on {x.device} but {name} is on {t.device}; move them to one device")
     x2 = x.reshape(-1, K)
-    name = _dispatch.resolve("quant_matmul", backend, x.device, _auto_order(x.device, x2.shape[0]))
+    cuda_ok = cuda_supports(x2, qweight)
+    name = _dispatch.resolve("quant_matmul", backend, x.device, _auto_order(x.device, x2.shape[0], cuda_ok))
+    if name == "cuda" and not cuda_ok:
+        raise ValueError(f"backend='cuda' quant_matmul needs 1 <= M <= 16, K and group_size multiples of 32 and "
+                         f"fp16/bf16 x; got M={x2.shape[0]}, K={K}, group_size={qweight.group_size}, {x.dtype}")
     out = torch.ops.flashquant.quant_matmul(x2, qweight.qdata, qweight.scales, qweight.zeros, bias, qweight.bits,
                                             qweight.effective_group_size, name)
     return out.reshape(*x.shape[:-1], N)

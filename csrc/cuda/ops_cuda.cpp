@@ -1,0 +1,120 @@
+// Torch glue for the CUDA kernels: CUDA implementations of the schemas defined in csrc/cpu/ops.cpp.
+// Launches on the current stream and never synchronises the host, so the ops work inside CUDA graphs.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/launchers.h"
+
+namespace {
+using flashquant::cuda::DType;
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, "flashquant CUDA: ", name,
+              " must be fp16 or bf16, got ", t.scalar_type());
+  return t.scalar_type() == at::kHalf ? DType::kHalf : DType::kBFloat16;
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "flashquant CUDA: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.is_cuda() && qdata.is_cuda() && scales.is_cuda(), "flashquant CUDA: tensors must be on CUDA");
+  TORCH_CHECK(x.dim() == 2, "flashquant CUDA: x must be (M, K), got ", x.sizes());
+  const at::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), N = qdata.size(0);
+  TORCH_CHECK(M >= 1 && M <= 16, "flashquant CUDA quant_matmul handles 1 <= M <= 16 (decode); got M=", M);
+  TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0, "flashquant CUDA quant_matmul needs K and group_size "
+              "multiples of 32, got K=", K, ", group_size=", group_size);
+  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.is_contiguous() && qdata.size(1) * 8 / bits == K,
+              "flashquant CUDA: qdata must be contiguous uint8 (N, K*bits/8), got ", qdata.sizes());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor sc = scales.to(x.scalar_type()).contiguous();
+  const std::optional<at::Tensor> zc = zeros ? std::optional<at::Tensor>(zeros->contiguous()) : std::nullopt;
+  const int64_t blocks = (N + 3) / 4;
+  int64_t split_k = std::max<int64_t>(1, std::min<int64_t>((2 * num_sms() + blocks - 1) / blocks, K / 1024));
+  at::Tensor out = split_k == 1 ? at::empty({M, N}, x.options())
+                                : at::empty({split_k, M, N}, x.options().dtype(at::kFloat));
+  flashquant::cuda::QuantGemvParams p{xc.data_ptr(), qdata.data_ptr<uint8_t>(), sc.data_ptr(),
+                                      zc ? zc->data_ptr<uint8_t>() : nullptr, out.data_ptr(),
+                                      static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                      static_cast<int>(K / group_size), static_cast<int>(group_size),
+                                      static_cast<int>(bits), static_cast<int>(split_k), dtype_of(x, "x")};
+  check(flashquant::cuda::quant_gemv(p, at::cuda::getCurrentCUDAStream()), "quant_gemv");
+  return split_k == 1 ? out : out.sum(0).to(x.scalar_type());  // deterministic split-K reduction
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+                                 double softmax_scale, int64_t num_splits) {
+  TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda(), "flashquant CUDA: tensors must be on CUDA");
+  TORCH_CHECK(q.dim() == 3, "flashquant CUDA decode: q must be (B, Hq, D), got ", q.sizes());
+  const at::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  for (const at::Tensor* t : {&k_cache, &v_cache}) {
+    TORCH_CHECK(t->stride(3) == 1 && t->stride(2) % 8 == 0 && t->stride(1) % 8 == 0 && t->stride(0) % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "flashquant CUDA decode: caches need a contiguous, 16-byte aligned head_dim");
+  }
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "flashquant CUDA decode: cache dtype must match q");
+  const int64_t block_size = block_table ? k_cache.size(1) : 0;
+  const int64_t capacity = block_table ? block_table->size(1) * block_size : k_cache.size(1);
+  const at::Tensor table = block_table ? block_table->contiguous() : at::Tensor();
+  if (num_splits <= 0) {  // ~2 waves of blocks, at least 256 keys per split; host-side shapes only
+    num_splits = std::max<int64_t>(1, std::min<int64_t>((2 * num_sms() + B * Hkv - 1) / std::max<int64_t>(1, B * Hkv),
+                                                        (capacity + 255) / 256));
+  }
+  const int64_t split_len = std::max<int64_t>(64, ((capacity + num_splits - 1) / num_splits + 63) / 64 * 64);
+  num_splits = std::max<int64_t>(1, (capacity + split_len - 1) / split_len);
+  at::Tensor out = at::empty_like(qc);
+  at::Tensor out_part, lse_part;
+  if (num_splits > 1) {
+    out_part = at::empty({num_splits, B, Hq, D}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({num_splits, B, Hq}, q.options().dtype(at::kFloat));
+  }
+  flashquant::cuda::DecodeParams p{};
+  p.q = qc.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.seqlens_k = seqlens_k.data_ptr<int32_t>();
+  p.block_table = block_table ? table.data_ptr<int32_t>() : nullptr;
+  p.out = out.data_ptr();
+  p.out_partial = num_splits > 1 ? out_part.data_ptr<float>() : nullptr;
+  p.lse_partial = num_splits > 1 ? lse_part.data_ptr<float>() : nullptr;
+  p.k_batch_stride = k_cache.stride(0);
+  p.k_row_stride = k_cache.stride(1);
+  p.k_head_stride = k_cache.stride(2);
+  p.v_batch_stride = v_cache.stride(0);
+  p.v_row_stride = v_cache.stride(1);
+  p.v_head_stride = v_cache.stride(2);
+  p.B = static_cast<int>(B);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.D = static_cast<int>(D);
+  p.block_size = static_cast<int>(block_size);
+  p.max_blocks = block_table ? static_cast<int>(block_table->size(1)) : 0;
+  p.split_len = static_cast<int>(split_len);
+  p.num_splits = static_cast<int>(num_splits);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.dtype = dtype_of(q, "q");
+  check(flashquant::cuda::decode_attention(p, at::cuda::getCurrentCUDAStream()), "decode_attention");
+  return out;
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flashquant, CUDA, m) {
+  m.impl("quant_matmul_packed", &quant_matmul_cuda);
+  m.impl("decode_attention_packed", &decode_attention_cuda);
+}
+
+extern "C" PyObject* PyInit__C_cuda(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", "flashquant CUDA ops", -1, nullptr};
+  return PyModule_Create(&def);
+}
