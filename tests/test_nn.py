@@ -14,7 +14,7 @@ def test_quantlinear_matches_dequantized_linear(bits, group_size, symmetric):
     x = torch.randn(3, 128)
     ref = fq.quant_matmul(x, fq.quantize(lin.weight.detach(), bits, group_size, symmetric), lin.bias.detach(),
                           backend="reference")
-    assert_qmm_close(ql(x), ref)
+    assert_qmm_close(ql(x), ref, backend="cpu")  # auto picks the C++ kernel for small M on CPU
 
 
 def test_quantlinear_state_dict_round_trip():

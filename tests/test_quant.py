@@ -107,7 +107,7 @@ def test_quant_matmul_matches_reference(backend, bits, group_size, symmetric, m)
     ref = fq.quant_matmul(x, qw, bias, backend="reference")
     out = fq.quant_matmul(x, qw, bias, backend=backend)
     assert out.shape == (2, m, n)
-    assert_qmm_close(out, ref, f"{backend} bits={bits} g={group_size} sym={symmetric} m={m}")
+    assert_qmm_close(out, ref, f"{backend} bits={bits} g={group_size} sym={symmetric} m={m}", backend)
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
@@ -122,7 +122,7 @@ def test_cpu_kernel_simd_and_scalar_paths_and_dtypes(monkeypatch, simd, dtype, b
     x = torch.randn(5, 192, dtype=dtype)
     out = fq.quant_matmul(x, qw, backend="cpu")
     assert out.dtype == dtype
-    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"))
+    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), backend="cpu")
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")

@@ -1,17 +1,23 @@
 // int4/int8 weight-only GEMV / small-M matmul for CPUs.
 //
 // Work split: each thread owns a range of output channels n (rows of the packed weight), so every packed
-// weight byte is read from memory exactly once per call and dequantized once per tile of up to
-// kMaxRows activation rows. Per group we accumulate sum_k q_k * x_k in fp32 and apply the affine part once:
-//     out[m, n] += scale_g * (sum_k q_k x_mk - zero_g * sum_k x_mk)
-// so the inner loop is only "widen the integers, convert, FMA".
+// weight byte is read from memory exactly once per call and decoded once per tile of up to 4 activation rows.
+//
+// AVX2 path: integer dot products. Activations are converted once per call to int16 with one fp32 scale per
+// (row, weight group): xq = round(x / sx), sx = max|x_group| / 32767. That rounding (relative 2^-16 of the
+// group's max) is far below the rounding already in fp16/bf16 activations (2^-11 / 2^-8). Codes are widened to
+// int16 lanes and multiplied with _mm256_madd_epi16 (16 products per instruction, exact int32 sums), and per
+// group:  out += scale_w * sx * (sum_k code_k * xq_k - zero * sum_k xq_k).
+// For int4 the activations of each 32-wide chunk are stored [16 even k][16 odd k], matching the low/high nibbles
+// of 16 packed bytes, so decoding a chunk is one widen, one shift and two ANDs.
+//
+// Portable path (non-x86 or FLASHQUANT_CPU_SIMD=0): the same loop structure in plain fp32.
 #include "cpu/quant_gemv.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -24,31 +30,34 @@
 namespace flashquant::cpu {
 namespace {
 
-constexpr int kMaxRows = 4;  // activation rows per tile: 4 ymm accumulators stay in registers
-
 struct Problem {
-  const float* x;       // (M, K) fp32, row-major
-  const float* xsum;    // (M, G): sum of x over each group (for the zero-point term)
+  int64_t M, N, K, G, group_size;
   const uint8_t* q;     // packed weights, row n starts at q + n * row_bytes
   int64_t row_bytes;
   const float* scales;  // (N, G) fp32
-  const float* zeros;   // (N, G) fp32, or nullptr => 2^(bits-1)
+  const float* zeros;   // (N, G) fp32, or nullptr => default_zero
   float default_zero;
-  int64_t M, N, K, G, group_size;
   float* out;           // (M, N) fp32
+  // portable path
+  const float* x;       // (M, K) fp32
+  const float* xsum;    // (M, G)
+  // AVX2 path
+  const int16_t* xq;    // (M, K) int16, chunk-permuted for int4
+  const float* xscale;  // (M, G)
+  const int32_t* xqsum; // (M, G)
 };
 
-// ---- portable path ---------------------------------------------------------------------------------
 template <int BITS>
-inline float load_q(const uint8_t* row, int64_t k) {
+inline int code_at(const uint8_t* row, int64_t k) {
   if constexpr (BITS == 8) {
-    return static_cast<float>(row[k]);
+    return row[k];
   } else {
     const uint8_t b = row[k >> 1];
-    return static_cast<float>((k & 1) ? (b >> 4) : (b & 0xF));
+    return (k & 1) ? (b >> 4) : (b & 0xF);
   }
 }
 
+// ---- portable path ---------------------------------------------------------------------------------
 template <int BITS>
 void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -59,7 +68,7 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
       for (int64_t g = 0; g < p.G; ++g) {
         float dot = 0.f;
         const int64_t k0 = g * p.group_size;
-        for (int64_t k = k0; k < k0 + p.group_size; ++k) dot += load_q<BITS>(row, k) * xm[k];
+        for (int64_t k = k0; k < k0 + p.group_size; ++k) dot += static_cast<float>(code_at<BITS>(row, k)) * xm[k];
         const float zero = p.zeros ? p.zeros[n * p.G + g] : p.default_zero;
         total += p.scales[n * p.G + g] * (dot - zero * p.xsum[m * p.G + g]);
       }
@@ -68,68 +77,69 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// ---- AVX2 + FMA path -------------------------------------------------------------------------------
+// ---- AVX2 path -------------------------------------------------------------------------------------
 #ifdef FLASHQUANT_X86
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// Position of activation k inside xq: int4 chunks of 32 are stored [even k][odd k].
+template <int BITS>
+inline int64_t xq_index(int64_t k, int64_t K) {
+  if constexpr (BITS == 8) {
+    return k;
+  } else {
+    const int64_t base = k & ~int64_t(31);
+    if (base + 32 > K) return k;  // a tail shorter than a chunk keeps natural order
+    const int64_t j = k & 31;
+    return base + (j & 1) * 16 + (j >> 1);
+  }
 }
 
-__attribute__((target("avx2,fma"))) inline __m256 u8x8_to_ps(__m128i bytes) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+__attribute__((target("avx2"))) inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
-// One row n, a tile of ROWS activation rows starting at m0.
 template <int BITS, int ROWS>
-__attribute__((target("avx2,fma"))) void row_tile_avx2(const Problem& p, int64_t n, int64_t m0) {
+__attribute__((target("avx2"))) void row_tile_avx2(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* row = p.q + n * p.row_bytes;
-  const float* x[ROWS];
+  const int16_t* xq[ROWS];
   float total[ROWS];
   for (int r = 0; r < ROWS; ++r) {
-    x[r] = p.x + (m0 + r) * p.K;
+    xq[r] = p.xq + (m0 + r) * p.K;
     total[r] = 0.f;
   }
-  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  const __m256i nibble = _mm256_set1_epi16(0x0F);
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t k0 = g * p.group_size, k_end = k0 + p.group_size;
-    __m256 acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+    __m256i acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
     int64_t k = k0;
     for (; k + 32 <= k_end; k += 32) {
-      __m256 w[4];
+      __m256i w0, w1;
       if constexpr (BITS == 4) {
-        // 16 bytes = 32 weights; interleave low/high nibbles back into k order.
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1)));
-        const __m128i lo = _mm_and_si128(b, low_nibbles);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
-        const __m128i k0_15 = _mm_unpacklo_epi8(lo, hi), k16_31 = _mm_unpackhi_epi8(lo, hi);
-        w[0] = u8x8_to_ps(k0_15);
-        w[1] = u8x8_to_ps(_mm_srli_si128(k0_15, 8));
-        w[2] = u8x8_to_ps(k16_31);
-        w[3] = u8x8_to_ps(_mm_srli_si128(k16_31, 8));
+        // 16 bytes -> 16 int16 lanes; low nibbles are the even k, high nibbles the odd k of the chunk.
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+        w0 = _mm256_and_si256(b, nibble);
+        w1 = _mm256_srli_epi16(b, 4);
       } else {
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-        const __m128i b0 = _mm256_castsi256_si128(b), b1 = _mm256_extracti128_si256(b, 1);
-        w[0] = u8x8_to_ps(b0);
-        w[1] = u8x8_to_ps(_mm_srli_si128(b0, 8));
-        w[2] = u8x8_to_ps(b1);
-        w[3] = u8x8_to_ps(_mm_srli_si128(b1, 8));
+        w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(b));
+        w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1));
       }
       for (int r = 0; r < ROWS; ++r) {
-        acc[r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x[r] + k), acc[r]);
-        acc[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x[r] + k + 8), acc[r]);
-        acc[r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x[r] + k + 16), acc[r]);
-        acc[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x[r] + k + 24), acc[r]);
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[r] + k));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[r] + k + 16));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w0, x0));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w1, x1));
       }
     }
     const float scale = p.scales[n * p.G + g];
     const float zero = p.zeros ? p.zeros[n * p.G + g] : p.default_zero;
     for (int r = 0; r < ROWS; ++r) {
-      float dot = hsum(acc[r]);
-      for (int64_t kk = k; kk < k_end; ++kk) dot += load_q<BITS>(row, kk) * x[r][kk];  // group tail
-      total[r] += scale * (dot - zero * p.xsum[(m0 + r) * p.G + g]);
+      int64_t dot = hsum_epi32(acc[r]);
+      for (int64_t kk = k; kk < k_end; ++kk) dot += code_at<BITS>(row, kk) * xq[r][xq_index<BITS>(kk, p.K)];
+      const int64_t mg = (m0 + r) * p.G + g;
+      total[r] += scale * p.xscale[mg] * (static_cast<float>(dot) - zero * static_cast<float>(p.xqsum[mg]));
     }
   }
   for (int r = 0; r < ROWS; ++r) p.out[(m0 + r) * p.N + n] = total[r];
@@ -149,10 +159,35 @@ void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// x (M, K) fp32 -> int16 codes (chunk-permuted for int4), per-(row, group) scales and code sums.
+template <int BITS>
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group_size, int16_t* xq, float* xscale,
+                          int32_t* xqsum) {
+  const int64_t G = K / group_size;
+  at::parallel_for(0, M * G, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / G, k0 = (i % G) * group_size;
+      const float* xs = x + m * K + k0;
+      float amax = 0.f;
+      for (int64_t j = 0; j < group_size; ++j) amax = std::max(amax, std::fabs(xs[j]));
+      const float s = amax > 0.f ? amax / 32767.f : 1.f;
+      const float inv = 1.f / s;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < group_size; ++j) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(xs[j] * inv));
+        xq[m * K + xq_index<BITS>(k0 + j, K)] = static_cast<int16_t>(std::max(-32767, std::min(32767, v)));
+        sum += v;
+      }
+      xscale[i] = s;
+      xqsum[i] = sum;
+    }
+  });
+}
+
 bool cpu_has_avx2() {
   static const bool ok = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") != 0;
   }();
   return ok;
 }
@@ -194,7 +229,6 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
               "quant_matmul_cpu: all tensors must be on the CPU");
 
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor xsum = xf.view({M, G, group_size}).sum(-1).contiguous();
   const at::Tensor sf = scales.to(at::kFloat).contiguous();
   const std::optional<at::Tensor> zf =
       zeros ? std::optional<at::Tensor>(zeros->to(at::kFloat).contiguous()) : std::nullopt;
@@ -202,10 +236,29 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out.to(x.scalar_type());
 
-  Problem p{xf.data_ptr<float>(), xsum.data_ptr<float>(), q.data_ptr<uint8_t>(), q.size(1),
-            sf.data_ptr<float>(), zf ? zf->data_ptr<float>() : nullptr, static_cast<float>(1 << (bits - 1)),
-            M, N, K, G, group_size, out.data_ptr<float>()};
+  Problem p{};
+  p.M = M, p.N = N, p.K = K, p.G = G, p.group_size = group_size;
+  p.q = q.data_ptr<uint8_t>(), p.row_bytes = q.size(1);
+  p.scales = sf.data_ptr<float>(), p.zeros = zf ? zf->data_ptr<float>() : nullptr;
+  p.default_zero = static_cast<float>(1 << (bits - 1));
+  p.out = out.data_ptr<float>();
   const bool simd = simd_enabled();
+  at::Tensor xsum, xq, xscale, xqsum;
+#ifdef FLASHQUANT_X86
+  if (simd) {
+    xq = at::empty({M, K}, x.options().dtype(at::kShort));
+    xscale = at::empty({M, G}, x.options().dtype(at::kFloat));
+    xqsum = at::empty({M, G}, x.options().dtype(at::kInt));
+    (bits == 4 ? quantize_activations<4> : quantize_activations<8>)(
+        xf.data_ptr<float>(), M, K, group_size, xq.data_ptr<int16_t>(), xscale.data_ptr<float>(),
+        xqsum.data_ptr<int32_t>());
+    p.xq = xq.data_ptr<int16_t>(), p.xscale = xscale.data_ptr<float>(), p.xqsum = xqsum.data_ptr<int32_t>();
+  }
+#endif
+  if (!simd) {
+    xsum = xf.view({M, G, group_size}).sum(-1).contiguous();
+    p.x = xf.data_ptr<float>(), p.xsum = xsum.data_ptr<float>();
+  }
   // ~16 rows of 4096 int4 weights = 32 KB per task: big enough to amortise scheduling.
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #ifdef FLASHQUANT_X86

@@ -1,0 +1,71 @@
+"""CUDA extension kernels vs the references (run only where the CUDA extension is built and a GPU exists)."""
+
+import pytest
+import torch
+
+import flashquant as fq
+from tolerances import assert_close, assert_flash_rule, assert_qmm_close
+
+if not fq.backends()["cuda"].available:
+    pytest.skip("CUDA backend unavailable: " + fq.backends()["cuda"].reason, allow_module_level=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_cuda_quant_gemv(dtype, bits, group_size, symmetric, m):
+    n, k = 1031, 4096  # odd N
+    qw = fq.quantize(torch.randn(n, k, device="cuda", dtype=dtype), bits, group_size, symmetric)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    assert_qmm_close(fq.quant_matmul(x, qw, backend="cuda"), fq.quant_matmul(x, qw, backend="reference"))
+
+
+def test_cuda_quant_gemv_rejects_unsupported_shapes():
+    qw = fq.quantize(torch.randn(64, 48, device="cuda", dtype=torch.float16), 4, 16)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        fq.quant_matmul(torch.randn(1, 48, device="cuda", dtype=torch.float16), qw, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 4, 0])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 1), (16, 16)])
+def test_cuda_flash_decoding(dtype, head_dim, paged, num_splits, heads):
+    hq, hkv = heads
+    B, cap, bs = 3, 1024, 32
+    lens = torch.tensor([1000, 0, 333], dtype=torch.int32, device="cuda")
+    if paged:
+        nblk = B * cap // bs + 4
+        kc = torch.randn(nblk, bs, hkv, head_dim, device="cuda", dtype=dtype)
+        table = torch.randperm(nblk, device="cuda")[: B * cap // bs].reshape(B, -1).to(torch.int32)
+    else:
+        kc, table = torch.randn(B, cap, hkv, head_dim, device="cuda", dtype=dtype), None
+    vc = torch.randn_like(kc)
+    q = torch.randn(B, 1, hq, head_dim, device="cuda", dtype=dtype)
+    knew = torch.randn(B, 1, hkv, head_dim, device="cuda", dtype=dtype)
+    kc_r, vc_r = kc.clone(), vc.clone()
+    ref = fq.attention_with_kvcache(q, kc_r, vc_r, lens, knew, knew, table, backend="reference")
+    out = fq.attention_with_kvcache(q, kc, vc, lens, knew, knew, table, num_splits=num_splits, backend="cuda")
+    assert_close(out.float(), ref.float(), dtype, "cuda decode")
+    base = fq.attention_with_kvcache(q, kc.clone(), vc.clone(), lens + 1, backend="torch", block_table=table)
+    assert_flash_rule(out, ref.float(), base, "cuda decode vs SDPA same dtype")
+
+
+def test_cuda_ops_survive_graph_capture():
+    qw = fq.quantize(torch.randn(512, 1024, device="cuda", dtype=torch.float16), 4, 128)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    ref = fq.quant_matmul(x, qw, backend="cuda")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fq.quant_matmul(x, qw, backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = fq.quant_matmul(x, qw, backend="cuda")
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
