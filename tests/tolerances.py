@@ -61,6 +61,6 @@ def assert_qmm_close(actual, expected, what="", backend=None):
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    ref, approx = ref.double(), approx.double()
+    ref, approx = ref.detach().double(), approx.detach().double()
     noise = (ref - approx).pow(2).sum()
     return float(10 * torch.log10(ref.pow(2).sum() / noise)) if noise > 0 else float("inf")

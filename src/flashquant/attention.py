@@ -145,8 +145,7 @@ def _kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, causal, scale, l
 
 
 # ---- custom ops (one per public op; torch.compile traces through them) ---------------------------------
-@torch.library.custom_op("flashquant::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                   window_left: int, window_right: int, softcap: float, return_lse: bool,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     window = (window_left, window_right)
@@ -161,14 +160,16 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return _masked_attention_torch(q, k, v, mask, softmax_scale, softcap, return_lse)
 
 
+_attention_op = torch.library.custom_op("flashquant::attention", _attention_impl, mutates_args=())
+
+
 @_attention_op.register_fake
 def _(q, k, v, causal, softmax_scale, window_left, window_right, softcap, return_lse, backend):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashquant::attention_varlen", mutates_args=())
-def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+def _attention_varlen_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                          softmax_scale: float, window_left: int, window_right: int, softcap: float,
                          return_lse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,14 +200,16 @@ def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     return out, lse if return_lse else lse.new_empty((0,))
 
 
+_attention_varlen_op = torch.library.custom_op("flashquant::attention_varlen", _attention_varlen_impl, mutates_args=())
+
+
 @_attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left,
       window_right, softcap, return_lse, backend):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashquant::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
-def _attention_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _attention_kvcache_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           cache_seqlens: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                           block_table: torch.Tensor | None, causal: bool, softmax_scale: float, window_left: int,
                           window_right: int, softcap: float, return_lse: bool, num_splits: int,
@@ -230,6 +233,9 @@ def _attention_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         return out[:, None], q.new_empty((0,), dtype=torch.float32)
     return _kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window_left,
                           window_right, softcap, return_lse)
+
+
+_attention_kvcache_op = torch.library.custom_op("flashquant::attention_with_kvcache", _attention_kvcache_impl, mutates_args=("k_cache", "v_cache"))
 
 
 @_attention_kvcache_op.register_fake
@@ -262,7 +268,7 @@ def attention(q, k, v, causal: bool = False, softmax_scale: float | None = None,
     check_same_device(q=q, k=k, v=v)
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
     name = _dispatch.resolve("attention", backend, q.device)
-    out, lse = torch.ops.flashquant.attention(q, k, v, bool(causal), scale, left, right, softcap, bool(return_lse),
+    out, lse = _dispatch.call("attention", _attention_impl, q, k, v, bool(causal), scale, left, right, softcap, bool(return_lse),
                                               name)
     return (out, lse) if return_lse else out
 
@@ -286,7 +292,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
             raise ValueError(f"{name} must be an int >= 0, got {val!r}")
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
     name = _dispatch.resolve("attention_varlen", backend, q.device)
-    out, lse = torch.ops.flashquant.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    out, lse = _dispatch.call("attention_varlen", _attention_varlen_impl, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                      max_seqlen_k, bool(causal), scale, left, right, softcap,
                                                      bool(return_lse), name)
     return (out, lse) if return_lse else out
@@ -369,7 +375,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, b
         raise ValueError("backend='cuda' for attention_with_kvcache supports Sq=1 without window/softcap/lse, "
                          f"head_dim 64/128/256 and fp16/bf16; got Sq={Sq}, window={window_size}, softcap={softcap}, "
                          f"return_lse={return_lse}, D={D}, dtype={q.dtype}")
-    out, lse = torch.ops.flashquant.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table,
+    out, lse = _dispatch.call("attention_with_kvcache", _attention_kvcache_impl, q, k_cache, v_cache, cache_seqlens, k, v, block_table,
                                                            bool(causal), scale, left, right, softcap,
                                                            bool(return_lse), num_splits, name)
     return (out, lse) if return_lse else out

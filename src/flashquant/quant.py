@@ -155,14 +155,13 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor |
     if name == "cuda" and not cuda_ok:
         raise ValueError(f"backend='cuda' quant_matmul needs 1 <= M <= 16, K and group_size multiples of 32 and "
                          f"fp16/bf16 x; got M={x2.shape[0]}, K={K}, group_size={qweight.group_size}, {x.dtype}")
-    out = torch.ops.flashquant.quant_matmul(x2, qweight.qdata, qweight.scales, qweight.zeros, bias, qweight.bits,
+    out = _dispatch.call("quant_matmul", _quant_matmul_impl, x2, qweight.qdata, qweight.scales, qweight.zeros, bias, qweight.bits,
                                             qweight.effective_group_size, name)
     return out.reshape(*x.shape[:-1], N)
 
 
 # ---- the custom op (so torch.compile traces through it) ---------------------------------------------------
-@torch.library.custom_op("flashquant::quant_matmul", mutates_args=())
-def _quant_matmul_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+def _quant_matmul_impl(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                      bias: torch.Tensor | None, bits: int, group_size: int, backend: str) -> torch.Tensor:
     if backend == "reference":
         return ref.quant_matmul_ref(x, unpack(qdata, bits), scales, zeros, bits, group_size, bias)
@@ -178,6 +177,9 @@ def _quant_matmul_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return out if bias is None else out + bias.to(out.dtype)
+
+
+_quant_matmul_op = torch.library.custom_op("flashquant::quant_matmul", _quant_matmul_impl, mutates_args=())
 
 
 @_quant_matmul_op.register_fake

@@ -1,0 +1,62 @@
+"""python -m flashquant.bench [--quick | --llama3-8b | --llama3-70b | --preset smoke] [--ops ...] [--out DIR]
+                             [--graph] [--reps N] [--compare OLD.json NEW.json]
+
+Runs flashquant's kernels next to their anchors (what you would use instead) in one run, prints a table,
+and writes JSON + PNG plots to bench/results/<device>/ (or --out)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+from .cases import preset
+from .report import compare, plots, run_cases, table, write_json
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower() or "device"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flashquant.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="preset", action="store_const", const="quick")
+    g.add_argument("--llama3-8b", dest="preset", action="store_const", const="llama3-8b")
+    g.add_argument("--llama3-70b", dest="preset", action="store_const", const="llama3-70b")
+    g.add_argument("--preset", dest="preset", choices=["smoke", "quick", "llama3-8b", "llama3-70b"])
+    ap.add_argument("--ops", nargs="+", choices=["quant_matmul", "prefill", "decode"], help="only these ops")
+    ap.add_argument("--impl", help="only implementations whose name contains this (anchors are always kept)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, help="repetitions per case (default 100 on CUDA, 30 on CPU)")
+    ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
+    ap.add_argument("--out", help="output directory (default bench/results/<device>)")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="print regressions between two JSON runs")
+    args = ap.parse_args(argv)
+
+    if args.compare:
+        text, regressions = compare(*args.compare)
+        print(text)
+        return 1 if regressions else 0
+    cases = preset(args.preset or "quick", args.device)
+    if args.ops:
+        cases = [c for c in cases if c.op in args.ops]
+    if args.impl:
+        cases = [c for c in cases if c.anchor or args.impl in c.impl]
+    run = run_cases(cases, args.device, reps=args.reps, graph=args.graph)
+    print(table(run))
+    out = args.out or os.path.join("bench", "results", _slug(run["environment"]["device"]))
+    name = f"{args.preset or 'quick'}{'-graph' if args.graph else ''}"
+    write_json(run, os.path.join(out, f"{name}.json"))
+    written = [] if args.no_plots else plots(run, out)
+    print(f"\nwrote {os.path.join(out, name + '.json')}" + "".join(f", {p}" for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Run cases, derive figures, print the table, write JSON and plots, compare runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+from .cases import Case
+from .harness import environment, time_fn
+
+
+def _progress(cases):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(cases, desc="bench", unit="case", file=sys.stderr)
+    except ImportError:
+        return cases
+
+
+def run_cases(cases: list[Case], device: str, reps: int | None = None, graph: bool = False) -> dict:
+    env = environment(device)
+    peak_bw = env.get("peak_bandwidth_gbs") or env["measured_bandwidth_gbs"]
+    peak_tf = env.get("peak_bf16_tflops")
+    results = []
+    for case in _progress(cases):
+        r = {"op": case.op, "group": case.group, "impl": case.impl, "anchor": case.anchor, "shape": case.shape,
+             "dtype": case.dtype, "bytes": case.bytes, "flops": case.flops}
+        if case.unavailable:
+            r["unavailable"] = case.unavailable
+        else:
+            try:
+                fn, inputs = case.make()
+                t = time_fn(device, fn, inputs, reps=reps, graph=graph)
+                med = t.median_ms
+                r.update(times_ms=[round(x, 5) for x in t.times_ms], median_ms=med, p10_ms=t.spread_ms[0],
+                         p90_ms=t.spread_ms[1], rotated_inputs=len(inputs),
+                         gbs=case.bytes / (med * 1e-3) / 1e9, tflops=case.flops / (med * 1e-3) / 1e12)
+                r["pct_peak_bw"] = 100 * r["gbs"] / peak_bw
+                if peak_tf:
+                    r["pct_peak_tflops"] = 100 * r["tflops"] / peak_tf
+                del fn, inputs
+            except Exception as e:  # an anchor that fails here is reported, never silently dropped
+                r["unavailable"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if os.environ.get("FLASHQUANT_BENCH_DEBUG"):
+                    traceback.print_exc()
+        results.append(r)
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+    _speedups(results)
+    return {"environment": env, "bandwidth_bound_gbs": peak_bw, "graph": graph, "results": results}
+
+
+def _speedups(results):
+    groups = {}
+    for r in results:
+        groups.setdefault(r["group"], []).append(r)
+    for rs in groups.values():
+        anchors = [a for a in rs if a["anchor"] and "median_ms" in a]
+        for r in rs:
+            if r["anchor"] or "median_ms" not in r or not anchors:
+                continue
+            r["speedup_vs"] = {a["impl"]: a["median_ms"] / r["median_ms"] for a in anchors}
+            best = min(anchors, key=lambda a: a["median_ms"])
+            r["speedup_vs_best_anchor"] = best["median_ms"] / r["median_ms"]
+            r["best_anchor"] = best["impl"]
+            r["speedup_vs_first_anchor"] = anchors[0]["median_ms"] / r["median_ms"]
+            r["first_anchor"] = anchors[0]["impl"]
+
+
+def table(run: dict) -> str:
+    lines = []
+    env = run["environment"]
+    lines.append(f"device: {env['device']} | torch {env['torch']} | triton {env.get('triton')} | "
+                 f"commit {env.get('git_commit')} | measured bandwidth {env['measured_bandwidth_gbs']} GB/s"
+                 f"{' | peak ' + str(env['peak_bandwidth_gbs']) + ' GB/s' if 'peak_bandwidth_gbs' in env else ''}")
+    hdr = f"{'impl':44s} {'median ms':>10s} {'p10-p90':>15s} {'GB/s':>8s} {'%bw':>5s} {'TFLOP/s':>8s}  vs anchors"
+    group = None
+    for r in run["results"]:
+        if r["group"] != group:
+            group = r["group"]
+            lines += ["", f"== {group} ({r['dtype']})", hdr]
+        if "median_ms" not in r:
+            lines.append(f"{r['impl']:44s} unavailable: {r['unavailable']}")
+            continue
+        vs = ""
+        if "speedup_vs_first_anchor" in r:
+            vs = (f"{r['speedup_vs_first_anchor']:.2f}x {r['first_anchor']}; "
+                  f"{r['speedup_vs_best_anchor']:.2f}x best ({r['best_anchor']})")
+        lines.append(f"{r['impl']:44s} {r['median_ms']:10.4f} {r['p10_ms']:7.4f}-{r['p90_ms']:<7.4f} "
+                     f"{r['gbs']:8.1f} {r['pct_peak_bw']:5.1f} {r['tflops']:8.3f}  {vs}")
+    return "\n".join(lines)
+
+
+def write_json(run: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(run, f, indent=1)
+
+
+def plots(run: dict, out_dir: str) -> list[str]:
+    """PNG plots: speedup vs M for matmuls, TFLOP/s vs seqlen for prefill, GB/s vs cache length for decode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    written = []
+    res = [r for r in run["results"] if "median_ms" in r]
+    dev = run["environment"]["device"]
+
+    def save(fig, name):
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    qmm = [r for r in res if r["op"] == "quant_matmul" and not r["anchor"]]
+    if qmm:
+        shapes = sorted({(r["shape"]["N"], r["shape"]["K"]) for r in qmm})
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+        for ax, (n, k) in zip(axes[0], shapes):
+            for impl in sorted({r["impl"] for r in qmm}):
+                pts = sorted((r["shape"]["M"], r["speedup_vs_first_anchor"]) for r in qmm
+                             if r["impl"] == impl and (r["shape"]["N"], r["shape"]["K"]) == (n, k)
+                             and "speedup_vs_first_anchor" in r)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set(title=f"N={n} K={k}", xlabel="M (tokens)", ylabel=f"speedup vs {qmm[0].get('first_anchor', '')}")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"quantized matmul, {dev}")
+        save(fig, "quant_matmul_speedup.png")
+    pre = [r for r in res if r["op"] == "prefill"]
+    if pre:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in sorted({(r["impl"], r["shape"]["D"], r["shape"]["causal"]) for r in pre}):
+            pts = sorted((r["shape"]["S"], r["tflops"]) for r in pre
+                         if (r["impl"], r["shape"]["D"], r["shape"]["causal"]) == key)
+            ax.plot(*zip(*pts), marker="o", label=f"{key[0]} D={key[1]}{' causal' if key[2] else ''}")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="sequence length", ylabel="TFLOP/s", title=f"prefill, {dev}")
+        ax.legend(fontsize=6)
+        save(fig, "prefill_tflops.png")
+    dec = [r for r in res if r["op"] == "decode"]
+    if dec:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in sorted({(r["impl"], r["shape"]["B"], r["shape"]["paged"]) for r in dec}):
+            pts = sorted((r["shape"]["cache"], r["gbs"]) for r in dec
+                         if (r["impl"], r["shape"]["B"], r["shape"]["paged"]) == key)
+            ax.plot(*zip(*pts), marker="o", label=f"{key[0]} B={key[1]}{' paged' if key[2] else ''}")
+        ax.axhline(run["bandwidth_bound_gbs"], color="gray", ls="--", lw=0.8, label="bandwidth bound")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="cache length", ylabel="GB/s (K+V bytes / time)", title=f"decode, {dev}")
+        ax.legend(fontsize=6)
+        save(fig, "decode_gbs.png")
+    return written
+
+
+def compare(old_path: str, new_path: str, threshold: float = 0.05) -> tuple[str, int]:
+    """Lines for cases present in both runs; counts regressions slower by more than `threshold`."""
+    with open(old_path) as f:
+        old = {(r["group"], r["impl"]): r for r in json.load(f)["results"] if "median_ms" in r}
+    with open(new_path) as f:
+        new = [r for r in json.load(f)["results"] if "median_ms" in r]
+    lines, regressions = [], 0
+    for r in new:
+        o = old.get((r["group"], r["impl"]))
+        if not o:
+            continue
+        ratio = r["median_ms"] / o["median_ms"]
+        flag = ""
+        if ratio > 1 + threshold:
+            flag, regressions = "REGRESSION", regressions + 1
+        elif ratio < 1 - threshold:
+            flag = "faster"
+        lines.append(f"{r['group']:45s} {r['impl']:40s} {o['median_ms']:9.4f} -> {r['median_ms']:9.4f} ms "
+                     f"({ratio:5.2f}x) {flag}")
+    return "\n".join(lines) + f"\n{regressions} regression(s) over {threshold:.0%}", regressions

@@ -1,0 +1,1 @@
+"""Model implementations written on flashquant's ops."""

@@ -1,0 +1,305 @@
+"""A compact Llama-3-architecture decoder on flashquant's ops, with seeded random weights (no downloads).
+
+RMSNorm -> GQA attention (rotary with Llama-3 frequency scaling; prefill through flashquant.attention, decode
+through flashquant.attention_with_kvcache over a contiguous or paged KVCache) -> RMSNorm -> SwiGLU MLP; every
+linear can be swapped for a QuantLinear (int4/int8) with :meth:`Llama.quantize`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flashquant as fq
+from flashquant.nn import quantize_model
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    max_position: int = 8192
+    # Llama 3 rope scaling (factor, low_freq_factor, high_freq_factor, original_max_position); None disables it
+    rope_scaling: tuple[float, float, float, int] | None = (8.0, 1.0, 4.0, 8192)
+    tie_embeddings: bool = False
+
+
+PRESETS = {
+    "tiny": LlamaConfig(),
+    "llama3-1b-like": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                  num_heads=32, num_kv_heads=8, head_dim=64, tie_embeddings=True),
+    "llama3-8b-like": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                  num_heads=32, num_kv_heads=8, head_dim=128),
+}
+
+
+def config_from_preset(name: str, **overrides) -> LlamaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Rotary inverse frequencies, with Llama 3's smooth low/high-frequency rescaling."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv.float()
+    factor, low, high, orig = cfg.rope_scaling
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = orig / low, orig / high
+    smooth = (orig / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    scaled = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return scaled.float()
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, D), positions (B, S) -> rotated x ("rotate half" convention, computed in fp32)."""
+    angles = positions[..., None].float() * inv_freq  # (B, S, D/2)
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, :, None]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, :, None]
+    xf = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+class KVCache:
+    """Per-layer K/V storage for generation: contiguous (layers, B, S_max, Hkv, D) or paged
+    (layers, num_blocks, block_size, Hkv, D) with a block table (B, S_max / block_size). `seqlens` (int32, B)
+    counts the tokens stored per sequence; a host copy avoids device syncs in the generation loop."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_seqlen: int, dtype, device, paged: bool = False,
+                 block_size: int = 16, shuffle_blocks: bool = False):
+        self.paged, self.block_size = paged, block_size
+        shape_tail = (cfg.num_kv_heads, cfg.head_dim)
+        if paged:
+            per_seq = -(-max_seqlen // block_size)
+            num_blocks = batch * per_seq
+            self.k = torch.zeros(cfg.num_layers, num_blocks, block_size, *shape_tail, dtype=dtype, device=device)
+            order = torch.randperm(num_blocks) if shuffle_blocks else torch.arange(num_blocks)
+            self.block_table = order.reshape(batch, per_seq).to(torch.int32).to(device)
+        else:
+            self.k = torch.zeros(cfg.num_layers, batch, max_seqlen, *shape_tail, dtype=dtype, device=device)
+            self.block_table = None
+        self.v = torch.zeros_like(self.k)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.host_seqlens = [0] * batch
+        self.capacity = max_seqlen
+
+    def advance(self, counts: list[int]) -> None:
+        self.host_seqlens = [a + b for a, b in zip(self.host_seqlens, counts)]
+        self.seqlens = torch.tensor(self.host_seqlens, dtype=torch.int32, device=self.seqlens.device)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+
+    def forward(self, x, positions, inv_freq, cache: KVCache | None, backend: str):
+        B, S, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, S, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, S, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, S, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
+        if cache is None:
+            out = fq.attention(q, k, v, causal=True, backend=backend)
+        elif S > 1 and max(cache.host_seqlens) == 0:
+            # prefill of a fresh cache: plain causal attention (right-padded prompts never see their padding),
+            # then store K/V; padding slots are overwritten by the following decode steps.
+            out = fq.attention(q, k, v, causal=True, backend=backend)
+            from flashquant.attention import append_kv
+
+            append_kv(cache.k[self.layer_idx], cache.v[self.layer_idx], cache.seqlens, k, v, cache.block_table)
+        else:  # decode / chunked prefill: append in place and attend to the cache
+            out = fq.attention_with_kvcache(q, cache.k[self.layer_idx], cache.v[self.layer_idx], cache.seqlens, k, v,
+                                            cache.block_table, causal=True, backend=backend)
+        return self.o_proj(out.reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, inv_freq, cache, backend):
+        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Llama-3-style decoder. `attn_backend` is passed to flashquant's attention ops ("auto", "torch", ...)."""
+
+    def __init__(self, cfg: LlamaConfig, attn_backend: str = "auto"):
+        super().__init__()
+        self.cfg, self.attn_backend = cfg, attn_backend
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @classmethod
+    def random(cls, cfg: LlamaConfig, seed: int = 0, dtype=torch.float32, device="cpu", attn_backend="auto"):
+        """Seeded random weights, scaled like a trained model's (std 0.02, residual projections smaller), so
+        activations stay O(1) through the layers."""
+        with torch.device("meta"):
+            model = cls(cfg, attn_backend)
+        model = model.to_empty(device=device).to(dtype)
+        g = torch.Generator(device=device).manual_seed(seed)  # same seed + device => same weights
+        for name, p in model.named_parameters():
+            with torch.no_grad():
+                p.normal_(generator=g)  # in place, in the parameter's memory (fast for 8B-sized models)
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.mul_(0.1).add_(1.0)
+                elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.mul_(0.02 / math.sqrt(2 * cfg.num_layers))
+                else:
+                    p.mul_(0.02)
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+        return model
+
+    def quantize(self, bits: int, group_size: int = 128, symmetric: bool = True, skip=("lm_head",)) -> Llama:
+        """Swap every linear (except `skip`) for a QuantLinear, in place."""
+        quantize_model(self, bits, group_size, symmetric, skip=skip)
+        return self
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_at: torch.Tensor | None = None):
+        """tokens (B, S) int64 -> logits (B, S, vocab) fp32; positions default to 0..S-1 after the cached tokens.
+        logits_at (B,) int64: only compute the logits of that position of each sequence -> (B, 1, vocab)
+        (generation needs just the last one; the lm_head is the largest matmul of small models)."""
+        B, S = tokens.shape
+        if positions is None:
+            start = cache.seqlens.long()[:, None] if cache is not None else 0
+            positions = start + torch.arange(S, device=tokens.device)[None, :]
+            positions = positions.expand(B, S)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, positions, self.inv_freq, cache, self.attn_backend)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]
+        return self.lm_head(self.norm(x)).float()
+
+    @property
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """logits (B, V) -> tokens (B,). temperature 0 = greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.inference_mode()
+def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None, paged: bool = False,
+             block_size: int = 16, seed: int = 0, progress: bool = False, on_step=None) -> list[list[int]]:
+    """Batched generation for prompts of different lengths. Returns the new tokens of each prompt (stopping
+    at EOS, which is included, or after max_new_tokens)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    B, lens = len(prompts), [len(p) for p in prompts]
+    S = max(lens)
+    cache = KVCache(model.cfg, B, S + max_new_tokens, dtype, device, paged=paged, block_size=block_size)
+    tokens = torch.zeros(B, S, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p, device=device)  # right padding
+    gen = torch.Generator().manual_seed(seed)
+    last = model(tokens, cache=cache, logits_at=torch.tensor(lens, device=device) - 1)[:, 0]
+    cache.advance(lens)  # only the real tokens count; padding slots get overwritten
+    out = [[] for _ in range(B)]
+    done = [False] * B
+    steps = range(max_new_tokens)
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="decode", unit="tok", leave=False)
+        except ImportError:
+            pass
+    for step in steps:
+        nxt = sample(last, temperature, top_k, top_p, gen)
+        host = nxt.tolist()
+        for b in range(B):
+            if not done[b]:
+                out[b].append(host[b])
+                done[b] = eos_token_id is not None and host[b] == eos_token_id
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model(nxt[:, None], cache=cache)
+        cache.advance([1] * B)
+        last = logits[:, -1]
+        if on_step is not None:
+            on_step()
+    return out

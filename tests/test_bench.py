@@ -1,0 +1,68 @@
+"""Keeps the benchmark suite from rotting: import every bench module, run one tiny case of each family on the
+CPU through the real harness, and check the report/compare plumbing. (Speed is never asserted.)"""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flashquant.bench import compare, preset, run_cases, table, write_json
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_modules_import():
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        sys.path.insert(0, str(ROOT / "bench"))
+        try:
+            spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        finally:
+            sys.path.remove(str(ROOT / "bench"))
+
+
+def test_smoke_preset_runs_every_family_and_reports_unavailable_anchors(tmp_path):
+    cases = preset("smoke", "cpu")
+    assert {c.op for c in cases} == {"quant_matmul", "prefill", "decode"}
+    run = run_cases(cases, "cpu", reps=2)
+    res = run["results"]
+    assert len(res) == len(cases)  # nothing dropped
+    ran = [r for r in res if "median_ms" in r]
+    assert any(r["impl"].startswith("flashquant cpu") for r in ran)
+    for r in ran:
+        assert len(r["times_ms"]) == 2 and r["gbs"] > 0
+    for r in res:
+        assert "median_ms" in r or r["unavailable"]
+    env = run["environment"]
+    for key in ("device", "torch", "git_commit", "measured_bandwidth_gbs"):
+        assert key in env
+    fq_rows = [r for r in ran if not r["anchor"]]
+    assert all("speedup_vs_first_anchor" in r for r in fq_rows)
+    text = table(run)
+    assert "unavailable: needs a CUDA device" in text
+    write_json(run, str(tmp_path / "a.json"))
+    write_json(run, str(tmp_path / "b.json"))
+    report, regressions = compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert regressions == 0 and "flashquant cpu" in report
+
+
+def test_compare_flags_a_regression(tmp_path):
+    base = {"results": [{"group": "g", "impl": "x", "median_ms": 1.0}]}
+    slow = {"results": [{"group": "g", "impl": "x", "median_ms": 1.5}]}
+    (tmp_path / "old.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(slow))
+    out = subprocess.run([sys.executable, "-m", "flashquant.bench", "--compare", str(tmp_path / "old.json"),
+                          str(tmp_path / "new.json")], capture_output=True, text=True)
+    assert out.returncode == 1 and "REGRESSION" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
+def test_pytest_benchmark_cases_skip_cleanly_without_a_gpu():
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "bench" / "test_bench_attention.py"),
+                          "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "skipped" in out.stdout
