@@ -22,6 +22,12 @@ def run_case(benchmark, case):
         return out
 
     benchmark.group = case.group
-    benchmark.extra_info.update(impl=case.impl, anchor=case.anchor, shape=case.shape, dtype=case.dtype,
-                                bytes=case.bytes, flops=case.flops)
+    benchmark.extra_info.update(
+        impl=case.impl,
+        anchor=case.anchor,
+        shape=case.shape,
+        dtype=case.dtype,
+        bytes=case.bytes,
+        flops=case.flops,
+    )
     benchmark.pedantic(target, rounds=20 if DEVICE == "cpu" else 100, warmup_rounds=3, iterations=1)

@@ -1,7 +1,7 @@
 """pytest-benchmark cases over the same harness and case definitions as `python -m flashquant.bench`.
 
-    pytest bench/ --benchmark-json=out.json            # CUDA cases skip cleanly without a GPU
-    pytest bench/ -k quant_matmul --benchmark-only
+pytest bench/ --benchmark-json=out.json            # CUDA cases skip cleanly without a GPU
+pytest bench/ -k quant_matmul --benchmark-only
 """
 
 import os

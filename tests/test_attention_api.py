@@ -64,28 +64,75 @@ def test_non_contiguous_heads_are_accepted():
 @pytest.mark.parametrize(
     "make, exc, match",
     [
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)),
-         ValueError, "multiple of the number of KV heads"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8).half(), torch.randn(1, 2, 2, 8)),
-         TypeError, "share one dtype"),
-        (lambda: fq.attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)),
-         ValueError, "q must be 4-D"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)),
-         ValueError, "head_dim"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8)),
-         ValueError, "v must have shape"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8).int(), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8)),
-         TypeError, "q must have dtype"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),
-                              window_size=(-2, 0)), ValueError, "window_size"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),
-                              softcap=-1.0), ValueError, "softcap"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),
-                              backend="magic"), ValueError, "backend must be"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),
-                              backend="cpu"), ValueError, "does not implement"),
-        (lambda: fq.attention(torch.randn(1, 2, 4, 8).transpose(-1, -2), torch.randn(1, 2, 8, 4),
-                              torch.randn(1, 2, 8, 4)), ValueError, "contiguous in its last dimension"),
+        (
+            lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)),
+            ValueError,
+            "multiple of the number of KV heads",
+        ),
+        (
+            lambda: fq.attention(
+                torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8).half(), torch.randn(1, 2, 2, 8)
+            ),
+            TypeError,
+            "share one dtype",
+        ),
+        (
+            lambda: fq.attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)),
+            ValueError,
+            "q must be 4-D",
+        ),
+        (
+            lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)),
+            ValueError,
+            "head_dim",
+        ),
+        (
+            lambda: fq.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8)),
+            ValueError,
+            "v must have shape",
+        ),
+        (
+            lambda: fq.attention(
+                torch.randn(1, 2, 4, 8).int(), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8)
+            ),
+            TypeError,
+            "q must have dtype",
+        ),
+        (
+            lambda: fq.attention(
+                torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), window_size=(-2, 0)
+            ),
+            ValueError,
+            "window_size",
+        ),
+        (
+            lambda: fq.attention(
+                torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), softcap=-1.0
+            ),
+            ValueError,
+            "softcap",
+        ),
+        (
+            lambda: fq.attention(
+                torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), backend="magic"
+            ),
+            ValueError,
+            "backend must be",
+        ),
+        (
+            lambda: fq.attention(
+                torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), backend="cpu"
+            ),
+            ValueError,
+            "does not implement",
+        ),
+        (
+            lambda: fq.attention(
+                torch.randn(1, 2, 4, 8).transpose(-1, -2), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4)
+            ),
+            ValueError,
+            "contiguous in its last dimension",
+        ),
     ],
 )
 def test_attention_validation_errors(make, exc, match):
@@ -105,7 +152,9 @@ def _varlen_inputs(lens_q, lens_k, hq=4, hkv=2, d=16):
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_torch_matches_reference_with_empty_sequence(causal):
     q, k, v, cq, ck = _varlen_inputs([3, 0, 9], [5, 4, 9])
-    ref, ref_lse = fq.attention_varlen(q, k, v, cq, ck, 9, 9, causal=causal, return_lse=True, backend="reference")
+    ref, ref_lse = fq.attention_varlen(
+        q, k, v, cq, ck, 9, 9, causal=causal, return_lse=True, backend="reference"
+    )
     out, lse = fq.attention_varlen(q, k, v, cq, ck, 9, 9, causal=causal, return_lse=True, backend="torch")
     assert_close(out, ref, torch.float32)
     assert max_err(lse, ref_lse) < 1e-5 and lse.shape == (4, 12)
@@ -144,7 +193,9 @@ def test_kvcache_torch_matches_reference(paged, snew):
     k = torch.randn(B, snew, hkv, d) if snew else None
     v = torch.randn(B, snew, hkv, d) if snew else None
     kc_r, vc_r = kc.clone(), vc.clone()
-    ref, ref_lse = fq.attention_with_kvcache(q, kc_r, vc_r, lens, k, v, table, return_lse=True, backend="reference")
+    ref, ref_lse = fq.attention_with_kvcache(
+        q, kc_r, vc_r, lens, k, v, table, return_lse=True, backend="reference"
+    )
     out, lse = fq.attention_with_kvcache(q, kc, vc, lens, k, v, table, return_lse=True, backend="torch")
     assert_close(out, ref, torch.float32)
     assert max_err(lse, ref_lse) < 1e-5
@@ -176,16 +227,36 @@ def test_ops_are_registered_custom_ops():
 
 def test_opcheck_attention_ops():
     q, k, v = torch.randn(1, 5, 4, 16), torch.randn(1, 7, 2, 16), torch.randn(1, 7, 2, 16)
-    torch.library.opcheck(torch.ops.flashquant.attention.default,
-                          (q, k, v, True, 0.25, -1, -1, 0.0, True, "torch"))
+    torch.library.opcheck(
+        torch.ops.flashquant.attention.default, (q, k, v, True, 0.25, -1, -1, 0.0, True, "torch")
+    )
     q2, k2, v2, cq, ck = _varlen_inputs([3, 4], [5, 4])
-    torch.library.opcheck(torch.ops.flashquant.attention_varlen.default,
-                          (q2, k2, v2, cq, ck, 4, 5, True, 0.25, -1, -1, 0.0, False, "torch"))
+    torch.library.opcheck(
+        torch.ops.flashquant.attention_varlen.default,
+        (q2, k2, v2, cq, ck, 4, 5, True, 0.25, -1, -1, 0.0, False, "torch"),
+    )
     kc, vc, lens, table = make_cache(2, 2, 16, [3, 9], paged=True)
     new = torch.randn(2, 1, 2, 16)
-    torch.library.opcheck(torch.ops.flashquant.attention_with_kvcache.default,
-                          (torch.randn(2, 1, 4, 16), kc, vc, lens, new, new.clone(), table, True, 0.25, -1, -1,
-                           0.0, True, 0, "torch"))
+    torch.library.opcheck(
+        torch.ops.flashquant.attention_with_kvcache.default,
+        (
+            torch.randn(2, 1, 4, 16),
+            kc,
+            vc,
+            lens,
+            new,
+            new.clone(),
+            table,
+            True,
+            0.25,
+            -1,
+            -1,
+            0.0,
+            True,
+            0,
+            "torch",
+        ),
+    )
 
 
 def test_torch_compile_fullgraph():

@@ -55,14 +55,36 @@ def test_compare_flags_a_regression(tmp_path):
     slow = {"results": [{"group": "g", "impl": "x", "median_ms": 1.5}]}
     (tmp_path / "old.json").write_text(json.dumps(base))
     (tmp_path / "new.json").write_text(json.dumps(slow))
-    out = subprocess.run([sys.executable, "-m", "flashquant.bench", "--compare", str(tmp_path / "old.json"),
-                          str(tmp_path / "new.json")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flashquant.bench",
+            "--compare",
+            str(tmp_path / "old.json"),
+            str(tmp_path / "new.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "REGRESSION" in out.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
 def test_pytest_benchmark_cases_skip_cleanly_without_a_gpu():
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "bench" / "test_bench_attention.py"),
-                          "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            str(ROOT / "bench" / "test_bench_attention.py"),
+            "-p",
+            "no:cacheprovider",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "skipped" in out.stdout

@@ -28,8 +28,13 @@ def test_auto_on_cpu_is_a_cpu_path():
 def test_unavailable_backend_raises_instead_of_falling_back():
     q = torch.randn(1, 2, 2, 16)
     with pytest.raises(RuntimeError, match="unavailable"):
-        fq.attention_with_kvcache(q, torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16),
-                                  torch.tensor([1], dtype=torch.int32), backend="cuda")
+        fq.attention_with_kvcache(
+            q,
+            torch.randn(1, 4, 2, 16),
+            torch.randn(1, 4, 2, 16),
+            torch.tensor([1], dtype=torch.int32),
+            backend="cuda",
+        )
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):

@@ -28,7 +28,7 @@ def straightforward_forward(m: Llama, tokens):
     cos, sin = torch.cos(ang), torch.sin(ang)
 
     def rope(t):  # t (B, S, H, D): pairs (i, i + D/2) rotate by ang_i
-        a, b = t[..., : cfg.head_dim // 2], t[..., cfg.head_dim // 2:]
+        a, b = t[..., : cfg.head_dim // 2], t[..., cfg.head_dim // 2 :]
         c, s = cos[None, :, None], sin[None, :, None]
         return torch.cat([a * c - b * s, b * c + a * s], -1)
 
@@ -79,7 +79,7 @@ def test_cache_logits_match_full_forward_stepwise(model):
     cache.advance([6, 6])
     steps = [first]
     for t in range(6, 10):
-        steps.append(model(tokens[:, t:t + 1], cache=cache))
+        steps.append(model(tokens[:, t : t + 1], cache=cache))
         cache.advance([1, 1])
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
 

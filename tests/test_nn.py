@@ -12,8 +12,12 @@ def test_quantlinear_matches_dequantized_linear(bits, group_size, symmetric):
     lin = nn.Linear(128, 40)
     ql = QuantLinear.from_linear(lin, bits, group_size, symmetric)
     x = torch.randn(3, 128)
-    ref = fq.quant_matmul(x, fq.quantize(lin.weight.detach(), bits, group_size, symmetric), lin.bias.detach(),
-                          backend="reference")
+    ref = fq.quant_matmul(
+        x,
+        fq.quantize(lin.weight.detach(), bits, group_size, symmetric),
+        lin.bias.detach(),
+        backend="reference",
+    )
     assert_qmm_close(ql(x), ref, backend="cpu")  # auto picks the C++ kernel for small M on CPU
 
 

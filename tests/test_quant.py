@@ -116,7 +116,9 @@ def test_quant_matmul_matches_reference(backend, bits, group_size, symmetric, m)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cpu_kernel_simd_and_scalar_paths_and_dtypes(monkeypatch, simd, dtype, bits):
     monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
-    assert torch.ops.flashquant.cpu_simd_level() == ("scalar" if simd == "0" else torch.ops.flashquant.cpu_simd_level())
+    assert torch.ops.flashquant.cpu_simd_level() == (
+        "scalar" if simd == "0" else torch.ops.flashquant.cpu_simd_level()
+    )
     w = torch.randn(33, 192, dtype=dtype)
     qw = fq.quantize(w, bits, 64, symmetric=False)
     x = torch.randn(5, 192, dtype=dtype)
@@ -129,9 +131,12 @@ def test_cpu_kernel_simd_and_scalar_paths_and_dtypes(monkeypatch, simd, dtype, b
 def test_auto_uses_cpu_kernel_for_small_m_and_opcheck():
     qw = fq.quantize(torch.randn(16, 64), 4, 32)
     x = torch.randn(1, 64)
-    torch.library.opcheck(torch.ops.flashquant.quant_matmul.default,
-                          (x, qw.qdata, qw.scales, qw.zeros, None, 4, 32, "cpu"))
-    torch.library.opcheck(torch.ops.flashquant.quant_matmul_packed.default, (x, qw.qdata, qw.scales, None, 4, 32))
+    torch.library.opcheck(
+        torch.ops.flashquant.quant_matmul.default, (x, qw.qdata, qw.scales, qw.zeros, None, 4, 32, "cpu")
+    )
+    torch.library.opcheck(
+        torch.ops.flashquant.quant_matmul_packed.default, (x, qw.qdata, qw.scales, None, 4, 32)
+    )
     from flashquant import _dispatch
     from flashquant.quant import _auto_order
 

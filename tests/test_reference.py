@@ -30,8 +30,11 @@ def naive_attention(q, k, v, causal, scale, window, softcap):
         for h in range(Hq):
             kv = h // (Hq // Hkv)
             for i in range(Sq):
-                keys = [j for j in range(Sk)
-                        if (right < 0 or j <= i + Sk - Sq + right) and (left < 0 or j >= i + Sk - Sq - left)]
+                keys = [
+                    j
+                    for j in range(Sk)
+                    if (right < 0 or j <= i + Sk - Sq + right) and (left < 0 or j >= i + Sk - Sq - left)
+                ]
                 if not keys:
                     continue
                 s = [float(q[b, i, h].double() @ k[b, j, kv].double()) * scale for j in keys]
@@ -87,10 +90,17 @@ def test_varlen_ref_equals_per_sequence_naive():
     out, lse = attention_varlen_ref(q, k, v, cq, ck, causal=True, softmax_scale=0.5)
     for b in range(3):
         qs, ks = sum(lens_q[:b]), sum(lens_k[:b])
-        o, l = naive_attention(q[None, qs:qs + lens_q[b]], k[None, ks:ks + lens_k[b]], v[None, ks:ks + lens_k[b]],
-                               True, 0.5, (-1, -1), 0.0)
-        assert max_err(out[qs:qs + lens_q[b]], o[0]) < 1e-5
-        assert max_err(lse[:, qs:qs + lens_q[b]], l[0]) < 1e-5
+        o, lse_b = naive_attention(
+            q[None, qs : qs + lens_q[b]],
+            k[None, ks : ks + lens_k[b]],
+            v[None, ks : ks + lens_k[b]],
+            True,
+            0.5,
+            (-1, -1),
+            0.0,
+        )
+        assert max_err(out[qs : qs + lens_q[b]], o[0]) < 1e-5
+        assert max_err(lse[:, qs : qs + lens_q[b]], lse_b[0]) < 1e-5
 
 
 @pytest.mark.parametrize("paged", [False, True])
@@ -117,7 +127,7 @@ def test_kvcache_ref_appends_in_place_and_attends(paged):
     for b in range(B):
         keys = torch.cat([full_k[b], new_k[b]])[None]
         vals = torch.cat([full_v[b], new_v[b]])[None]
-        o, _ = naive_attention(q[b:b + 1], keys, vals, True, 1 / math.sqrt(D), (-1, -1), 0.0)
+        o, _ = naive_attention(q[b : b + 1], keys, vals, True, 1 / math.sqrt(D), (-1, -1), 0.0)
         assert max_err(out[b], o[0]) < 1e-5
         pos = int(lens[b])  # the append landed where it should
         blk, slot = (table[b, pos // bs], pos % bs) if paged else (b, pos)
@@ -134,7 +144,7 @@ def test_quantize_ref_matches_stated_formula(bits, symmetric, group_size):
     gs = 8 if group_size == -1 else group_size
     for n in range(3):
         for g in range(8 // gs):
-            grp = [float(x) for x in w[n, g * gs:(g + 1) * gs]]
+            grp = [float(x) for x in w[n, g * gs : (g + 1) * gs]]
             if symmetric:
                 qmax = 2 ** (bits - 1) - 1
                 s = max(abs(x) for x in grp) / qmax
@@ -162,8 +172,10 @@ def test_dequantize_and_matmul_ref():
     w = dequantize_ref(codes, scales, zeros, 4, 2)
     assert torch.equal(w, torch.tensor([[-0.5, 7.0, -14.0, -12.0]]))
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    assert torch.equal(quant_matmul_ref(x, codes, scales, zeros, 4, 2, torch.tensor([1.0])),
-                       torch.tensor([[-0.5 + 14 - 42 - 48 + 1.0]]))
+    assert torch.equal(
+        quant_matmul_ref(x, codes, scales, zeros, 4, 2, torch.tensor([1.0])),
+        torch.tensor([[-0.5 + 14 - 42 - 48 + 1.0]]),
+    )
 
 
 def test_int4_packing_bit_layout_and_round_trip():

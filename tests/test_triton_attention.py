@@ -34,7 +34,11 @@ def check_against_reference(out, lse, ref, ref_lse, dtype, what):
 @pytest.mark.parametrize("causal", [False, True])
 def test_dense_forward(dtype, heads, sq, sk, causal):
     hq, hkv = heads
-    q, k, v = rand(2, sq, hq, 32, dtype=dtype), rand(2, sk, hkv, 32, dtype=dtype), rand(2, sk, hkv, 32, dtype=dtype)
+    q, k, v = (
+        rand(2, sq, hq, 32, dtype=dtype),
+        rand(2, sk, hkv, 32, dtype=dtype),
+        rand(2, sk, hkv, 32, dtype=dtype),
+    )
     out, lse = fq.attention(q, k, v, causal=causal, return_lse=True, backend="triton")
     ref, ref_lse = attention_ref(q, k, v, causal)
     check_against_reference(out, lse, ref, ref_lse, dtype, f"sq={sq} sk={sk} causal={causal} heads={heads}")
@@ -44,7 +48,11 @@ def test_dense_forward(dtype, heads, sq, sk, causal):
 @pytest.mark.parametrize("window,softcap", [((4, 0), 0.0), ((3, 5), 0.0), ((-1, -1), 0.5), ((8, -1), 1.0)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_dense_window_and_softcap(dtype, window, softcap, causal):
-    q, k, v = rand(1, 45, 8, 32, dtype=dtype), rand(1, 77, 2, 32, dtype=dtype), rand(1, 77, 2, 32, dtype=dtype)
+    q, k, v = (
+        rand(1, 45, 8, 32, dtype=dtype),
+        rand(1, 77, 2, 32, dtype=dtype),
+        rand(1, 77, 2, 32, dtype=dtype),
+    )
     kw = dict(causal=causal, window_size=window, softcap=softcap)
     out, lse = fq.attention(q, k, v, return_lse=True, backend="triton", **kw)
     ref, ref_lse = attention_ref(q, k, v, causal, None, window, softcap)
@@ -54,8 +62,11 @@ def test_dense_window_and_softcap(dtype, window, softcap, causal):
 @pytest.mark.parametrize("head_dim", [16, 59, 64, 111, 128, 256])
 def test_head_dims_including_odd_ones(head_dim):
     dtype = DTYPES[0]
-    q, k, v = rand(1, 19, 4, head_dim, dtype=dtype), rand(1, 23, 2, head_dim, dtype=dtype), rand(1, 23, 2, head_dim,
-                                                                                              dtype=dtype)
+    q, k, v = (
+        rand(1, 19, 4, head_dim, dtype=dtype),
+        rand(1, 23, 2, head_dim, dtype=dtype),
+        rand(1, 23, 2, head_dim, dtype=dtype),
+    )
     out = fq.attention(q, k, v, causal=True, backend="triton")
     assert_close(out.float(), attention_ref(q, k, v, True)[0].float(), dtype, f"D={head_dim}")
 
@@ -70,7 +81,9 @@ def test_fully_masked_rows_and_empty_keys():
     dtype = DTYPES[0]
     q, k = rand(1, 9, 4, 32, dtype=dtype), rand(1, 3, 2, 32, dtype=dtype)
     out, lse = fq.attention(q, k, k, causal=True, return_lse=True, backend="triton")
-    assert torch.equal(out[0, :6].float().cpu(), torch.zeros(6, 4, 32)) and torch.isneginf(lse[0, :, :6]).all()
+    assert (
+        torch.equal(out[0, :6].float().cpu(), torch.zeros(6, 4, 32)) and torch.isneginf(lse[0, :, :6]).all()
+    )
     out = fq.attention(q, k[:, :0], k[:, :0], backend="triton")
     assert torch.equal(out.float().cpu(), torch.zeros(1, 9, 4, 32))
 
@@ -86,7 +99,9 @@ def test_varlen_with_empty_sequence(dtype, causal, heads):
     q = rand(sum(lens_q), hq, 32, dtype=dtype)
     k, v = rand(sum(lens_k), hkv, 32, dtype=dtype), rand(sum(lens_k), hkv, 32, dtype=dtype)
     out, lse = fq.attention_varlen(q, k, v, cq, ck, 33, 70, causal=causal, return_lse=True, backend="triton")
-    ref, ref_lse = fq.attention_varlen(q, k, v, cq, ck, 33, 70, causal=causal, return_lse=True, backend="reference")
+    ref, ref_lse = fq.attention_varlen(
+        q, k, v, cq, ck, 33, 70, causal=causal, return_lse=True, backend="reference"
+    )
     check_against_reference(out, lse, ref, ref_lse, dtype, "varlen")
 
 
@@ -116,11 +131,15 @@ def test_kvcache_decode(dtype, paged, block_size, sq, snew, num_splits, heads):
     knew = rand(B, snew, hkv, d, dtype=dtype) if snew else None
     vnew = rand(B, snew, hkv, d, dtype=dtype) if snew else None
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    ref, ref_lse = fq.attention_with_kvcache(q, kc_ref, vc_ref, cache_seqlens, knew, vnew, table, return_lse=True,
-                                             backend="reference")
-    out, lse = fq.attention_with_kvcache(q, kc, vc, cache_seqlens, knew, vnew, table, return_lse=True,
-                                         num_splits=num_splits, backend="triton")
-    check_against_reference(out, lse, ref, ref_lse, dtype, f"paged={paged} sq={sq} snew={snew} splits={num_splits}")
+    ref, ref_lse = fq.attention_with_kvcache(
+        q, kc_ref, vc_ref, cache_seqlens, knew, vnew, table, return_lse=True, backend="reference"
+    )
+    out, lse = fq.attention_with_kvcache(
+        q, kc, vc, cache_seqlens, knew, vnew, table, return_lse=True, num_splits=num_splits, backend="triton"
+    )
+    check_against_reference(
+        out, lse, ref, ref_lse, dtype, f"paged={paged} sq={sq} snew={snew} splits={num_splits}"
+    )
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), "in-place append differs from the reference"
 
 
@@ -131,7 +150,9 @@ def test_kvcache_window_softcap_split(window, softcap):
     q = rand(2, 2, 8, 32, dtype=dtype)
     kw = dict(window_size=window, softcap=softcap, return_lse=True)
     ref, ref_lse = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="reference", **kw)
-    out, lse = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, num_splits=4, backend="triton", **kw)
+    out, lse = fq.attention_with_kvcache(
+        q, kc, vc, lens, block_table=table, num_splits=4, backend="triton", **kw
+    )
     check_against_reference(out, lse, ref, ref_lse, dtype, str(kw))
 
 
@@ -140,9 +161,14 @@ def test_non_power_of_two_page_size_is_a_clear_error():
     kc = rand(4, 24, 2, 32, dtype=dtype)
     table = torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="power-of-two block_size"):
-        fq.attention_with_kvcache(rand(1, 1, 4, 32, dtype=dtype), kc, kc.clone(),
-                                  torch.tensor([3], dtype=torch.int32, device=DEVICE), block_table=table,
-                                  backend="triton")
+        fq.attention_with_kvcache(
+            rand(1, 1, 4, 32, dtype=dtype),
+            kc,
+            kc.clone(),
+            torch.tensor([3], dtype=torch.int32, device=DEVICE),
+            block_table=table,
+            backend="triton",
+        )
 
 
 # ---- GPU only: large shapes, bf16, flash-attn's rule -------------------------------------------------------
@@ -169,7 +195,9 @@ def test_gpu_decode_long_cache_flash_rule(dtype, paged):
     B, cap = 4, 16384
     kc, vc, lens, table = make_cache(B, 8, 128, [16000, 5, 9000, 12345], paged, dtype, 64, cap)
     q = rand(B, 1, 32, 128, dtype=dtype)
-    ref = fq.attention_with_kvcache(q.float(), kc.float(), vc.float(), lens, block_table=table, backend="torch")
+    ref = fq.attention_with_kvcache(
+        q.float(), kc.float(), vc.float(), lens, block_table=table, backend="torch"
+    )
     base = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="torch")
     out = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="triton")
     assert_flash_rule(out, ref, base, f"decode paged={paged} {dtype}")

@@ -59,4 +59,19 @@ def test_gpu_llama_mlp_shapes(dtype, m):
         w = torch.randn(n, k, device="cuda", dtype=dtype)
         qw = fq.quantize(w, 4, 128)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        assert_qmm_close(fq.quant_matmul(x, qw, backend="triton"), fq.quant_matmul(x, qw, backend="reference"))
+        assert_qmm_close(
+            fq.quant_matmul(x, qw, backend="triton"), fq.quant_matmul(x, qw, backend="reference")
+        )
+
+
+def test_split_k_tail_never_reads_past_the_last_group():
+    # Per-channel scales live in a NaN-poisoned buffer: a K tile past the end that read scale column 1 would
+    # turn the output into NaN (0 * NaN). K=200 -> 16-wide K tiles, 13 tiles, split 3 ways -> a padded tail.
+    dtype = DTYPES[-1]
+    w = torch.randn(67, 200, device=DEVICE).to(dtype)
+    qw = fq.quantize(w, 8, -1)
+    poisoned = torch.full((67, 2), float("nan"), device=DEVICE, dtype=qw.scales.dtype)
+    poisoned[:, :1] = qw.scales
+    x = torch.randn(1, 200, device=DEVICE).to(dtype)
+    out = quant_matmul_triton(x, qw.qdata, poisoned[:, :1], None, 8, 200, split_k=3)
+    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), "poisoned tail")

@@ -14,8 +14,10 @@ def check() -> int:
     import flashquant as fq
     from flashquant._dispatch import OPS
 
-    print(f"flashquant {fq.__version__} | torch {torch.__version__} | "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+    print(
+        f"flashquant {fq.__version__} | torch {torch.__version__} | "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}"
+    )
     info = fq.backends()
     for name, b in info.items():
         print(f"  {name:9s} {b}")
@@ -34,9 +36,12 @@ def check() -> int:
     qw = fq.quantize(w, 4, 128)
     cases = {
         "attention": lambda be: fq.attention(q, k, v, causal=True, backend=be),
-        "attention_varlen": lambda be: fq.attention_varlen(q[0], k[0], v[0], cq, ck, 20, 28, causal=True, backend=be),
+        "attention_varlen": lambda be: fq.attention_varlen(
+            q[0], k[0], v[0], cq, ck, 20, 28, causal=True, backend=be
+        ),
         "attention_with_kvcache": lambda be: fq.attention_with_kvcache(
-            q[:, :1], k.clone(), v.clone(), lens, k[:, :1], v[:, :1], backend=be),
+            q[:, :1], k.clone(), v.clone(), lens, k[:, :1], v[:, :1], backend=be
+        ),
         "quant_matmul": lambda be: fq.quant_matmul(x, qw, backend=be),
     }
     failures = 0

@@ -13,13 +13,17 @@ def _dt(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None) -> None:
+def check_tensor(
+    name: str, t, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None
+) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)} ({t.dim()}-D)")
     if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in ({_dt(dtypes)}), got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"{name} must have dtype in ({_dt(dtypes)}), got {str(t.dtype).replace('torch.', '')}"
+        )
 
 
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: str = "") -> None:

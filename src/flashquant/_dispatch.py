@@ -50,7 +50,10 @@ def _triton_status() -> tuple[bool, str]:
     except Exception as e:
         return False, f"triton is not importable ({type(e).__name__}: {e})"
     if triton_interpret():
-        return True, f"triton {triton.__version__} in interpreter mode (TRITON_INTERPRET=1): CPU tensors, slow"
+        return (
+            True,
+            f"triton {triton.__version__} in interpreter mode (TRITON_INTERPRET=1): CPU tensors, slow",
+        )
     if not torch.cuda.is_available():
         return False, f"triton {triton.__version__} is installed but no CUDA device is visible"
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch
-from ._checks import FLOAT_DTYPES, check_last_dim_contiguous, check_same_device, check_shape, check_tensor, check_window
+from ._checks import (
+    FLOAT_DTYPES,
+    check_last_dim_contiguous,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    check_window,
+)
 from .reference import attention as ref
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache"]
@@ -34,8 +41,10 @@ def _check_qkv(q, k, v, q_ndim: int, k_what: str):
     if k.shape[-1] != d:
         raise ValueError(f"k must have head_dim D={d} like q {tuple(q.shape)}, got k {tuple(k.shape)}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"the number of query heads Hq={hq} must be a multiple of the number of KV heads "
-                         f"Hkv={hkv} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+        raise ValueError(
+            f"the number of query heads Hq={hq} must be a multiple of the number of KV heads "
+            f"Hkv={hkv} (q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
 
@@ -70,8 +79,14 @@ def _masked_attention_torch(q, k, v, mask, scale, softcap, return_lse):
         return torch.zeros_like(q), q.new_full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
     if softcap == 0 and not return_lse:
         attn_mask = None if mask is None else mask[:, None] if mask.dim() == 3 else mask
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=attn_mask, scale=scale, enable_gqa=Hq != Hkv)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            scale=scale,
+            enable_gqa=Hq != Hkv,
+        )
         out = out.transpose(1, 2)
         if mask is not None:  # rows with no visible key: zeros, never NaN
             empty = ~mask.any(-1)  # (Sq,) or (B, Sq)
@@ -93,11 +108,11 @@ def _masked_attention_torch(q, k, v, mask, scale, softcap, return_lse):
         if mask is not None:
             m = mask[..., s0:s1, :] if mask.dim() == 3 else mask[s0:s1][None]
             s = s.masked_fill(~m[:, None, None], float("-inf"))
-        l = torch.logsumexp(s, dim=-1)
-        p = torch.nan_to_num(torch.exp(s - l[..., None]), nan=0.0)
+        lse_c = torch.logsumexp(s, dim=-1)
+        p = torch.nan_to_num(torch.exp(s - lse_c[..., None]), nan=0.0)
         o = p @ vf  # (B, Hkv, G, sq, D)
         out[:, s0:s1] = o.permute(0, 3, 1, 2, 4).reshape(B, s1 - s0, Hq, D).to(q.dtype)
-        lse[:, :, s0:s1] = l.reshape(B, Hq, s1 - s0)
+        lse[:, :, s0:s1] = lse_c.reshape(B, Hq, s1 - s0)
     return out, (lse if return_lse else q.new_empty((0,), dtype=torch.float32))
 
 
@@ -122,7 +137,9 @@ def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table):
         v_cache[blocks, pos % bs] = v
 
 
-def _kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, causal, scale, left, right, softcap, return_lse):
+def _kvcache_torch(
+    q, k_cache, v_cache, seqlens_k, block_table, causal, scale, left, right, softcap, return_lse
+):
     B, Sq = q.shape[:2]
     if block_table is not None:
         nb, bs = block_table.shape[1], k_cache.shape[1]
@@ -145,9 +162,18 @@ def _kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, causal, scale, l
 
 
 # ---- custom ops (one per public op; torch.compile traces through them) ---------------------------------
-def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-                  window_left: int, window_right: int, softcap: float, return_lse: bool,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    return_lse: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     window = (window_left, window_right)
     if backend == "reference":
         out, lse = ref.attention_ref(q, k, v, causal, softmax_scale, window, softcap)
@@ -169,20 +195,44 @@ def _(q, k, v, causal, softmax_scale, window_left, window_right, softcap, return
     return torch.empty_like(q), q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
 
 
-def _attention_varlen_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                         softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                         return_lse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_varlen_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    return_lse: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     window = (window_left, window_right)
     if backend == "reference":
-        out, lse = ref.attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window,
-                                            softcap)
+        out, lse = ref.attention_varlen_ref(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window, softcap
+        )
         return out, lse if return_lse else lse.new_empty((0,))
     if backend == "triton":
         from .kernels import attention as tri
 
-        return tri.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale,
-                                    window, softcap, return_lse)
+        return tri.attention_varlen(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            causal,
+            softmax_scale,
+            window,
+            softcap,
+            return_lse,
+        )
     # PyTorch path: one dense call per sequence (reads cu_seqlens on the host).
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
@@ -192,32 +242,64 @@ def _attention_varlen_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         if qe == qs:
             continue
         mask = _dense_mask(qe - qs, ke - ks, causal, window_left, window_right, q.device)
-        o, l = _masked_attention_torch(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], mask, softmax_scale,
-                                       softcap, return_lse)
+        o, lse_b = _masked_attention_torch(
+            q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], mask, softmax_scale, softcap, return_lse
+        )
         out[qs:qe] = o[0]
         if return_lse:
-            lse[:, qs:qe] = l[0]
+            lse[:, qs:qe] = lse_b[0]
     return out, lse if return_lse else lse.new_empty((0,))
 
 
-_attention_varlen_op = torch.library.custom_op("flashquant::attention_varlen", _attention_varlen_impl, mutates_args=())
+_attention_varlen_op = torch.library.custom_op(
+    "flashquant::attention_varlen", _attention_varlen_impl, mutates_args=()
+)
 
 
 @_attention_varlen_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left,
-      window_right, softcap, return_lse, backend):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32)
+def _(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    softmax_scale,
+    window_left,
+    window_right,
+    softcap,
+    return_lse,
+    backend,
+):
+    return torch.empty_like(q), q.new_empty(
+        (q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32
+    )
 
 
-def _attention_kvcache_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          cache_seqlens: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                          block_table: torch.Tensor | None, causal: bool, softmax_scale: float, window_left: int,
-                          window_right: int, softcap: float, return_lse: bool, num_splits: int,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_kvcache_impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    return_lse: bool,
+    num_splits: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     window = (window_left, window_right)
     if backend == "reference":
-        out, lse = ref.attention_kvcache_ref(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal,
-                                             softmax_scale, window, softcap)
+        out, lse = ref.attention_kvcache_ref(
+            q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, softmax_scale, window, softcap
+        )
         return out, lse if return_lse else lse.new_empty((0,))
     if k is not None:
         append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
@@ -225,29 +307,78 @@ def _attention_kvcache_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if backend == "triton":
         from .kernels import attention as tri
 
-        return tri.attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window,
-                                     softcap, return_lse, num_splits)
+        return tri.attention_kvcache(
+            q,
+            k_cache,
+            v_cache,
+            seqlens_k,
+            block_table,
+            causal,
+            softmax_scale,
+            window,
+            softcap,
+            return_lse,
+            num_splits,
+        )
     if backend == "cuda":
-        out = torch.ops.flashquant.decode_attention_packed(q[:, 0], k_cache, v_cache, seqlens_k.to(torch.int32),
-                                                           block_table, softmax_scale, num_splits)
+        out = torch.ops.flashquant.decode_attention_packed(
+            q[:, 0], k_cache, v_cache, seqlens_k.to(torch.int32), block_table, softmax_scale, num_splits
+        )
         return out[:, None], q.new_empty((0,), dtype=torch.float32)
-    return _kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window_left,
-                          window_right, softcap, return_lse)
+    return _kvcache_torch(
+        q,
+        k_cache,
+        v_cache,
+        seqlens_k,
+        block_table,
+        causal,
+        softmax_scale,
+        window_left,
+        window_right,
+        softcap,
+        return_lse,
+    )
 
 
-_attention_kvcache_op = torch.library.custom_op("flashquant::attention_with_kvcache", _attention_kvcache_impl, mutates_args=("k_cache", "v_cache"))
+_attention_kvcache_op = torch.library.custom_op(
+    "flashquant::attention_with_kvcache", _attention_kvcache_impl, mutates_args=("k_cache", "v_cache")
+)
 
 
 @_attention_kvcache_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, softmax_scale, window_left, window_right,
-      softcap, return_lse, num_splits, backend):
+def _(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k,
+    v,
+    block_table,
+    causal,
+    softmax_scale,
+    window_left,
+    window_right,
+    softcap,
+    return_lse,
+    num_splits,
+    backend,
+):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
 
 
 # ---- public API -----------------------------------------------------------------------------------------
-def attention(q, k, v, causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
-              softcap: float = 0.0, return_lse: bool = False, backend: str = "auto"):
+def attention(
+    q,
+    k,
+    v,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
     """Multi-/grouped-/multi-query attention, fused (never materialises the Sq x Sk matrix on the kernels).
 
     Args:
@@ -268,14 +399,38 @@ def attention(q, k, v, causal: bool = False, softmax_scale: float | None = None,
     check_same_device(q=q, k=k, v=v)
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
     name = _dispatch.resolve("attention", backend, q.device)
-    out, lse = _dispatch.call("attention", _attention_impl, q, k, v, bool(causal), scale, left, right, softcap, bool(return_lse),
-                                              name)
+    out, lse = _dispatch.call(
+        "attention",
+        _attention_impl,
+        q,
+        k,
+        v,
+        bool(causal),
+        scale,
+        left,
+        right,
+        softcap,
+        bool(return_lse),
+        name,
+    )
     return (out, lse) if return_lse else out
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                     causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
-                     softcap: float = 0.0, return_lse: bool = False, backend: str = "auto"):
+def attention_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
     """Attention over a packed batch of variable-length sequences.
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D). cu_seqlens_q / cu_seqlens_k: int32 (batch + 1,) cumulative
@@ -292,16 +447,43 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
             raise ValueError(f"{name} must be an int >= 0, got {val!r}")
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
     name = _dispatch.resolve("attention_varlen", backend, q.device)
-    out, lse = _dispatch.call("attention_varlen", _attention_varlen_impl, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, bool(causal), scale, left, right, softcap,
-                                                     bool(return_lse), name)
+    out, lse = _dispatch.call(
+        "attention_varlen",
+        _attention_varlen_impl,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        bool(causal),
+        scale,
+        left,
+        right,
+        softcap,
+        bool(return_lse),
+        name,
+    )
     return (out, lse) if return_lse else out
 
 
-def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, block_table=None,
-                           causal: bool = True, softmax_scale: float | None = None, window_size=(-1, -1),
-                           softcap: float = 0.0, return_lse: bool = False, num_splits: int = 0,
-                           backend: str = "auto"):
+def attention_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k=None,
+    v=None,
+    block_table=None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    num_splits: int = 0,
+    backend: str = "auto",
+):
     """Decoding / chunked prefill against a KV cache, optionally appending new tokens first.
 
     Args:
@@ -335,12 +517,16 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, b
     check_shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
     if block_table is None:
         if k_cache.shape[0] != B:
-            raise ValueError(f"contiguous k_cache must have shape (B={B}, S_max, Hkv, D), got {tuple(k_cache.shape)}")
+            raise ValueError(
+                f"contiguous k_cache must have shape (B={B}, S_max, Hkv, D), got {tuple(k_cache.shape)}"
+            )
         capacity = k_cache.shape[1]
     else:
         check_tensor("block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
         if block_table.shape[0] != B:
-            raise ValueError(f"block_table must have shape (B={B}, max_blocks), got {tuple(block_table.shape)}")
+            raise ValueError(
+                f"block_table must have shape (B={B}, max_blocks), got {tuple(block_table.shape)}"
+            )
         capacity = block_table.shape[1] * k_cache.shape[1]
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new tokens to append) or both be None")
@@ -353,29 +539,59 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=None, v=None, b
         snew = k.shape[1]
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_last_dim_contiguous(name, t)
-    device = check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
-                               block_table=block_table)
+    device = check_same_device(
+        q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v, block_table=block_table
+    )
     if device.type == "cpu" and B > 0 and not torch.compiler.is_compiling():  # data-dependent: eager only
         lens = cache_seqlens.tolist()
         if min(lens) < 0 or max(lens) + snew > capacity:
-            raise ValueError(f"cache_seqlens + Snew must lie in [0, capacity={capacity}], got cache_seqlens={lens}, "
-                             f"Snew={snew}")
-        if block_table is not None and block_table.numel() and (
-            int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0]
+            raise ValueError(
+                f"cache_seqlens + Snew must lie in [0, capacity={capacity}], got cache_seqlens={lens}, "
+                f"Snew={snew}"
+            )
+        if (
+            block_table is not None
+            and block_table.numel()
+            and (int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0])
         ):
             raise ValueError(f"block_table entries must lie in [0, num_blocks={k_cache.shape[0]})")
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
-    cuda_ok = (Sq == 1 and left < 0 and (right < 0 or causal) and softcap == 0 and not return_lse
-               and D in (64, 128, 256) and q.dtype in (torch.float16, torch.bfloat16))
+    cuda_ok = (
+        Sq == 1
+        and left < 0
+        and (right < 0 or causal)
+        and softcap == 0
+        and not return_lse
+        and D in (64, 128, 256)
+        and q.dtype in (torch.float16, torch.bfloat16)
+    )
     order = (("cuda",) if cuda_ok else ()) + ("triton", "torch") if device.type == "cuda" else ("torch",)
     name = _dispatch.resolve("attention_with_kvcache", backend, device, order)
     if name == "cuda" and not cuda_ok:
-        raise ValueError("backend='cuda' for attention_with_kvcache supports Sq=1 without window/softcap/lse, "
-                         f"head_dim 64/128/256 and fp16/bf16; got Sq={Sq}, window={window_size}, softcap={softcap}, "
-                         f"return_lse={return_lse}, D={D}, dtype={q.dtype}")
-    out, lse = _dispatch.call("attention_with_kvcache", _attention_kvcache_impl, q, k_cache, v_cache, cache_seqlens, k, v, block_table,
-                                                           bool(causal), scale, left, right, softcap,
-                                                           bool(return_lse), num_splits, name)
+        raise ValueError(
+            "backend='cuda' for attention_with_kvcache supports Sq=1 without window/softcap/lse, "
+            f"head_dim 64/128/256 and fp16/bf16; got Sq={Sq}, window={window_size}, softcap={softcap}, "
+            f"return_lse={return_lse}, D={D}, dtype={q.dtype}"
+        )
+    out, lse = _dispatch.call(
+        "attention_with_kvcache",
+        _attention_kvcache_impl,
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        k,
+        v,
+        block_table,
+        bool(causal),
+        scale,
+        left,
+        right,
+        softcap,
+        bool(return_lse),
+        num_splits,
+        name,
+    )
     return (out, lse) if return_lse else out

@@ -42,7 +42,7 @@ def measure(model: Llama, prompt: torch.Tensor, new_tokens: int, device: str, pr
         try:
             from tqdm import tqdm
 
-            steps = tqdm(steps, desc=f"  decode", unit="tok", leave=False)
+            steps = tqdm(steps, desc="  decode", unit="tok", leave=False)
         except ImportError:
             pass
     step_s = []
@@ -92,17 +92,23 @@ def main(argv=None) -> int:
     variants = [("pytorch fp32 (SDPA)", torch.float32, "torch", None)]
     variants += [("pytorch bf16 (SDPA)", half, "torch", None)]
     if cuda:
-        variants += [("flashquant bf16 (triton attention)", half, "auto", None),
-                     ("flashquant int8 w/ bf16 act", half, "auto", (8, -1)),
-                     ("flashquant int4 g128 w/ bf16 act", half, "auto", (4, 128))]
+        variants += [
+            ("flashquant bf16 (triton attention)", half, "auto", None),
+            ("flashquant int8 w/ bf16 act", half, "auto", (8, -1)),
+            ("flashquant int4 g128 w/ bf16 act", half, "auto", (4, 128)),
+        ]
     else:
-        variants += [("flashquant int8 (C++ kernel)", torch.float32, "auto", (8, -1)),
-                     ("flashquant int4 g128 (C++ kernel)", torch.float32, "auto", (4, 128))]
+        variants += [
+            ("flashquant int8 (C++ kernel)", torch.float32, "auto", (8, -1)),
+            ("flashquant int4 g128 (C++ kernel)", torch.float32, "auto", (4, 128)),
+        ]
     if args.variants:
         variants = [v for v in variants if any(s in v[0] for s in args.variants)]
-    print(f"flashquant demo: {args.preset} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}) on {device}, batch {args.batch}, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+    print(
+        f"flashquant demo: {args.preset} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}) on {device}, batch {args.batch}, "
+        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy"
+    )
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g).to(device)
     rows, ref = [], None
@@ -123,7 +129,9 @@ def main(argv=None) -> int:
             r["top1_agree"], r["sqnr_db"], r["same_tokens"] = 1.0, float("inf"), args.new_tokens
         else:
             r["sqnr_db"] = sqnr_db(ref["first_logits"], r["first_logits"])
-            r["top1_agree"] = float((ref["first_logits"].argmax(-1) == r["first_logits"].argmax(-1)).float().mean())
+            r["top1_agree"] = float(
+                (ref["first_logits"].argmax(-1) == r["first_logits"].argmax(-1)).float().mean()
+            )
             same = 0
             for a, b in zip(ref["tokens"][0], r["tokens"][0]):
                 if a != b:
@@ -133,15 +141,21 @@ def main(argv=None) -> int:
         r["name"] = name
         rows.append(r)
 
-    print(f"\n{'variant':36s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'ms/token':>9s} {'weights GB':>10s} "
-          f"{'peak GB':>8s} {'logit SQNR dB':>13s} {'greedy = fp32':>13s}")
+    print(
+        f"\n{'variant':36s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'ms/token':>9s} {'weights GB':>10s} "
+        f"{'peak GB':>8s} {'logit SQNR dB':>13s} {'greedy = fp32':>13s}"
+    )
     for r in rows:
         peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
-        print(f"{r['name']:36s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {r['ms_per_token']:9.2f} "
-              f"{r['weight_gb']:10.3f} {peak:>8s} {r['sqnr_db']:13.1f} {r['same_tokens']:>6d}/{args.new_tokens}")
-    print("\nlogit SQNR: first generated position vs the fp32 reference; 'greedy = fp32': leading greedy tokens that"
-          " match the fp32 model's.\nQuantized variants quantize every linear incl. lm_head (round-to-nearest, no"
-          " calibration); random Gaussian weights are a hard case for int4, so expect low int4 SQNR here.")
+        print(
+            f"{r['name']:36s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {r['ms_per_token']:9.2f} "
+            f"{r['weight_gb']:10.3f} {peak:>8s} {r['sqnr_db']:13.1f} {r['same_tokens']:>6d}/{args.new_tokens}"
+        )
+    print(
+        "\nlogit SQNR: first generated position vs the fp32 reference; 'greedy = fp32': leading greedy tokens that"
+        " match the fp32 model's.\nQuantized variants quantize every linear incl. lm_head (round-to-nearest, no"
+        " calibration); random Gaussian weights are a hard case for int4, so expect low int4 SQNR here."
+    )
     if args.json:
         from flashquant.bench.harness import environment
 

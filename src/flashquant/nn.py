@@ -21,9 +21,18 @@ class QuantLinear(nn.Module):
     Build it with :meth:`from_linear`, or construct an empty one and ``load_state_dict``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
-                 group_size: int = 128, symmetric: bool = True, dtype: torch.dtype = torch.float16,
-                 device=None, backend: str = "auto"):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 4,
+        group_size: int = 128,
+        symmetric: bool = True,
+        dtype: torch.dtype = torch.float16,
+        device=None,
+        backend: str = "auto",
+    ):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits!r}")
@@ -34,22 +43,44 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.symmetric, self.weight_dtype = bits, group_size, symmetric, dtype
         self.backend = backend
         per_byte = 2 if bits == 4 else 1
-        self.register_buffer("qdata", torch.zeros(out_features, in_features // per_byte, dtype=torch.uint8,
-                                                  device=device))
-        self.register_buffer("scales", torch.ones(out_features, in_features // gs, dtype=dtype, device=device))
-        zeros = None if symmetric else torch.zeros(out_features, in_features // gs, dtype=torch.uint8, device=device)
+        self.register_buffer(
+            "qdata", torch.zeros(out_features, in_features // per_byte, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "scales", torch.ones(out_features, in_features // gs, dtype=dtype, device=device)
+        )
+        zeros = (
+            None
+            if symmetric
+            else torch.zeros(out_features, in_features // gs, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                    backend: str = "auto") -> QuantLinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int = 4,
+        group_size: int = 128,
+        symmetric: bool = True,
+        backend: str = "auto",
+    ) -> QuantLinear:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         qw = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric)
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, symmetric,
-                  w.dtype, w.device, backend)
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bits,
+            group_size,
+            symmetric,
+            w.dtype,
+            w.device,
+            backend,
+        )
         mod.qdata.copy_(qw.qdata)
         mod.scales.copy_(qw.scales)
         if qw.zeros is not None:
@@ -60,20 +91,35 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qdata, self.scales, self.zeros, self.bits, self.group_size,
-                               (self.out_features, self.in_features), self.weight_dtype)
+        return QuantizedWeight(
+            self.qdata,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.group_size,
+            (self.out_features, self.in_features),
+            self.weight_dtype,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return quant_matmul(x, self.qweight, bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}"
+        )
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                   skip=("lm_head",), backend: str = "auto") -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = True,
+    skip=("lm_head",),
+    backend: str = "auto",
+) -> nn.Module:
     """Replace every ``nn.Linear`` in `model` (in place) by a :class:`QuantLinear`, except those whose
     qualified name matches a pattern in `skip` (fnmatch patterns, or plain names matched against the last
     component). Linears whose in_features the format cannot hold (group_size does not divide it, odd K for
@@ -89,12 +135,18 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, symme
             continue
         gs = mod.in_features if group_size == -1 else group_size
         if mod.in_features % gs or (bits == 4 and mod.in_features % 2):
-            log.info("quantize_model: keeping %s in floating point (in_features=%d, group_size=%d)", name,
-                     mod.in_features, group_size)
+            log.info(
+                "quantize_model: keeping %s in floating point (in_features=%d, group_size=%d)",
+                name,
+                mod.in_features,
+                group_size,
+            )
             continue
         targets.append(name)
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), bits, group_size, symmetric, backend))
+        setattr(
+            parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), bits, group_size, symmetric, backend)
+        )
     return model

@@ -80,16 +80,27 @@ class QuantizedWeight:
 
     def to(self, device) -> QuantizedWeight:
         z = None if self.zeros is None else self.zeros.to(device)
-        return QuantizedWeight(self.qdata.to(device), self.scales.to(device), z, self.bits, self.group_size,
-                               self.shape, self.dtype)
+        return QuantizedWeight(
+            self.qdata.to(device),
+            self.scales.to(device),
+            z,
+            self.bits,
+            self.group_size,
+            self.shape,
+            self.dtype,
+        )
 
     def __repr__(self) -> str:
         sym = "symmetric" if self.zeros is None else "asymmetric"
-        return (f"QuantizedWeight(shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, "
-                f"{sym}, dtype={self.dtype}, device={self.device})")
+        return (
+            f"QuantizedWeight(shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, "
+            f"{sym}, dtype={self.dtype}, device={self.device})"
+        )
 
 
-def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
+def quantize(
+    w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True
+) -> QuantizedWeight:
     """Quantize a weight w (out_features N, in_features K), fp16/bf16/fp32, to int4 or int8.
 
     group_size: 32, 64, 128, 256, ... (must divide K) or -1 for one scale per output channel.
@@ -102,7 +113,9 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: b
         raise ValueError(f"group_size must be a positive int or -1 (per output channel), got {group_size!r}")
     N, K = w.shape
     if group_size != -1 and K % group_size != 0:
-        raise ValueError(f"group_size={group_size} must divide in_features K={K} (w has shape {tuple(w.shape)})")
+        raise ValueError(
+            f"group_size={group_size} must divide in_features K={K} (w has shape {tuple(w.shape)})"
+        )
     if bits == 4 and K % 2 != 0:
         raise ValueError(f"int4 packs two codes per byte, so in_features K must be even, got K={K}")
     if not bool(torch.isfinite(w).all()):
@@ -113,8 +126,12 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: b
 
 def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
     """The CUDA GEMV handles decode-sized M with K and group_size multiples of 32, fp16/bf16."""
-    return (1 <= x2.shape[0] <= 16 and qweight.in_features % 32 == 0 and qweight.effective_group_size % 32 == 0
-            and x2.dtype in (torch.float16, torch.bfloat16))
+    return (
+        1 <= x2.shape[0] <= 16
+        and qweight.in_features % 32 == 0
+        and qweight.effective_group_size % 32 == 0
+        and x2.dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def _auto_order(device: torch.device, m: int, cuda_ok: bool = True) -> tuple[str, ...]:
@@ -125,8 +142,9 @@ def _auto_order(device: torch.device, m: int, cuda_ok: bool = True) -> tuple[str
     return ("cpu", "torch") if m <= 16 else ("torch",)
 
 
-def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
-                 backend: str = "auto") -> torch.Tensor:
+def quant_matmul(
+    x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """``F.linear(x, qweight.dequantize(), bias)``, computed by a fused dequant-matmul kernel.
 
     x: (..., K) fp16/bf16/fp32, on qweight's device. bias: (N,) or None. Returns (..., N) in x.dtype
@@ -136,12 +154,16 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor |
     below the rounding of fp16/bf16 inputs).
     """
     if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"qweight must be a flashquant.QuantizedWeight (from flashquant.quantize), "
-                        f"got {type(qweight).__name__}")
+        raise TypeError(
+            f"qweight must be a flashquant.QuantizedWeight (from flashquant.quantize), "
+            f"got {type(qweight).__name__}"
+        )
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     N, K = qweight.shape
     if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"x must have shape (..., K={K}) to match qweight {tuple(qweight.shape)}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape (..., K={K}) to match qweight {tuple(qweight.shape)}, got {tuple(x.shape)}"
+        )
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
         if bias.shape[0] != N:
@@ -153,16 +175,36 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor |
     cuda_ok = cuda_supports(x2, qweight)
     name = _dispatch.resolve("quant_matmul", backend, x.device, _auto_order(x.device, x2.shape[0], cuda_ok))
     if name == "cuda" and not cuda_ok:
-        raise ValueError(f"backend='cuda' quant_matmul needs 1 <= M <= 16, K and group_size multiples of 32 and "
-                         f"fp16/bf16 x; got M={x2.shape[0]}, K={K}, group_size={qweight.group_size}, {x.dtype}")
-    out = _dispatch.call("quant_matmul", _quant_matmul_impl, x2, qweight.qdata, qweight.scales, qweight.zeros, bias, qweight.bits,
-                                            qweight.effective_group_size, name)
+        raise ValueError(
+            f"backend='cuda' quant_matmul needs 1 <= M <= 16, K and group_size multiples of 32 and "
+            f"fp16/bf16 x; got M={x2.shape[0]}, K={K}, group_size={qweight.group_size}, {x.dtype}"
+        )
+    out = _dispatch.call(
+        "quant_matmul",
+        _quant_matmul_impl,
+        x2,
+        qweight.qdata,
+        qweight.scales,
+        qweight.zeros,
+        bias,
+        qweight.bits,
+        qweight.effective_group_size,
+        name,
+    )
     return out.reshape(*x.shape[:-1], N)
 
 
 # ---- the custom op (so torch.compile traces through it) ---------------------------------------------------
-def _quant_matmul_impl(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     bias: torch.Tensor | None, bits: int, group_size: int, backend: str) -> torch.Tensor:
+def _quant_matmul_impl(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    backend: str,
+) -> torch.Tensor:
     if backend == "reference":
         return ref.quant_matmul_ref(x, unpack(qdata, bits), scales, zeros, bits, group_size, bias)
     if backend == "torch":

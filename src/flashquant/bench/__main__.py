@@ -22,8 +22,11 @@ def _slug(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flashquant.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m flashquant.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick")
     g.add_argument("--llama3-8b", dest="preset", action="store_const", const="llama3-8b")
@@ -31,12 +34,16 @@ def main(argv=None) -> int:
     g.add_argument("--preset", dest="preset", choices=["smoke", "quick", "llama3-8b", "llama3-70b"])
     ap.add_argument("--ops", nargs="+", choices=["quant_matmul", "prefill", "decode"], help="only these ops")
     ap.add_argument("--impl", help="only implementations whose name contains this (anchors are always kept)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     ap.add_argument("--reps", type=int, help="repetitions per case (default 100 on CUDA, 30 on CPU)")
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
     ap.add_argument("--out", help="output directory (default bench/results/<device>)")
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="print regressions between two JSON runs")
+    ap.add_argument(
+        "--compare", nargs=2, metavar=("OLD", "NEW"), help="print regressions between two JSON runs"
+    )
     args = ap.parse_args(argv)
 
     if args.compare:

@@ -34,7 +34,9 @@ def _dt(d: torch.dtype) -> str:
 
 # ---- quantized matmul --------------------------------------------------------------------------------------
 def _rotated(device, make_one: Callable[[], tuple], bytes_per_copy: int) -> list[tuple]:
-    n = copies_for(bytes_per_copy, cache_bytes(device), max_total=(6 << 30) if device == "cuda" else (3 << 29))
+    n = copies_for(
+        bytes_per_copy, cache_bytes(device), max_total=(6 << 30) if device == "cuda" else (3 << 29)
+    )
     return [make_one() for _ in range(n)]
 
 
@@ -43,35 +45,74 @@ def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype):
         w = torch.randn(n, k, device=device, dtype=dtype)
         x = torch.randn(m, k, device=device, dtype=dtype)
         qw0 = fq.quantize(w, bits, group)
-        inputs = _rotated(device, lambda: (x, fq.QuantizedWeight(qw0.qdata.clone(), qw0.scales.clone(), None, bits,
-                                                                 group, qw0.shape, dtype)), qw0.nbytes)
+        inputs = _rotated(
+            device,
+            lambda: (
+                x,
+                fq.QuantizedWeight(
+                    qw0.qdata.clone(), qw0.scales.clone(), None, bits, group, qw0.shape, dtype
+                ),
+            ),
+            qw0.nbytes,
+        )
         return (lambda x, qw: fq.quant_matmul(x, qw, backend=backend)), inputs
 
-    nbytes = n * k * bits // 8 + n * (k // (k if group == -1 else group)) * 2 + (m * k + m * n) * dtype.itemsize
+    nbytes = (
+        n * k * bits // 8 + n * (k // (k if group == -1 else group)) * 2 + (m * k + m * n) * dtype.itemsize
+    )
     gname = "per-channel" if group == -1 else f"g{group}"
-    return Case("quant_matmul", "", f"flashquant {backend} int{bits} {gname}", False, {}, _dt(dtype), nbytes, 0, make)
+    return Case(
+        "quant_matmul", "", f"flashquant {backend} int{bits} {gname}", False, {}, _dt(dtype), nbytes, 0, make
+    )
 
 
 def _qmm_linear(device, n, k, m, dtype):
     def make():
         x = torch.randn(m, k, device=device, dtype=dtype)
-        inputs = _rotated(device, lambda: (x, torch.randn(n, k, device=device, dtype=dtype)), n * k * dtype.itemsize)
+        inputs = _rotated(
+            device, lambda: (x, torch.randn(n, k, device=device, dtype=dtype)), n * k * dtype.itemsize
+        )
         return (lambda x, w: F.linear(x, w)), inputs
 
     name = "cuBLAS F.linear" if device == "cuda" else "torch F.linear"
-    return Case("quant_matmul", "", f"{name} {_dt(dtype)}", True, {}, _dt(dtype),
-                (n * k + m * k + m * n) * dtype.itemsize, 0, make)
+    return Case(
+        "quant_matmul",
+        "",
+        f"{name} {_dt(dtype)}",
+        True,
+        {},
+        _dt(dtype),
+        (n * k + m * k + m * n) * dtype.itemsize,
+        0,
+        make,
+    )
 
 
 def _qmm_torch_int8(device, n, k, m, dtype):
     def make():
         x = torch.randn(m, k, device=device, dtype=dtype)
-        inputs = _rotated(device, lambda: (x, torch.randint(-127, 127, (n, k), dtype=torch.int8, device=device),
-                                           torch.rand(n, device=device, dtype=dtype)), n * k)
+        inputs = _rotated(
+            device,
+            lambda: (
+                x,
+                torch.randint(-127, 127, (n, k), dtype=torch.int8, device=device),
+                torch.rand(n, device=device, dtype=dtype),
+            ),
+            n * k,
+        )
         return (lambda x, w, s: torch._weight_int8pack_mm(x, w, s)), inputs
 
-    return Case("quant_matmul", "", "torch _weight_int8pack_mm", True, {}, _dt(dtype),
-                n * k + n * 2 + (m * k + m * n) * dtype.itemsize, 0, make)
+    return Case(
+        "quant_matmul",
+        "",
+        "torch _weight_int8pack_mm",
+        True,
+        {},
+        _dt(dtype),
+        n * k + n * 2 + (m * k + m * n) * dtype.itemsize,
+        0,
+        make,
+    )
 
 
 def _qmm_torch_int4(device, n, k, m, dtype, group=128):
@@ -83,7 +124,9 @@ def _qmm_torch_int4(device, n, k, m, dtype, group=128):
                 packed_u8 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
                 w = torch._convert_weight_to_int4pack(packed_u8, 8)
             else:
-                w = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
+                w = torch._convert_weight_to_int4pack_for_cpu(
+                    torch.randint(0, 16, (n, k), dtype=torch.int32), 2
+                )
             sz = torch.rand(k // group, n, 2, device=device, dtype=dtype)
             return x, w, sz
 
@@ -92,8 +135,17 @@ def _qmm_torch_int4(device, n, k, m, dtype, group=128):
         return (lambda x, w, sz: op(x, w, group, sz)), inputs
 
     name = "torch _weight_int4pack_mm (tinygemm)" if device == "cuda" else "torch _weight_int4pack_mm_for_cpu"
-    return Case("quant_matmul", "", f"{name} g{group}", True, {}, _dt(dtype),
-                n * k // 2 + (k // group) * n * 4 + (m * k + m * n) * dtype.itemsize, 0, make)
+    return Case(
+        "quant_matmul",
+        "",
+        f"{name} g{group}",
+        True,
+        {},
+        _dt(dtype),
+        n * k // 2 + (k // group) * n * 4 + (m * k + m * n) * dtype.itemsize,
+        0,
+        make,
+    )
 
 
 def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
@@ -106,11 +158,17 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
             cases = [_qmm_linear(device, n, k, m, act)]
             if device == "cpu":
                 cases.append(_qmm_linear(device, n, k, m, torch.float32))
-                cases += [_qmm_torch_int4(device, n, k, m, torch.bfloat16), _qmm_torch_int8(device, n, k, m, act)]
+                cases += [
+                    _qmm_torch_int4(device, n, k, m, torch.bfloat16),
+                    _qmm_torch_int8(device, n, k, m, act),
+                ]
                 backends = ["cpu"]
             else:
                 cases.append(_qmm_linear(device, n, k, m, torch.bfloat16))
-                cases += [_qmm_torch_int4(device, n, k, m, torch.bfloat16), _qmm_torch_int8(device, n, k, m, act)]
+                cases += [
+                    _qmm_torch_int4(device, n, k, m, torch.bfloat16),
+                    _qmm_torch_int8(device, n, k, m, act),
+                ]
                 backends = ["triton", "cuda"]
             for be in backends:
                 for bits, group in ((4, 128), (8, -1)):
@@ -132,18 +190,34 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
 def _sdpa_case(backend_name, q, k, v, causal):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    sdp = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-           "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend_name]
+    sdp = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend_name]
 
     def fn(q, k, v):
         with sdpa_kernel(sdp):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+            )
 
-    return fn, [(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())]
+    return fn, [
+        (q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+    ]
 
 
-def prefill_cases(device: str, seqlens, head_dims, causal_modes=(False, True), hq=32, hkv=8, tokens=16384,
-                  dtype=torch.bfloat16) -> list[Case]:
+def prefill_cases(
+    device: str,
+    seqlens,
+    head_dims,
+    causal_modes=(False, True),
+    hq=32,
+    hkv=8,
+    tokens=16384,
+    dtype=torch.bfloat16,
+) -> list[Case]:
     out = []
     info = fq.backends()
     for d in head_dims:
@@ -154,26 +228,45 @@ def prefill_cases(device: str, seqlens, head_dims, causal_modes=(False, True), h
                 nbytes = 2 * b * s * (2 * hq + 2 * hkv) * d
 
                 def inputs(b=b, s=s, d=d):
-                    return (torch.randn(b, s, hq, d, device=device, dtype=dtype),
-                            torch.randn(b, s, hkv, d, device=device, dtype=dtype),
-                            torch.randn(b, s, hkv, d, device=device, dtype=dtype))
+                    return (
+                        torch.randn(b, s, hq, d, device=device, dtype=dtype),
+                        torch.randn(b, s, hkv, d, device=device, dtype=dtype),
+                        torch.randn(b, s, hkv, d, device=device, dtype=dtype),
+                    )
 
                 group = f"prefill S={s} D={d} causal={causal}"
                 shape = {"B": b, "S": s, "Hq": hq, "Hkv": hkv, "D": d, "causal": causal}
 
                 def fq_make(inputs=inputs, causal=causal):
-                    return (lambda q, k, v: fq.attention(q, k, v, causal=causal, backend="triton")), [inputs()]
+                    return (lambda q, k, v: fq.attention(q, k, v, causal=causal, backend="triton")), [
+                        inputs()
+                    ]
 
-                c = Case("prefill", group, "flashquant triton", False, shape, _dt(dtype), nbytes, flops, fq_make)
+                c = Case(
+                    "prefill", group, "flashquant triton", False, shape, _dt(dtype), nbytes, flops, fq_make
+                )
                 if not info["triton"].available or device != "cuda":
                     c.unavailable = info["triton"].reason if device == "cuda" else "needs a CUDA device"
                 out.append(c)
                 for be in ("flash", "cudnn", "efficient"):
+
                     def sd_make(inputs=inputs, be=be, causal=causal):
                         return _sdpa_case(be, *inputs(), causal)
 
-                    out.append(Case("prefill", group, f"SDPA {be}", True, shape, _dt(dtype), nbytes, flops, sd_make,
-                                    None if device == "cuda" else "needs a CUDA device"))
+                    out.append(
+                        Case(
+                            "prefill",
+                            group,
+                            f"SDPA {be}",
+                            True,
+                            shape,
+                            _dt(dtype),
+                            nbytes,
+                            flops,
+                            sd_make,
+                            None if device == "cuda" else "needs a CUDA device",
+                        )
+                    )
 
                 def flex_make(inputs=inputs, causal=causal, s=s):
                     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -183,13 +276,34 @@ def prefill_cases(device: str, seqlens, head_dims, causal_modes=(False, True), h
                     comp = torch.compile(flex_attention)
                     return (lambda q, k, v: comp(q, k, v, block_mask=mask, enable_gqa=True)), [(q, k, v)]
 
-                out.append(Case("prefill", group, "FlexAttention (compiled)", True, shape, _dt(dtype), nbytes, flops,
-                                flex_make, None if device == "cuda" else "needs a CUDA device"))
+                out.append(
+                    Case(
+                        "prefill",
+                        group,
+                        "FlexAttention (compiled)",
+                        True,
+                        shape,
+                        _dt(dtype),
+                        nbytes,
+                        flops,
+                        flex_make,
+                        None if device == "cuda" else "needs a CUDA device",
+                    )
+                )
     return out
 
 
-def decode_cases(device: str, batches, cache_lens, paged_modes=(False, True), hq=32, hkv=8, d=128,
-                 dtype=torch.bfloat16, page=64) -> list[Case]:
+def decode_cases(
+    device: str,
+    batches,
+    cache_lens,
+    paged_modes=(False, True),
+    hq=32,
+    hkv=8,
+    d=128,
+    dtype=torch.bfloat16,
+    page=64,
+) -> list[Case]:
     out = []
     info = fq.backends()
     for paged in paged_modes:
@@ -214,12 +328,24 @@ def decode_cases(device: str, batches, cache_lens, paged_modes=(False, True), hq
                     return q, kc, torch.randn_like(kc), lens, new, table
 
                 for be in ("triton", "cuda"):
+
                     def fq_make(be=be, make_cache=make_cache):
                         q, kc, vc, lens, new, table = make_cache()
-                        return (lambda: fq.attention_with_kvcache(q, kc, vc, lens, new, new, table, backend=be)), [()]
+                        return (
+                            lambda: fq.attention_with_kvcache(q, kc, vc, lens, new, new, table, backend=be)
+                        ), [()]
 
-                    c = Case("decode", group, f"flashquant {be}", False, shape, _dt(dtype), kv_bytes, 4 * b * hq * s * d,
-                             fq_make)
+                    c = Case(
+                        "decode",
+                        group,
+                        f"flashquant {be}",
+                        False,
+                        shape,
+                        _dt(dtype),
+                        kv_bytes,
+                        4 * b * hq * s * d,
+                        fq_make,
+                    )
                     if device != "cuda":
                         c.unavailable = "needs a CUDA device"
                     elif not info[be].available:
@@ -229,18 +355,34 @@ def decode_cases(device: str, batches, cache_lens, paged_modes=(False, True), hq
                 def sdpa_make(make_cache=make_cache, paged=paged):
                     q, kc, vc, lens, new, table = make_cache()
                     if paged:  # what a PyTorch user does with a paged cache: gather, then SDPA
+
                         def fn():
                             k = kc[table.long()].flatten(1, 2).transpose(1, 2)
                             v = vc[table.long()].flatten(1, 2).transpose(1, 2)
                             return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True)
                     else:
+
                         def fn():
-                            return F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2),
-                                                                  vc.transpose(1, 2), enable_gqa=True)
+                            return F.scaled_dot_product_attention(
+                                q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True
+                            )
+
                     return fn, [()]
 
-                out.append(Case("decode", group, "SDPA (enable_gqa)", True, shape, _dt(dtype), kv_bytes,
-                                4 * b * hq * s * d, sdpa_make, None if device == "cuda" else "needs a CUDA device"))
+                out.append(
+                    Case(
+                        "decode",
+                        group,
+                        "SDPA (enable_gqa)",
+                        True,
+                        shape,
+                        _dt(dtype),
+                        kv_bytes,
+                        4 * b * hq * s * d,
+                        sdpa_make,
+                        None if device == "cuda" else "needs a CUDA device",
+                    )
+                )
     return out
 
 
@@ -252,17 +394,23 @@ GPU_MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096]
 
 def preset(name: str, device: str) -> list[Case]:
     if name == "smoke":  # tiny shapes: keeps every family importable and runnable (CI, on the CPU)
-        return (quant_matmul_cases(device, [(64, 256)], [1])
-                + prefill_cases(device, [128], [64], (True,), hq=4, hkv=2, tokens=128, dtype=torch.float16)
-                + decode_cases(device, [1], [256], (False,), hq=4, hkv=2, d=64, dtype=torch.float16))
+        return (
+            quant_matmul_cases(device, [(64, 256)], [1])
+            + prefill_cases(device, [128], [64], (True,), hq=4, hkv=2, tokens=128, dtype=torch.float16)
+            + decode_cases(device, [1], [256], (False,), hq=4, hkv=2, d=64, dtype=torch.float16)
+        )
     if device == "cpu":
         ms = [1] if name == "quick" else [1, 4, 16]
         return quant_matmul_cases("cpu", [(4096, 4096), (14336, 4096)], ms)
     if name == "quick":
-        return (quant_matmul_cases(device, [(4096, 4096), (14336, 4096)], [1, 16, 4096])
-                + prefill_cases(device, [1024, 4096], [128])
-                + decode_cases(device, [1, 16], [8192]))
+        return (
+            quant_matmul_cases(device, [(4096, 4096), (14336, 4096)], [1, 16, 4096])
+            + prefill_cases(device, [1024, 4096], [128])
+            + decode_cases(device, [1, 16], [8192])
+        )
     linears = LLAMA3_8B_LINEARS if name == "llama3-8b" else LLAMA3_70B_LINEARS
-    return (quant_matmul_cases(device, linears, GPU_MS)
-            + prefill_cases(device, [512, 1024, 2048, 4096, 8192, 16384], [64, 128])
-            + decode_cases(device, [1, 8, 32, 64], [1024, 8192, 32768, 131072]))
+    return (
+        quant_matmul_cases(device, linears, GPU_MS)
+        + prefill_cases(device, [512, 1024, 2048, 4096, 8192, 16384], [64, 128])
+        + decode_cases(device, [1, 8, 32, 64], [1024, 8192, 32768, 131072])
+    )

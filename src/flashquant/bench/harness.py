@@ -56,7 +56,9 @@ def time_cpu(fn: Callable, inputs: Sequence[tuple], warmup: int = 3, reps: int =
     return Timing(times)
 
 
-def time_cuda(fn: Callable, inputs: Sequence[tuple], warmup: int = 10, reps: int = 100, graph: bool = False) -> Timing:
+def time_cuda(
+    fn: Callable, inputs: Sequence[tuple], warmup: int = 10, reps: int = 100, graph: bool = False
+) -> Timing:
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
     torch.cuda.synchronize()
@@ -91,7 +93,11 @@ def cache_bytes(device: str) -> int:
     if device == "cuda":
         return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))
     try:
-        idx = max(int(p.split("index")[-1]) for p in os.listdir("/sys/devices/system/cpu/cpu0/cache") if "index" in p)
+        idx = max(
+            int(p.split("index")[-1])
+            for p in os.listdir("/sys/devices/system/cpu/cpu0/cache")
+            if "index" in p
+        )
         with open(f"/sys/devices/system/cpu/cpu0/cache/index{idx}/size") as f:
             s = f.read().strip()
         return int(s[:-1]) * (1 << 10 if s.endswith("K") else 1 << 20) if s[-1] in "KM" else int(s)
@@ -147,8 +153,16 @@ def environment(device: str) -> dict:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(__file__)).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=os.path.dirname(__file__),
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -26,8 +26,16 @@ def run_cases(cases: list[Case], device: str, reps: int | None = None, graph: bo
     peak_tf = env.get("peak_bf16_tflops")
     results = []
     for case in _progress(cases):
-        r = {"op": case.op, "group": case.group, "impl": case.impl, "anchor": case.anchor, "shape": case.shape,
-             "dtype": case.dtype, "bytes": case.bytes, "flops": case.flops}
+        r = {
+            "op": case.op,
+            "group": case.group,
+            "impl": case.impl,
+            "anchor": case.anchor,
+            "shape": case.shape,
+            "dtype": case.dtype,
+            "bytes": case.bytes,
+            "flops": case.flops,
+        }
         if case.unavailable:
             r["unavailable"] = case.unavailable
         else:
@@ -35,9 +43,15 @@ def run_cases(cases: list[Case], device: str, reps: int | None = None, graph: bo
                 fn, inputs = case.make()
                 t = time_fn(device, fn, inputs, reps=reps, graph=graph)
                 med = t.median_ms
-                r.update(times_ms=[round(x, 5) for x in t.times_ms], median_ms=med, p10_ms=t.spread_ms[0],
-                         p90_ms=t.spread_ms[1], rotated_inputs=len(inputs),
-                         gbs=case.bytes / (med * 1e-3) / 1e9, tflops=case.flops / (med * 1e-3) / 1e12)
+                r.update(
+                    times_ms=[round(x, 5) for x in t.times_ms],
+                    median_ms=med,
+                    p10_ms=t.spread_ms[0],
+                    p90_ms=t.spread_ms[1],
+                    rotated_inputs=len(inputs),
+                    gbs=case.bytes / (med * 1e-3) / 1e9,
+                    tflops=case.flops / (med * 1e-3) / 1e12,
+                )
                 r["pct_peak_bw"] = 100 * r["gbs"] / peak_bw
                 if peak_tf:
                     r["pct_peak_tflops"] = 100 * r["tflops"] / peak_tf
@@ -75,9 +89,11 @@ def _speedups(results):
 def table(run: dict) -> str:
     lines = []
     env = run["environment"]
-    lines.append(f"device: {env['device']} | torch {env['torch']} | triton {env.get('triton')} | "
-                 f"commit {env.get('git_commit')} | measured bandwidth {env['measured_bandwidth_gbs']} GB/s"
-                 f"{' | peak ' + str(env['peak_bandwidth_gbs']) + ' GB/s' if 'peak_bandwidth_gbs' in env else ''}")
+    lines.append(
+        f"device: {env['device']} | torch {env['torch']} | triton {env.get('triton')} | "
+        f"commit {env.get('git_commit')} | measured bandwidth {env['measured_bandwidth_gbs']} GB/s"
+        f"{' | peak ' + str(env['peak_bandwidth_gbs']) + ' GB/s' if 'peak_bandwidth_gbs' in env else ''}"
+    )
     hdr = f"{'impl':44s} {'median ms':>10s} {'p10-p90':>15s} {'GB/s':>8s} {'%bw':>5s} {'TFLOP/s':>8s}  vs anchors"
     group = None
     for r in run["results"]:
@@ -89,10 +105,14 @@ def table(run: dict) -> str:
             continue
         vs = ""
         if "speedup_vs_first_anchor" in r:
-            vs = (f"{r['speedup_vs_first_anchor']:.2f}x {r['first_anchor']}; "
-                  f"{r['speedup_vs_best_anchor']:.2f}x best ({r['best_anchor']})")
-        lines.append(f"{r['impl']:44s} {r['median_ms']:10.4f} {r['p10_ms']:7.4f}-{r['p90_ms']:<7.4f} "
-                     f"{r['gbs']:8.1f} {r['pct_peak_bw']:5.1f} {r['tflops']:8.3f}  {vs}")
+            vs = (
+                f"{r['speedup_vs_first_anchor']:.2f}x {r['first_anchor']}; "
+                f"{r['speedup_vs_best_anchor']:.2f}x best ({r['best_anchor']})"
+            )
+        lines.append(
+            f"{r['impl']:44s} {r['median_ms']:10.4f} {r['p10_ms']:7.4f}-{r['p90_ms']:<7.4f} "
+            f"{r['gbs']:8.1f} {r['pct_peak_bw']:5.1f} {r['tflops']:8.3f}  {vs}"
+        )
     return "\n".join(lines)
 
 
@@ -129,14 +149,22 @@ def plots(run: dict, out_dir: str) -> list[str]:
         fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
         for ax, (n, k) in zip(axes[0], shapes):
             for impl in sorted({r["impl"] for r in qmm}):
-                pts = sorted((r["shape"]["M"], r["speedup_vs_first_anchor"]) for r in qmm
-                             if r["impl"] == impl and (r["shape"]["N"], r["shape"]["K"]) == (n, k)
-                             and "speedup_vs_first_anchor" in r)
+                pts = sorted(
+                    (r["shape"]["M"], r["speedup_vs_first_anchor"])
+                    for r in qmm
+                    if r["impl"] == impl
+                    and (r["shape"]["N"], r["shape"]["K"]) == (n, k)
+                    and "speedup_vs_first_anchor" in r
+                )
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=impl)
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_xscale("log", base=2)
-            ax.set(title=f"N={n} K={k}", xlabel="M (tokens)", ylabel=f"speedup vs {qmm[0].get('first_anchor', '')}")
+            ax.set(
+                title=f"N={n} K={k}",
+                xlabel="M (tokens)",
+                ylabel=f"speedup vs {qmm[0].get('first_anchor', '')}",
+            )
             ax.legend(fontsize=7)
         fig.suptitle(f"quantized matmul, {dev}")
         save(fig, "quant_matmul_speedup.png")
@@ -144,8 +172,11 @@ def plots(run: dict, out_dir: str) -> list[str]:
     if pre:
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in sorted({(r["impl"], r["shape"]["D"], r["shape"]["causal"]) for r in pre}):
-            pts = sorted((r["shape"]["S"], r["tflops"]) for r in pre
-                         if (r["impl"], r["shape"]["D"], r["shape"]["causal"]) == key)
+            pts = sorted(
+                (r["shape"]["S"], r["tflops"])
+                for r in pre
+                if (r["impl"], r["shape"]["D"], r["shape"]["causal"]) == key
+            )
             ax.plot(*zip(*pts), marker="o", label=f"{key[0]} D={key[1]}{' causal' if key[2] else ''}")
         ax.set_xscale("log", base=2)
         ax.set(xlabel="sequence length", ylabel="TFLOP/s", title=f"prefill, {dev}")
@@ -155,8 +186,11 @@ def plots(run: dict, out_dir: str) -> list[str]:
     if dec:
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in sorted({(r["impl"], r["shape"]["B"], r["shape"]["paged"]) for r in dec}):
-            pts = sorted((r["shape"]["cache"], r["gbs"]) for r in dec
-                         if (r["impl"], r["shape"]["B"], r["shape"]["paged"]) == key)
+            pts = sorted(
+                (r["shape"]["cache"], r["gbs"])
+                for r in dec
+                if (r["impl"], r["shape"]["B"], r["shape"]["paged"]) == key
+            )
             ax.plot(*zip(*pts), marker="o", label=f"{key[0]} B={key[1]}{' paged' if key[2] else ''}")
         ax.axhline(run["bandwidth_bound_gbs"], color="gray", ls="--", lw=0.8, label="bandwidth bound")
         ax.set_xscale("log", base=2)
@@ -183,6 +217,8 @@ def compare(old_path: str, new_path: str, threshold: float = 0.05) -> tuple[str,
             flag, regressions = "REGRESSION", regressions + 1
         elif ratio < 1 - threshold:
             flag = "faster"
-        lines.append(f"{r['group']:45s} {r['impl']:40s} {o['median_ms']:9.4f} -> {r['median_ms']:9.4f} ms "
-                     f"({ratio:5.2f}x) {flag}")
+        lines.append(
+            f"{r['group']:45s} {r['impl']:40s} {o['median_ms']:9.4f} -> {r['median_ms']:9.4f} ms "
+            f"({ratio:5.2f}x) {flag}"
+        )
     return "\n".join(lines) + f"\n{regressions} regression(s) over {threshold:.0%}", regressions

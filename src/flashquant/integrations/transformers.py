@@ -36,22 +36,30 @@ def _log_masked_fallback():
     log.info("flashquant attention: explicit attention mask (padding or custom pattern) -> PyTorch SDPA path")
 
 
-def flashquant_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                                 is_causal=None, **kwargs):
+def flashquant_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers attention interface: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) -> ((B, Sq, Hq, D), None)."""
     if dropout:
         raise ValueError("flashquant attention is inference-only: dropout must be 0")
     if attention_mask is not None:
         _log_masked_fallback()
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                             enable_gqa=query.shape[1] != key.shape[1])
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+        )
         return out.transpose(1, 2).contiguous(), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = getattr(module, "sliding_window", None)
-    out = fq.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(causal),
-                       softmax_scale=scaling, window_size=(window - 1, 0) if window else (-1, -1),
-                       softcap=float(getattr(module, "attn_logit_softcapping", None) or 0.0))
+    out = fq.attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        causal=bool(causal),
+        softmax_scale=scaling,
+        window_size=(window - 1, 0) if window else (-1, -1),
+        softcap=float(getattr(module, "attn_logit_softcapping", None) or 0.0),
+    )
     return out, None
 
 
@@ -66,7 +74,8 @@ def register() -> str:
     return NAME
 
 
-def quantize_transformers_model(model, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                                skip=("lm_head",)):
+def quantize_transformers_model(
+    model, bits: int = 4, group_size: int = 128, symmetric: bool = True, skip=("lm_head",)
+):
     """Swap a loaded transformers model's nn.Linear layers for QuantLinear (lm_head kept by default)."""
     return quantize_model(model, bits=bits, group_size=group_size, symmetric=symmetric, skip=skip)

@@ -24,16 +24,42 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, OutPart, LsePart,
-    CuSeqQ, CuSeqK, SeqlensK, BlockTable,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
-    stride_lb, stride_lh,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    OutPart,
+    LsePart,
+    CuSeqQ,
+    CuSeqK,
+    SeqlensK,
+    BlockTable,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_lb,
+    stride_lh,
     stride_bt,
-    seqlen_q, seqlen_k, batch, num_kv_heads, head_dim,
-    sm_scale, softcap, window_left, window_right, split_size,
+    seqlen_q,
+    seqlen_k,
+    batch,
+    num_kv_heads,
+    head_dim,
+    sm_scale,
+    softcap,
+    window_left,
+    window_right,
+    split_size,
     GROUP: tl.constexpr,
     MODE: tl.constexpr,  # 0: dense, 1: varlen (cu_seqlens), 2: kv cache (per-batch seqlens_k)
     PAGED: tl.constexpr,
@@ -83,8 +109,11 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < head_dim
 
-    q = tl.load(Q + q_base + q_pos[:, None].to(tl.int64) * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q = tl.load(
+        Q + q_base + q_pos[:, None].to(tl.int64) * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
 
     # Keys this tile can see: the causal/window band of its first and last query positions.
     first_pos = (pid_m * BLOCK_M) // GROUP
@@ -114,15 +143,20 @@ def _attn_fwd_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         col_valid = (cols >= n_lo) & (cols < n_hi)
         if PAGED:
-            block = tl.load(BlockTable + b.to(tl.int64) * stride_bt + cols // PAGE_SIZE, mask=col_valid, other=0)
+            block = tl.load(
+                BlockTable + b.to(tl.int64) * stride_bt + cols // PAGE_SIZE, mask=col_valid, other=0
+            )
             slot = (cols % PAGE_SIZE).to(tl.int64)
             k_off = block.to(tl.int64) * stride_kb + slot * stride_ks
             v_off = block.to(tl.int64) * stride_vb + slot * stride_vs
         else:
             k_off = k_base + cols.to(tl.int64) * stride_ks
             v_off = v_base + cols.to(tl.int64) * stride_vs
-        k = tl.load(K + k_off[None, :] + hkv * stride_kh + offs_d[:, None],
-                    mask=col_valid[None, :] & d_valid[:, None], other=0.0)
+        k = tl.load(
+            K + k_off[None, :] + hkv * stride_kh + offs_d[:, None],
+            mask=col_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
         if IEEE_DOT:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -144,8 +178,11 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_off[:, None] + hkv * stride_vh + offs_d[None, :],
-                    mask=col_valid[:, None] & d_valid[None, :], other=0.0)
+        v = tl.load(
+            V + v_off[:, None] + hkv * stride_vh + offs_d[None, :],
+            mask=col_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
         if IEEE_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -158,21 +195,40 @@ def _attn_fwd_kernel(
     if SPLIT:
         # partials: (num_splits, B, Hq, Sq, D) fp32 and (num_splits, B, Hq, Sq)
         prow = ((pid_s * batch + b).to(tl.int64) * num_heads + head) * seqlen_q + q_pos
-        tl.store(OutPart + prow[:, None] * head_dim + offs_d[None, :], out,
-                 mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(
+            OutPart + prow[:, None] * head_dim + offs_d[None, :],
+            out,
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
         tl.store(LsePart + prow, lse, mask=row_valid)
     else:
-        tl.store(Out + o_base + q_pos[:, None].to(tl.int64) * stride_os + head[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(
+            Out
+            + o_base
+            + q_pos[:, None].to(tl.int64) * stride_os
+            + head[:, None] * stride_oh
+            + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
         if WRITE_LSE:
             tl.store(Lse + l_base + head * stride_lh + q_pos, lse, mask=row_valid)
 
 
 @triton.jit
 def _combine_kernel(
-    Out, Lse, OutPart, LsePart,
-    stride_ob, stride_os, stride_oh,
-    num_rows, num_heads, seqlen_q, num_splits, head_dim,
+    Out,
+    Lse,
+    OutPart,
+    LsePart,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    num_rows,
+    num_heads,
+    seqlen_q,
+    num_splits,
+    head_dim,
     WRITE_LSE: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -190,10 +246,17 @@ def _combine_kernel(
     w_sum = tl.sum(w, 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < head_dim
-    parts = tl.load(OutPart + (splits.to(tl.int64)[:, None] * num_rows + row) * head_dim + offs_d[None, :],
-                    mask=split_valid[:, None] & d_valid[None, :], other=0.0)
+    parts = tl.load(
+        OutPart + (splits.to(tl.int64)[:, None] * num_rows + row) * head_dim + offs_d[None, :],
+        mask=split_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
     out = tl.sum(parts * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
-    tl.store(Out + b * stride_ob + s * stride_os + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_valid)
+    tl.store(
+        Out + b * stride_ob + s * stride_os + h * stride_oh + offs_d,
+        out.to(Out.dtype.element_ty),
+        mask=d_valid,
+    )
     if WRITE_LSE:
         lse = tl.where(w_sum == 0.0, float("-inf"), m_safe + tl.log(tl.where(w_sum == 0.0, 1.0, w_sum)))
         tl.store(Lse + row, lse)
@@ -222,17 +285,45 @@ def _num_sms(device: torch.device) -> int:
 def _check(q: torch.Tensor, k: torch.Tensor) -> int:
     d = q.shape[-1]
     if d > MAX_HEAD_DIM or d == 0:
-        raise ValueError(f"the Triton attention kernels support head_dim 1..{MAX_HEAD_DIM} (padded to a power of "
-                         f"two internally), got {d}")
+        raise ValueError(
+            f"the Triton attention kernels support head_dim 1..{MAX_HEAD_DIM} (padded to a power of "
+            f"two internally), got {d}"
+        )
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        raise TypeError("bf16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32 on "
-                        "the CPU or run on a GPU")
+        raise TypeError(
+            "bf16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32 on "
+            "the CPU or run on a GPU"
+        )
     return max(16, triton.next_power_of_2(d))
 
 
-def _launch(q, k, v, out, lse, *, mode, seqlen_q, seqlen_k, batch, causal, softmax_scale, window, softcap,
-            cu_q=None, cu_k=None, seqlens_k=None, block_table=None, grid_m, block_m, block_n, num_warps,
-            num_stages, num_splits=1, split_size=0):
+def _launch(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    *,
+    mode,
+    seqlen_q,
+    seqlen_k,
+    batch,
+    causal,
+    softmax_scale,
+    window,
+    softcap,
+    cu_q=None,
+    cu_k=None,
+    seqlens_k=None,
+    block_table=None,
+    grid_m,
+    block_m,
+    block_n,
+    num_warps,
+    num_stages,
+    num_splits=1,
+    split_size=0,
+):
     hq, d = q.shape[-2], q.shape[-1]
     hkv = k.shape[-2]
     group = hq // hkv
@@ -261,26 +352,65 @@ def _launch(q, k, v, out, lse, *, mode, seqlen_q, seqlen_k, batch, causal, softm
         ls = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     grid = (grid_m, batch * hkv, num_splits)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse if lse is not None else dummy, out_part, lse_part,
-        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
-        seqlens_k if seqlens_k is not None else dummy, block_table if block_table is not None else dummy,
-        *qs, *ks, *vs, *os_, *ls,
+        q,
+        k,
+        v,
+        out,
+        lse if lse is not None else dummy,
+        out_part,
+        lse_part,
+        cu_q if cu_q is not None else dummy,
+        cu_k if cu_k is not None else dummy,
+        seqlens_k if seqlens_k is not None else dummy,
+        block_table if block_table is not None else dummy,
+        *qs,
+        *ks,
+        *vs,
+        *os_,
+        *ls,
         block_table.stride(0) if block_table is not None else 0,
-        seqlen_q, seqlen_k, batch, hkv, d,
-        softmax_scale, softcap if softcap > 0 else 1.0, left, right, split_size,
-        GROUP=group, MODE=mode, PAGED=block_table is not None,
+        seqlen_q,
+        seqlen_k,
+        batch,
+        hkv,
+        d,
+        softmax_scale,
+        softcap if softcap > 0 else 1.0,
+        left,
+        right,
+        split_size,
+        GROUP=group,
+        MODE=mode,
+        PAGED=block_table is not None,
         PAGE_SIZE=k.shape[1] if block_table is not None else 1,
-        USE_SOFTCAP=softcap > 0, SPLIT=split, WRITE_LSE=lse is not None and not split,
+        USE_SOFTCAP=softcap > 0,
+        SPLIT=split,
+        WRITE_LSE=lse is not None and not split,
         IEEE_DOT=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if split:
         rows = batch * hq * seqlen_q
         _combine_kernel[(rows,)](
-            out, lse if lse is not None else dummy, out_part, lse_part,
-            out.stride(0), out.stride(1), out.stride(2),
-            rows, hq, seqlen_q, num_splits, d,
-            WRITE_LSE=lse is not None, SPLITS_P2=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+            out,
+            lse if lse is not None else dummy,
+            out_part,
+            lse_part,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            rows,
+            hq,
+            seqlen_q,
+            num_splits,
+            d,
+            WRITE_LSE=lse is not None,
+            SPLITS_P2=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_D=block_d,
             num_warps=4,
         )
 
@@ -302,9 +432,26 @@ def attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse)
         group = Hq // k.shape[2]
         block_m, block_n, warps, stages = _PREFILL[_head_bucket(block_d)]
         block_m = min(block_m, max(16, triton.next_power_of_2(Sq * group)))
-        _launch(q, k, v, out, lse, mode=0, seqlen_q=Sq, seqlen_k=Sk, batch=B, causal=causal,
-                softmax_scale=softmax_scale, window=window, softcap=softcap, grid_m=triton.cdiv(Sq * group, block_m),
-                block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        _launch(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            mode=0,
+            seqlen_q=Sq,
+            seqlen_k=Sk,
+            batch=B,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            window=window,
+            softcap=softcap,
+            grid_m=triton.cdiv(Sq * group, block_m),
+            block_m=block_m,
+            block_n=block_n,
+            num_warps=warps,
+            num_stages=stages,
+        )
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
@@ -319,10 +466,28 @@ def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, causal, softmax_scale, w
         group = Hq // k.shape[1]
         block_m, block_n, warps, stages = _PREFILL[_head_bucket(block_d)]
         block_m = min(block_m, max(16, triton.next_power_of_2(max_seqlen_q * group)))
-        _launch(q, k, v, out, lse, mode=1, seqlen_q=max_seqlen_q, seqlen_k=0, batch=batch, causal=causal,
-                softmax_scale=softmax_scale, window=window, softcap=softcap, cu_q=cu_q, cu_k=cu_k,
-                grid_m=triton.cdiv(max_seqlen_q * group, block_m), block_m=block_m, block_n=block_n,
-                num_warps=warps, num_stages=stages)
+        _launch(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            mode=1,
+            seqlen_q=max_seqlen_q,
+            seqlen_k=0,
+            batch=batch,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            window=window,
+            softcap=softcap,
+            cu_q=cu_q,
+            cu_k=cu_k,
+            grid_m=triton.cdiv(max_seqlen_q * group, block_m),
+            block_m=block_m,
+            block_n=block_n,
+            num_warps=warps,
+            num_stages=stages,
+        )
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
@@ -335,8 +500,19 @@ def choose_num_splits(device, work_programs: int, capacity: int, block_n: int) -
     return max(1, min(want, triton.cdiv(capacity, 2 * block_n), 128))
 
 
-def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window, softcap,
-                      return_lse, num_splits):
+def attention_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    seqlens_k,
+    block_table,
+    causal,
+    softmax_scale,
+    window,
+    softcap,
+    return_lse,
+    num_splits,
+):
     """Attention of q (B, Sq, Hq, D) over the first seqlens_k[b] keys of each cache (already appended)."""
     block_d = _check(q, k_cache)
     B, Sq, Hq, D = q.shape
@@ -364,10 +540,28 @@ def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softm
     num_splits = max(1, min(num_splits, triton.cdiv(capacity, block_n)))
     split_size = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
     num_splits = triton.cdiv(capacity, split_size)
-    _launch(q, k_cache, v_cache, out, lse, mode=2, seqlen_q=Sq, seqlen_k=0, batch=B, causal=causal,
-            softmax_scale=softmax_scale, window=window, softcap=softcap, seqlens_k=seqlens_k.to(torch.int32),
-            block_table=block_table, grid_m=grid_m, block_m=block_m, block_n=block_n, num_warps=warps,
-            num_stages=stages, num_splits=num_splits, split_size=split_size)
+    _launch(
+        q,
+        k_cache,
+        v_cache,
+        out,
+        lse,
+        mode=2,
+        seqlen_q=Sq,
+        seqlen_k=0,
+        batch=B,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window=window,
+        softcap=softcap,
+        seqlens_k=seqlens_k.to(torch.int32),
+        block_table=block_table,
+        grid_m=grid_m,
+        block_m=block_m,
+        block_n=block_n,
+        num_warps=warps,
+        num_stages=stages,
+        num_splits=num_splits,
+        split_size=split_size,
+    )
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
-
-

@@ -23,9 +23,22 @@ import triton.language as tl
 
 @triton.jit
 def _qmm_kernel(
-    X, Qw, Scales, Zeros, Out,
-    M, N, K, num_groups, group_size, tiles_per_split,
-    stride_xm, stride_qn, stride_sn, stride_om, stride_os,
+    X,
+    Qw,
+    Scales,
+    Zeros,
+    Out,
+    M,
+    N,
+    K,
+    num_groups,
+    group_size,
+    tiles_per_split,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_om,
+    stride_os,
     BITS: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     IEEE_DOT: tl.constexpr,
@@ -43,14 +56,22 @@ def _qmm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     PACK: tl.constexpr = 8 // BITS  # codes per byte
     tile0 = pid_k * tiles_per_split
-    for t in range(tile0, tile0 + tiles_per_split):
+    # Stop at the last K tile: a split's tail past K would index a group (scale) that does not exist.
+    tile_end = tl.minimum(tile0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    for t in range(tile0, tile_end):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=m_valid[:, None] & (offs_k[None, :] < K), other=0.0)
+        x = tl.load(
+            X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+            mask=m_valid[:, None] & (offs_k[None, :] < K),
+            other=0.0,
+        )
         offs_b = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        w_bytes = tl.load(Qw + offs_n[:, None].to(tl.int64) * stride_qn + offs_b[None, :],
-                          mask=n_valid[:, None] & (offs_b[None, :] < K // PACK), other=0)
+        w_bytes = tl.load(
+            Qw + offs_n[:, None].to(tl.int64) * stride_qn + offs_b[None, :],
+            mask=n_valid[:, None] & (offs_b[None, :] < K // PACK),
+            other=0,
+        )
         if BITS == 4:
             lo = w_bytes & 0xF
             hi = w_bytes >> 4
@@ -69,7 +90,9 @@ def _qmm_kernel(
             part = tl.dot(x, tl.trans(w))
         scale = tl.load(Scales + offs_n.to(tl.int64) * stride_sn + g, mask=n_valid, other=0.0).to(tl.float32)
         acc += part * scale[None, :]
-    out_ptrs = Out + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_ptrs = (
+        Out + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    )
     tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
@@ -92,8 +115,9 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: small, so tests exercise split-K
 
 
-def quant_matmul_triton(x, qdata, scales, zeros, bits, group_size, split_k: int | None = None,
-                        config: tuple | None = None):
+def quant_matmul_triton(
+    x, qdata, scales, zeros, bits, group_size, split_k: int | None = None, config: tuple | None = None
+):
     """x (M, K) fp16/bf16/fp32 -> (M, N) in x.dtype. `split_k` / `config` override the heuristics (tests,
     benchmarks)."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -122,10 +146,29 @@ def quant_matmul_triton(x, qdata, scales, zeros, bits, group_size, split_k: int 
         return out.sum(0).to(x.dtype)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     _qmm_kernel[grid](
-        x, qdata, scales, zeros if zeros is not None else scales, out,
-        M, N, K, scales.shape[1], group_size, tiles_per_split,
-        x.stride(0), qdata.stride(0), scales.stride(0), out.stride(1), out.stride(0),
-        BITS=bits, HAS_ZEROS=zeros is not None, IEEE_DOT=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        x,
+        qdata,
+        scales,
+        zeros if zeros is not None else scales,
+        out,
+        M,
+        N,
+        K,
+        scales.shape[1],
+        group_size,
+        tiles_per_split,
+        x.stride(0),
+        qdata.stride(0),
+        scales.stride(0),
+        out.stride(1),
+        out.stride(0),
+        BITS=bits,
+        HAS_ZEROS=zeros is not None,
+        IEEE_DOT=x.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)

@@ -37,10 +37,25 @@ class LlamaConfig:
 
 PRESETS = {
     "tiny": LlamaConfig(),
-    "llama3-1b-like": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                                  num_heads=32, num_kv_heads=8, head_dim=64, tie_embeddings=True),
-    "llama3-8b-like": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                                  num_heads=32, num_kv_heads=8, head_dim=128),
+    "llama3-1b-like": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        tie_embeddings=True,
+    ),
+    "llama3-8b-like": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+    ),
 }
 
 
@@ -84,7 +99,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(
+            x.dtype
+        )
 
 
 class KVCache:
@@ -92,14 +109,25 @@ class KVCache:
     (layers, num_blocks, block_size, Hkv, D) with a block table (B, S_max / block_size). `seqlens` (int32, B)
     counts the tokens stored per sequence; a host copy avoids device syncs in the generation loop."""
 
-    def __init__(self, cfg: LlamaConfig, batch: int, max_seqlen: int, dtype, device, paged: bool = False,
-                 block_size: int = 16, shuffle_blocks: bool = False):
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        batch: int,
+        max_seqlen: int,
+        dtype,
+        device,
+        paged: bool = False,
+        block_size: int = 16,
+        shuffle_blocks: bool = False,
+    ):
         self.paged, self.block_size = paged, block_size
         shape_tail = (cfg.num_kv_heads, cfg.head_dim)
         if paged:
             per_seq = -(-max_seqlen // block_size)
             num_blocks = batch * per_seq
-            self.k = torch.zeros(cfg.num_layers, num_blocks, block_size, *shape_tail, dtype=dtype, device=device)
+            self.k = torch.zeros(
+                cfg.num_layers, num_blocks, block_size, *shape_tail, dtype=dtype, device=device
+            )
             order = torch.randperm(num_blocks) if shuffle_blocks else torch.arange(num_blocks)
             self.block_table = order.reshape(batch, per_seq).to(torch.int32).to(device)
         else:
@@ -144,10 +172,21 @@ class Attention(nn.Module):
             out = fq.attention(q, k, v, causal=True, backend=backend)
             from flashquant.attention import append_kv
 
-            append_kv(cache.k[self.layer_idx], cache.v[self.layer_idx], cache.seqlens, k, v, cache.block_table)
+            append_kv(
+                cache.k[self.layer_idx], cache.v[self.layer_idx], cache.seqlens, k, v, cache.block_table
+            )
         else:  # decode / chunked prefill: append in place and attend to the cache
-            out = fq.attention_with_kvcache(q, cache.k[self.layer_idx], cache.v[self.layer_idx], cache.seqlens, k, v,
-                                            cache.block_table, causal=True, backend=backend)
+            out = fq.attention_with_kvcache(
+                q,
+                cache.k[self.layer_idx],
+                cache.v[self.layer_idx],
+                cache.seqlens,
+                k,
+                v,
+                cache.block_table,
+                causal=True,
+                backend=backend,
+            )
         return self.o_proj(out.reshape(B, S, -1))
 
 
@@ -214,8 +253,13 @@ class Llama(nn.Module):
         quantize_model(self, bits, group_size, symmetric, skip=skip)
         return self
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_at: torch.Tensor | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
+    ):
         """tokens (B, S) int64 -> logits (B, S, vocab) fp32; positions default to 0..S-1 after the cached tokens.
         logits_at (B,) int64: only compute the logits of that position of each sequence -> (B, 1, vocab)
         (generation needs just the last one; the lm_head is the largest matmul of small models)."""
@@ -260,9 +304,21 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
 
 
 @torch.inference_mode()
-def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None, paged: bool = False,
-             block_size: int = 16, seed: int = 0, progress: bool = False, on_step=None) -> list[list[int]]:
+def generate(
+    model: Llama,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    paged: bool = False,
+    block_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+    on_step=None,
+) -> list[list[int]]:
     """Batched generation for prompts of different lengths. Returns the new tokens of each prompt (stopping
     at EOS, which is included, or after max_new_tokens)."""
     if not prompts or any(len(p) == 0 for p in prompts):

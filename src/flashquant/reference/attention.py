@@ -15,7 +15,9 @@ import math
 import torch
 
 
-def visible(seqlen_q: int, seqlen_k: int, causal: bool, window_size: tuple[int, int], device=None) -> torch.Tensor:
+def visible(
+    seqlen_q: int, seqlen_k: int, causal: bool, window_size: tuple[int, int], device=None
+) -> torch.Tensor:
     """(Sq, Sk) bool mask: True where key j is visible to query i."""
     left, right = window_size
     if causal:
@@ -52,8 +54,9 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1
     return out.to(q.dtype), lse
 
 
-def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None,
-                         window_size=(-1, -1), softcap=0.0):
+def attention_varlen_ref(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0
+):
     """q (total_q, Hq, D), k/v (total_k, Hkv, D). Returns (out (total_q, Hq, D), lse (Hq, total_q) fp32)."""
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
@@ -62,10 +65,11 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, soft
         qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
         if qe == qs:
             continue
-        o, l = attention_ref(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal, softmax_scale,
-                             window_size, softcap)
+        o, lse_b = attention_ref(
+            q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal, softmax_scale, window_size, softcap
+        )
         out[qs:qe] = o[0]
-        lse[:, qs:qe] = l[0]
+        lse[:, qs:qe] = lse_b[0]
     return out, lse
 
 
@@ -76,8 +80,19 @@ def _cache_positions(b: int, positions: torch.Tensor, block_table, block_size: i
     return block_table[b, positions // block_size].long(), positions % block_size
 
 
-def attention_kvcache_ref(q, k_cache, v_cache, cache_seqlens, k=None, v=None, block_table=None, causal=True,
-                          softmax_scale=None, window_size=(-1, -1), softcap=0.0):
+def attention_kvcache_ref(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k=None,
+    v=None,
+    block_table=None,
+    causal=True,
+    softmax_scale=None,
+    window_size=(-1, -1),
+    softcap=0.0,
+):
     """Appends k/v (B, Snew, Hkv, D) into the cache in place at cache_seqlens, then attends to the first
     cache_seqlens[b] + Snew keys of each sequence. Returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32)."""
     B, Sq, Hq, D = q.shape
@@ -88,13 +103,21 @@ def attention_kvcache_ref(q, k_cache, v_cache, cache_seqlens, k=None, v=None, bl
     for b in range(B):
         start = int(cache_seqlens[b])
         if snew:
-            idx, slot = _cache_positions(b, torch.arange(start, start + snew, device=q.device), block_table,
-                                         block_size)
+            idx, slot = _cache_positions(
+                b, torch.arange(start, start + snew, device=q.device), block_table, block_size
+            )
             k_cache[idx, slot] = k[b]
             v_cache[idx, slot] = v[b]
         total = start + snew
         idx, slot = _cache_positions(b, torch.arange(total, device=q.device), block_table, block_size)
-        o, l = attention_ref(q[b : b + 1], k_cache[idx, slot][None], v_cache[idx, slot][None], causal,
-                             softmax_scale, window_size, softcap)
-        out[b], lse[b] = o[0], l[0]
+        o, lse_b = attention_ref(
+            q[b : b + 1],
+            k_cache[idx, slot][None],
+            v_cache[idx, slot][None],
+            causal,
+            softmax_scale,
+            window_size,
+            softcap,
+        )
+        out[b], lse[b] = o[0], lse_b[0]
     return out, lse

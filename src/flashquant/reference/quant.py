@@ -45,8 +45,9 @@ def quantize_ref(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     return codes.reshape(N, K).to(torch.uint8), scale, zeros
 
 
-def dequantize_ref(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-                   group_size: int) -> torch.Tensor:
+def dequantize_ref(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
     """codes uint8 (N, K) -> fp32 (N, K)."""
     N, K = codes.shape
     gs = K if group_size == -1 else group_size
