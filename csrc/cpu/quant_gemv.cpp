@@ -6,8 +6,10 @@
 // AVX2 path: integer dot products. Activations are converted once per call to int16 with one fp32 scale per
 // (row, weight group): xq = round(x / sx), sx = max|x_group| / 32767. That rounding (relative 2^-16 of the
 // group's max) is far below the rounding already in fp16/bf16 activations (2^-11 / 2^-8). Codes are widened to
-// int16 lanes and multiplied with _mm256_madd_epi16 (16 products per instruction, exact int32 sums), and per
-// group:  out += scale_w * sx * (sum_k code_k * xq_k - zero * sum_k xq_k).
+// int16 lanes and multiplied with _mm256_madd_epi16 (16 products per instruction, exact int32 sums); per group
+// the int32 lanes are scaled into fp32 lane accumulators (scale_w * sx) and the zero-point term
+// zero * scale_w * sx * sum_k xq_k is subtracted once per output:
+//     out = sum_g scale_w * sx * (sum_k code_k * xq_k - zero * sum_k xq_k).
 // For int4 the activations of each 32-wide chunk are stored [16 even k][16 odd k], matching the low/high nibbles
 // of 16 packed bytes, so decoding a chunk is one widen, one shift and two ANDs.
 //
@@ -92,21 +94,16 @@ inline int64_t xq_index(int64_t k, int64_t K) {
   }
 }
 
-__attribute__((target("avx2"))) inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
 template <int BITS, int ROWS>
-__attribute__((target("avx2"))) void row_tile_avx2(const Problem& p, int64_t n, int64_t m0) {
+__attribute__((target("avx2,fma"))) void row_tile_avx2(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* row = p.q + n * p.row_bytes;
   const int16_t* xq[ROWS];
-  float total[ROWS];
+  __m256 total[ROWS];  // per-lane fp32 sums; one horizontal sum per output instead of one per group
+  float zero_term[ROWS];
   for (int r = 0; r < ROWS; ++r) {
     xq[r] = p.xq + (m0 + r) * p.K;
-    total[r] = 0.f;
+    total[r] = _mm256_setzero_ps();
+    zero_term[r] = 0.f;
   }
   const __m256i nibble = _mm256_set1_epi16(0x0F);
   for (int64_t g = 0; g < p.G; ++g) {
@@ -136,13 +133,23 @@ __attribute__((target("avx2"))) void row_tile_avx2(const Problem& p, int64_t n, 
     const float scale = p.scales[n * p.G + g];
     const float zero = p.zeros ? p.zeros[n * p.G + g] : p.default_zero;
     for (int r = 0; r < ROWS; ++r) {
-      int64_t dot = hsum_epi32(acc[r]);
-      for (int64_t kk = k; kk < k_end; ++kk) dot += code_at<BITS>(row, kk) * xq[r][xq_index<BITS>(kk, p.K)];
       const int64_t mg = (m0 + r) * p.G + g;
-      total[r] += scale * p.xscale[mg] * (static_cast<float>(dot) - zero * static_cast<float>(p.xqsum[mg]));
+      const float s = scale * p.xscale[mg];
+      if (k < k_end) {  // group tail shorter than a chunk (per-channel groups with K % 32 != 0)
+        int64_t tail = 0;
+        for (int64_t kk = k; kk < k_end; ++kk) tail += code_at<BITS>(row, kk) * xq[r][xq_index<BITS>(kk, p.K)];
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_setr_epi32(static_cast<int32_t>(tail), 0, 0, 0, 0, 0, 0, 0));
+      }
+      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(s), total[r]);
+      zero_term[r] += s * zero * static_cast<float>(p.xqsum[mg]);
     }
   }
-  for (int r = 0; r < ROWS; ++r) p.out[(m0 + r) * p.N + n] = total[r];
+  for (int r = 0; r < ROWS; ++r) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(total[r]), _mm256_extractf128_ps(total[r], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    p.out[(m0 + r) * p.N + n] = _mm_cvtss_f32(v) - zero_term[r];
+  }
 }
 
 template <int BITS>
@@ -187,7 +194,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group_si
 bool cpu_has_avx2() {
   static const bool ok = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return ok;
 }
