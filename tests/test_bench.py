@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from flashquant.bench import compare, preset, run_cases, table, write_json
+from flashquant.bench import compare, markdown, preset, run_cases, table, write_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,8 @@ def test_smoke_preset_runs_every_family_and_reports_unavailable_anchors(tmp_path
     write_json(run, str(tmp_path / "b.json"))
     report, regressions = compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     assert regressions == 0 and "flashquant cpu" in report
+    md = markdown(run)
+    assert md.count("\n|") >= len(cases) and "unavailable" in md
 
 
 def test_compare_flags_a_regression(tmp_path):

@@ -2,7 +2,7 @@
 
 from .cases import Case, decode_cases, prefill_cases, preset, quant_matmul_cases
 from .harness import Timing, environment, time_cpu, time_cuda, time_fn
-from .report import compare, plots, run_cases, table, write_json
+from .report import compare, markdown, plots, run_cases, table, write_json
 
 __all__ = [
     "Case",
@@ -10,6 +10,7 @@ __all__ = [
     "compare",
     "decode_cases",
     "environment",
+    "markdown",
     "plots",
     "prefill_cases",
     "preset",

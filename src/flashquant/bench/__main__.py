@@ -1,5 +1,5 @@
 """python -m flashquant.bench [--quick | --llama3-8b | --llama3-70b | --preset smoke] [--ops ...] [--out DIR]
-                             [--graph] [--reps N] [--compare OLD.json NEW.json]
+                             [--graph] [--reps N] [--compare OLD.json NEW.json] [--markdown RUN.json]
 
 Runs flashquant's kernels next to their anchors (what you would use instead) in one run, prints a table,
 and writes JSON + PNG plots to bench/results/<device>/ (or --out)."""
@@ -7,6 +7,7 @@ and writes JSON + PNG plots to bench/results/<device>/ (or --out)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -14,7 +15,7 @@ import sys
 import torch
 
 from .cases import preset
-from .report import compare, plots, run_cases, table, write_json
+from .report import compare, markdown, plots, run_cases, table, write_json
 
 
 def _slug(name: str) -> str:
@@ -44,8 +45,13 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compare", nargs=2, metavar=("OLD", "NEW"), help="print regressions between two JSON runs"
     )
+    ap.add_argument("--markdown", metavar="RUN.json", help="print a markdown summary table of a JSON run")
     args = ap.parse_args(argv)
 
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return 0
     if args.compare:
         text, regressions = compare(*args.compare)
         print(text)

@@ -222,3 +222,24 @@ def compare(old_path: str, new_path: str, threshold: float = 0.05) -> tuple[str,
             f"({ratio:5.2f}x) {flag}"
         )
     return "\n".join(lines) + f"\n{regressions} regression(s) over {threshold:.0%}", regressions
+
+
+def markdown(run: dict) -> str:
+    """A markdown summary table (for README.md), generated from a run's JSON."""
+    env = run["environment"]
+    lines = [
+        f"Device: {env['device']}, torch {env['torch']}, {env['threads']} threads, commit {env.get('git_commit')}, "
+        f"measured read bandwidth {env['measured_bandwidth_gbs']} GB/s.",
+        "",
+        "| case | implementation | median ms | GB/s | vs first anchor | vs best anchor |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in run["results"]:
+        if "median_ms" not in r:
+            lines.append(f"| {r['group']} | {r['impl']} | unavailable: {r['unavailable']} | | | |")
+            continue
+        vs1 = f"{r['speedup_vs_first_anchor']:.2f}x" if "speedup_vs_first_anchor" in r else "(anchor)"
+        vsb = f"{r['speedup_vs_best_anchor']:.2f}x" if "speedup_vs_best_anchor" in r else ""
+        name = f"**{r['impl']}**" if not r["anchor"] else r["impl"]
+        lines.append(f"| {r['group']} | {name} | {r['median_ms']:.3f} | {r['gbs']:.1f} | {vs1} | {vsb} |")
+    return "\n".join(lines)
