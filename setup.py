@@ -50,7 +50,7 @@ def want_cuda() -> bool:
 
 
 def extensions():
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP-based in torch
+    cxx = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP-based in torch
     exts = [
         CppExtension(
             "flashquant._C",
@@ -67,7 +67,7 @@ def extensions():
                 "flashquant._C_cuda",
                 CUDA_SOURCES,
                 include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
             )
         )
     return exts

@@ -12,4 +12,17 @@ for src in csrc/cuda/*.cu; do
     2>&1 | grep -E "error|warning|spill|lmem|Used [0-9]+ registers" | sed 's/^/  /' | head -40 || true
   test -s "$out/$(basename "$src").o" || { echo "nvcc failed on $src"; exit 1; }
 done
+# The torch glue (ops_cuda.cpp) needs torch's headers: syntax-check it against the installed (CPU) torch.
+# This toolkit lacks the cuSPARSE/cuBLAS/cuSOLVER headers that ATen/cuda includes; typedef-only stubs stand in.
+PY=${PYTHON:-.venv/bin/python}
+if [ -x "$PY" ] && ti=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join(c.include_paths()))" 2>/dev/null); then
+  pyinc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  echo "g++ -fsyntax-only: csrc/cuda/ops_cuda.cpp"
+  isys=$(for d in $ti; do printf -- '-isystem %s ' "$d"; done)
+  # shellcheck disable=SC2086
+  g++ -std=c++20 -fsyntax-only -Wall -Wextra -Werror -Icsrc -Iscripts/cuda_stub_headers $isys \
+    -I"${CUDA_HOME:-/usr/local/cuda}/include" -I"$pyinc" csrc/cuda/ops_cuda.cpp
+else
+  echo "no torch in $PY: skipping the syntax check of csrc/cuda/ops_cuda.cpp"
+fi
 echo "cuda compile check: ok"

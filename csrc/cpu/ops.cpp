@@ -22,7 +22,6 @@ TORCH_LIBRARY_IMPL(flashquant, CPU, m) { m.impl("quant_matmul_packed", &flashqua
 
 // Importable as flashquant._C: loading it runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "flashquant C++ ops (torch.ops.flashquant)", -1,
-                                   nullptr};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "flashquant C++ ops (torch.ops.flashquant)", -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&def);
 }

@@ -115,6 +115,6 @@ TORCH_LIBRARY_IMPL(flashquant, CUDA, m) {
 }
 
 extern "C" PyObject* PyInit__C_cuda(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", "flashquant CUDA ops", -1, nullptr};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", "flashquant CUDA ops", -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&def);
 }

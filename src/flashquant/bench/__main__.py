@@ -46,11 +46,12 @@ def main(argv=None) -> int:
         "--compare", nargs=2, metavar=("OLD", "NEW"), help="print regressions between two JSON runs"
     )
     ap.add_argument("--markdown", metavar="RUN.json", help="print a markdown summary table of a JSON run")
+    ap.add_argument("--group", help="with --markdown: only groups whose name contains this (e.g. 'M=1 ')")
     args = ap.parse_args(argv)
 
     if args.markdown:
         with open(args.markdown) as f:
-            print(markdown(json.load(f)))
+            print(markdown(json.load(f), args.group))
         return 0
     if args.compare:
         text, regressions = compare(*args.compare)

@@ -224,8 +224,9 @@ def compare(old_path: str, new_path: str, threshold: float = 0.05) -> tuple[str,
     return "\n".join(lines) + f"\n{regressions} regression(s) over {threshold:.0%}", regressions
 
 
-def markdown(run: dict) -> str:
-    """A markdown summary table (for README.md), generated from a run's JSON."""
+def markdown(run: dict, group_filter: str | None = None) -> str:
+    """A markdown summary table (for README.md), generated from a run's JSON; `group_filter` keeps the groups
+    whose name contains it (e.g. "M=1 ")."""
     env = run["environment"]
     lines = [
         f"Device: {env['device']}, torch {env['torch']}, {env['threads']} threads, commit {env.get('git_commit')}, "
@@ -235,6 +236,8 @@ def markdown(run: dict) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in run["results"]:
+        if group_filter and group_filter not in r["group"] + " ":
+            continue
         if "median_ms" not in r:
             lines.append(f"| {r['group']} | {r['impl']} | unavailable: {r['unavailable']} | | | |")
             continue

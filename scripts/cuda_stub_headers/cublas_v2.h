@@ -1,0 +1,4 @@
+#pragma once
+// Stub for the CI syntax check of csrc/cuda/ops_cuda.cpp only (this header is absent from the CI toolkit).
+typedef struct cublasContext* cublasHandle_t;
+typedef int cublasStatus_t;
