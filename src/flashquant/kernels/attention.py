@@ -263,16 +263,14 @@ def _combine_kernel(
 
 
 # ---- launch configs ---------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head_dim bucket, for the prefill (many rows per KV head) and
-# decode (few rows) regimes. Chosen from the FlashAttention-2 / Triton-tutorial settings for sm80/sm90;
-# not yet tuned on a real H100 (see the issue notes). Fixed per bucket: no autotuning per sequence length.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head_dim bucket: PREFILL for many rows per KV head, DECODE for
+# the few rows (Sq * group <= 64) of decoding, where BLOCK_M is the rows rounded up to a tl.dot-able 16+.
+# Starting points from the FlashAttention-2 / Triton-tutorial settings for sm80/sm90, not yet tuned on a real
+# H100 (see the issue notes). Fixed per bucket: nothing is re-tuned per sequence length.
 _PREFILL = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 _DECODE = {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)}  # (BLOCK_N, num_warps, num_stages)
 MAX_HEAD_DIM = 256
-
-
-def _head_bucket(block_d: int) -> int:
-    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+MAX_SPLITS = 128
 
 
 @functools.cache
@@ -282,7 +280,7 @@ def _num_sms(device: torch.device) -> int:
     return 8  # interpreter: small, so the tests exercise split-KV
 
 
-def _check(q: torch.Tensor, k: torch.Tensor) -> int:
+def _block_d(q: torch.Tensor) -> int:
     d = q.shape[-1]
     if d > MAX_HEAD_DIM or d == 0:
         raise ValueError(
@@ -297,12 +295,28 @@ def _check(q: torch.Tensor, k: torch.Tensor) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _launch(
+def _config(block_d: int, rows: int) -> tuple[int, int, int, int]:
+    bucket = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    if rows <= 64:
+        block_n, warps, stages = _DECODE[bucket]
+        return max(16, triton.next_power_of_2(rows)), block_n, warps, stages
+    return _PREFILL[bucket]
+
+
+def choose_num_splits(device, work_programs: int, capacity: int, block_n: int) -> int:
+    """Split the KV length until ~2 waves of programs fill the device, keeping >= 2 key blocks per split.
+    Depends only on shapes known on the host (the cache capacity, not the device-side seqlens), so it never
+    syncs and a CUDA graph replays the same launch."""
+    if work_programs <= 0 or capacity <= 0:
+        return 1
+    want = triton.cdiv(2 * _num_sms(device), work_programs)
+    return max(1, min(want, triton.cdiv(capacity, 2 * block_n), MAX_SPLITS))
+
+
+def _forward(
     q,
     k,
     v,
-    out,
-    lse,
     *,
     mode,
     seqlen_q,
@@ -312,22 +326,35 @@ def _launch(
     softmax_scale,
     window,
     softcap,
+    return_lse,
+    lse_shape,
     cu_q=None,
     cu_k=None,
     seqlens_k=None,
     block_table=None,
-    grid_m,
-    block_m,
-    block_n,
-    num_warps,
-    num_stages,
+    capacity=0,
     num_splits=1,
-    split_size=0,
 ):
+    """Validate, allocate, pick the launch config and launch (plus the LSE merge when splitting the keys).
+    mode 0: dense (B, S, H, D); 1: varlen (total, H, D) with cu_seqlens; 2: KV cache with seqlens_k."""
+    block_d = _block_d(q)
+    out = torch.zeros_like(q) if mode == 1 else torch.empty_like(q)
+    lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
+    empty_lse = q.new_empty((0,), dtype=torch.float32)
+    if out.numel() == 0 or batch == 0 or seqlen_q == 0:
+        return out, lse if lse is not None else empty_lse
     hq, d = q.shape[-2], q.shape[-1]
     hkv = k.shape[-2]
     group = hq // hkv
-    block_d = max(16, triton.next_power_of_2(d))
+    block_m, block_n, warps, stages = _config(block_d, seqlen_q * group)
+    grid_m = triton.cdiv(seqlen_q * group, block_m)
+    split_size = 0
+    if mode == 2:
+        if num_splits == 0:
+            num_splits = choose_num_splits(q.device, grid_m * batch * hkv, capacity, block_n)
+        num_splits = max(1, min(num_splits, triton.cdiv(capacity, block_n)))
+        split_size = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+        num_splits = triton.cdiv(capacity, split_size)
     left, right = window
     if causal:
         right = 0
@@ -337,186 +364,55 @@ def _launch(
         lse_part = torch.empty(num_splits, batch, hq, seqlen_q, dtype=torch.float32, device=q.device)
     else:
         out_part = lse_part = out  # unused
+    # Strides (batch, token, head); varlen tensors have no batch dimension (offsets come from cu_seqlens).
+    q_s, k_s, v_s, o_s = ([0, *t.stride()[:2]] if mode == 1 else list(t.stride()[:3]) for t in (q, k, v, out))
+    l_s = ([0, lse.stride(0)] if mode == 1 else list(lse.stride()[:2])) if lse is not None else [0, 0]
     dummy = out
-    if mode == 1:  # varlen tensors are (total, H, D)
-        qs = (0, q.stride(0), q.stride(1))
-        ks = (0, k.stride(0), k.stride(1))
-        vs = (0, v.stride(0), v.stride(1))
-        os_ = (0, out.stride(0), out.stride(1))
-        ls = (0, lse.stride(0)) if lse is not None else (0, 0)
-    else:
-        qs = (q.stride(0), q.stride(1), q.stride(2))
-        ks = (k.stride(0), k.stride(1), k.stride(2))
-        vs = (v.stride(0), v.stride(1), v.stride(2))
-        os_ = (out.stride(0), out.stride(1), out.stride(2))
-        ls = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    grid = (grid_m, batch * hkv, num_splits)
-    _attn_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        lse if lse is not None else dummy,
-        out_part,
-        lse_part,
-        cu_q if cu_q is not None else dummy,
-        cu_k if cu_k is not None else dummy,
-        seqlens_k if seqlens_k is not None else dummy,
-        block_table if block_table is not None else dummy,
-        *qs,
-        *ks,
-        *vs,
-        *os_,
-        *ls,
-        block_table.stride(0) if block_table is not None else 0,
-        seqlen_q,
-        seqlen_k,
-        batch,
-        hkv,
-        d,
-        softmax_scale,
-        softcap if softcap > 0 else 1.0,
-        left,
-        right,
-        split_size,
-        GROUP=group,
-        MODE=mode,
-        PAGED=block_table is not None,
+    _attn_fwd_kernel[(grid_m, batch * hkv, num_splits)](
+        q, k, v, out, lse if lse is not None else dummy, out_part, lse_part,
+        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
+        seqlens_k if seqlens_k is not None else dummy, block_table if block_table is not None else dummy,
+        *q_s, *k_s, *v_s, *o_s, *l_s, block_table.stride(0) if block_table is not None else 0,
+        seqlen_q, seqlen_k, batch, hkv, d,
+        softmax_scale, softcap if softcap > 0 else 1.0, left, right, split_size,
+        GROUP=group, MODE=mode, PAGED=block_table is not None,
         PAGE_SIZE=k.shape[1] if block_table is not None else 1,
-        USE_SOFTCAP=softcap > 0,
-        SPLIT=split,
-        WRITE_LSE=lse is not None and not split,
+        USE_SOFTCAP=softcap > 0, SPLIT=split, WRITE_LSE=lse is not None and not split,
         IEEE_DOT=q.dtype == torch.float32,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
     if split:
         rows = batch * hq * seqlen_q
         _combine_kernel[(rows,)](
-            out,
-            lse if lse is not None else dummy,
-            out_part,
-            lse_part,
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            rows,
-            hq,
-            seqlen_q,
-            num_splits,
-            d,
-            WRITE_LSE=lse is not None,
-            SPLITS_P2=max(2, triton.next_power_of_2(num_splits)),
-            BLOCK_D=block_d,
+            out, lse if lse is not None else dummy, out_part, lse_part,
+            *o_s, rows, hq, seqlen_q, num_splits, d,
+            WRITE_LSE=lse is not None, SPLITS_P2=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
             num_warps=4,
-        )
-
-
-def _empty_lse(q, shape, return_lse):
-    if not return_lse:
-        return None
-    return torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
+        )  # fmt: skip
+    return out, lse if lse is not None else empty_lse
 
 
 def attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse):
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out, lse (B, Hq, Sq) or empty)."""
-    block_d = _check(q, k)
-    B, Sq, Hq, D = q.shape
-    Sk = k.shape[1]
-    out = torch.empty_like(q)
-    lse = _empty_lse(q, (B, Hq, Sq), return_lse)
-    if out.numel():
-        group = Hq // k.shape[2]
-        block_m, block_n, warps, stages = _PREFILL[_head_bucket(block_d)]
-        block_m = min(block_m, max(16, triton.next_power_of_2(Sq * group)))
-        _launch(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            mode=0,
-            seqlen_q=Sq,
-            seqlen_k=Sk,
-            batch=B,
-            causal=causal,
-            softmax_scale=softmax_scale,
-            window=window,
-            softcap=softcap,
-            grid_m=triton.cdiv(Sq * group, block_m),
-            block_m=block_m,
-            block_n=block_n,
-            num_warps=warps,
-            num_stages=stages,
-        )
-    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+    B, Sq, Hq, _ = q.shape
+    return _forward(q, k, v, mode=0, seqlen_q=Sq, seqlen_k=k.shape[1], batch=B, causal=causal,
+                    softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
+                    lse_shape=(B, Hq, Sq))  # fmt: skip
 
 
 def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, causal, softmax_scale, window, softcap, return_lse):
     """q (total_q, Hq, D), k/v (total_k, Hkv, D) -> (out, lse (Hq, total_q) or empty)."""
-    block_d = _check(q, k)
-    total_q, Hq, D = q.shape
-    out = torch.zeros_like(q)
-    lse = _empty_lse(q, (Hq, total_q), return_lse)
-    batch = cu_q.shape[0] - 1
-    if total_q and batch and max_seqlen_q:
-        group = Hq // k.shape[1]
-        block_m, block_n, warps, stages = _PREFILL[_head_bucket(block_d)]
-        block_m = min(block_m, max(16, triton.next_power_of_2(max_seqlen_q * group)))
-        _launch(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            mode=1,
-            seqlen_q=max_seqlen_q,
-            seqlen_k=0,
-            batch=batch,
-            causal=causal,
-            softmax_scale=softmax_scale,
-            window=window,
-            softcap=softcap,
-            cu_q=cu_q,
-            cu_k=cu_k,
-            grid_m=triton.cdiv(max_seqlen_q * group, block_m),
-            block_m=block_m,
-            block_n=block_n,
-            num_warps=warps,
-            num_stages=stages,
-        )
-    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+    total_q, Hq, _ = q.shape
+    return _forward(q, k, v, mode=1, seqlen_q=max_seqlen_q, seqlen_k=0, batch=cu_q.shape[0] - 1, causal=causal,
+                    softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
+                    lse_shape=(Hq, total_q), cu_q=cu_q, cu_k=cu_k)  # fmt: skip
 
 
-def choose_num_splits(device, work_programs: int, capacity: int, block_n: int) -> int:
-    """Split the KV length until ~2 waves of programs fill the device, keeping >= 2 key blocks per split.
-    Depends only on shapes known on the host (the cache capacity, not the device-side seqlens)."""
-    if work_programs <= 0 or capacity <= 0:
-        return 1
-    want = triton.cdiv(2 * _num_sms(device), work_programs)
-    return max(1, min(want, triton.cdiv(capacity, 2 * block_n), 128))
-
-
-def attention_kvcache(
-    q,
-    k_cache,
-    v_cache,
-    seqlens_k,
-    block_table,
-    causal,
-    softmax_scale,
-    window,
-    softcap,
-    return_lse,
-    num_splits,
-):
-    """Attention of q (B, Sq, Hq, D) over the first seqlens_k[b] keys of each cache (already appended)."""
-    block_d = _check(q, k_cache)
-    B, Sq, Hq, D = q.shape
-    hkv = k_cache.shape[2]
+def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window, softcap,
+                      return_lse, num_splits):  # fmt: skip
+    """q (B, Sq, Hq, D) over the first seqlens_k[b] keys of each cache (new tokens already appended).
+    num_splits: split-KV factor, 0 = chosen from the cache capacity."""
+    B, Sq, Hq, _ = q.shape
     if block_table is not None:
         page = k_cache.shape[1]
         if page & (page - 1):
@@ -524,44 +420,7 @@ def attention_kvcache(
         capacity = block_table.shape[1] * page
     else:
         capacity = k_cache.shape[1]
-    out = torch.empty_like(q)
-    lse = _empty_lse(q, (B, Hq, Sq), return_lse)
-    if out.numel() == 0:
-        return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
-    rows = Sq * (Hq // hkv)
-    if rows <= 64:
-        block_n, warps, stages = _DECODE[_head_bucket(block_d)]
-        block_m = max(16, triton.next_power_of_2(rows))
-    else:
-        block_m, block_n, warps, stages = _PREFILL[_head_bucket(block_d)]
-    grid_m = triton.cdiv(rows, block_m)
-    if num_splits == 0:
-        num_splits = choose_num_splits(q.device, grid_m * B * hkv, capacity, block_n)
-    num_splits = max(1, min(num_splits, triton.cdiv(capacity, block_n)))
-    split_size = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(capacity, split_size)
-    _launch(
-        q,
-        k_cache,
-        v_cache,
-        out,
-        lse,
-        mode=2,
-        seqlen_q=Sq,
-        seqlen_k=0,
-        batch=B,
-        causal=causal,
-        softmax_scale=softmax_scale,
-        window=window,
-        softcap=softcap,
-        seqlens_k=seqlens_k.to(torch.int32),
-        block_table=block_table,
-        grid_m=grid_m,
-        block_m=block_m,
-        block_n=block_n,
-        num_warps=warps,
-        num_stages=stages,
-        num_splits=num_splits,
-        split_size=split_size,
-    )
-    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+    return _forward(q, k_cache, v_cache, mode=2, seqlen_q=Sq, seqlen_k=0, batch=B, causal=causal,
+                    softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
+                    lse_shape=(B, Hq, Sq), seqlens_k=seqlens_k.to(torch.int32), block_table=block_table,
+                    capacity=capacity, num_splits=num_splits)  # fmt: skip
