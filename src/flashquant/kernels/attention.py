@@ -129,6 +129,13 @@ def _attn_fwd_kernel(
         n_hi = tl.minimum(n_hi, (pid_s + 1) * split_size)
     if first_pos >= sq:  # tile past the end of this (varlen) sequence
         n_hi = n_lo
+    # Interior blocks, visible to every row of the tile, skip the mask arithmetic: [full_lo, full_hi).
+    full_lo = n_lo
+    full_hi = n_hi
+    if window_right >= 0:
+        full_hi = tl.minimum(full_hi, first_pos + sk - sq + window_right + 1)
+    if window_left >= 0:
+        full_lo = tl.maximum(full_lo, last_pos + sk - sq - window_left)
 
     if USE_SOFTCAP:
         qk_scale = sm_scale / softcap
@@ -167,12 +174,13 @@ def _attn_fwd_kernel(
             s = (softcap * 1.4426950408889634) * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
         else:
             s = s * qk_scale
-        visible = col_valid[None, :] & row_valid[:, None]
-        if window_right >= 0:
-            visible = visible & (cols[None, :] <= diag[:, None] + window_right)
-        if window_left >= 0:
-            visible = visible & (cols[None, :] >= diag[:, None] - window_left)
-        s = tl.where(visible, s, float("-inf"))
+        if (start_n < full_lo) | (start_n + BLOCK_N > full_hi):  # boundary block: mask
+            visible = col_valid[None, :] & row_valid[:, None]
+            if window_right >= 0:
+                visible = visible & (cols[None, :] <= diag[:, None] + window_right)
+            if window_left >= 0:
+                visible = visible & (cols[None, :] >= diag[:, None] - window_left)
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         p = tl.exp2(s - m_safe[:, None])
