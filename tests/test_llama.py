@@ -124,3 +124,28 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "pytorch fp32 (SDPA)" in text and "flashquant int4" in text and out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", [None, (4, 128)])
+def test_gpu_cuda_graph_decode_matches_eager(quant):
+    from flashquant.models.llama import CUDAGraphDecoder
+
+    cfg = config_from_preset("tiny")
+    model = Llama.random(cfg, seed=0, dtype=torch.float16, device="cuda")
+    if quant:
+        model.quantize(*quant)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 12), device="cuda")
+    caches = [KVCache(cfg, 2, 32, torch.float16, "cuda") for _ in range(2)]
+    for c in caches:
+        model(prompt, cache=c)
+        c.advance([12, 12])
+    graphed = CUDAGraphDecoder(model, caches[1])
+    tok = prompt[:, -1:]
+    for _ in range(4):
+        eager = model(tok, cache=caches[0])
+        replay = graphed(tok)
+        assert torch.allclose(eager, replay, atol=1e-2)
+        for c in caches:
+            c.advance([1, 1])
+        tok = eager[:, -1].argmax(-1, keepdim=True)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from flashquant.models.llama import KVCache, Llama, config_from_preset
+from flashquant.models.llama import CUDAGraphDecoder, KVCache, Llama, config_from_preset
 
 
 def _sync(device):
@@ -22,8 +22,11 @@ def _sync(device):
 
 
 @torch.inference_mode()
-def measure(model: Llama, prompt: torch.Tensor, new_tokens: int, device: str, progress: bool) -> dict:
-    """Greedy generation with timing: prefill (one forward over the prompt), then decode steps."""
+def measure(
+    model: Llama, prompt: torch.Tensor, new_tokens: int, device: str, progress: bool, graph: bool = False
+) -> dict:
+    """Greedy generation with timing: prefill (one forward over the prompt), then decode steps (eager, or
+    replaying a CUDA graph of the step when `graph`)."""
     B, S = prompt.shape
     dtype = model.embed_tokens.weight.dtype
     if device == "cuda":
@@ -35,6 +38,7 @@ def measure(model: Llama, prompt: torch.Tensor, new_tokens: int, device: str, pr
     _sync(device)
     prefill_s = time.perf_counter() - t0
     cache.advance([S] * B)
+    step_fn = CUDAGraphDecoder(model, cache) if graph else (lambda t: model(t, cache=cache))
     first_logits = logits[:, -1].clone()
     tokens = [logits[:, -1].argmax(-1)]
     steps = range(new_tokens - 1)
@@ -48,7 +52,7 @@ def measure(model: Llama, prompt: torch.Tensor, new_tokens: int, device: str, pr
     step_s = []
     for _ in steps:
         t0 = time.perf_counter()
-        logits = model(tokens[-1][:, None], cache=cache)
+        logits = step_fn(tokens[-1][:, None])
         nxt = logits[:, -1].argmax(-1)
         _sync(device)
         step_s.append(time.perf_counter() - t0)
@@ -83,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", help="subset of variant names to run")
     ap.add_argument("--json", help="also write the results table to this JSON file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-graph", action="store_true", help="on CUDA, skip the CUDA-graph decode measurement")
     args = ap.parse_args(argv)
 
     device = "cuda" if cuda else "cpu"
@@ -121,6 +126,10 @@ def main(argv=None) -> int:
             model.quantize(*quant, skip=())
         measure(model, prompt[:, : min(8, args.prompt_len)], 2, device, False)  # warm-up (kernels, allocator)
         r = measure(model, prompt, args.new_tokens, device, progress=True)
+        if cuda and not args.no_graph:  # the same decode replayed from a CUDA graph: no launch overhead
+            r["decode_tok_s_graph"] = measure(model, prompt, args.new_tokens, device, False, graph=True)[
+                "decode_tok_s"
+            ]
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -142,13 +151,16 @@ def main(argv=None) -> int:
         rows.append(r)
 
     print(
-        f"\n{'variant':36s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'ms/token':>9s} {'weights GB':>10s} "
+        f"\n{'variant':36s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'graphed':>8s} {'ms/token':>9s} "
+        f"{'weights GB':>10s} "
         f"{'peak GB':>8s} {'logit SQNR dB':>13s} {'greedy = fp32':>13s}"
     )
     for r in rows:
         peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
+        graphed = f"{r['decode_tok_s_graph']:.2f}" if "decode_tok_s_graph" in r else "-"
         print(
-            f"{r['name']:36s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {r['ms_per_token']:9.2f} "
+            f"{r['name']:36s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {graphed:>8s} "
+            f"{r['ms_per_token']:9.2f} "
             f"{r['weight_gb']:10.3f} {peak:>8s} {r['sqnr_db']:13.1f} {r['same_tokens']:>6d}/{args.new_tokens}"
         )
     print(

@@ -139,8 +139,9 @@ class KVCache:
         self.capacity = max_seqlen
 
     def advance(self, counts: list[int]) -> None:
+        """Count new tokens. Updates `seqlens` in place, so a captured CUDA graph keeps reading the live lengths."""
         self.host_seqlens = [a + b for a, b in zip(self.host_seqlens, counts)]
-        self.seqlens = torch.tensor(self.host_seqlens, dtype=torch.int32, device=self.seqlens.device)
+        self.seqlens.copy_(torch.tensor(self.host_seqlens, dtype=torch.int32))
 
     @property
     def nbytes(self) -> int:
@@ -284,6 +285,35 @@ class Llama(nn.Module):
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
         return total
+
+
+class CUDAGraphDecoder:
+    """One decode step (B tokens -> last-position logits) captured in a CUDA graph, so that at batch 1 the
+    step is not bound by kernel-launch overhead. Reads the cache's `seqlens` in place: call
+    ``cache.advance([1] * B)`` after each step as in eager mode. Needs ops that never sync the host (all
+    flashquant CUDA/Triton paths qualify)."""
+
+    def __init__(self, model: Llama, cache: KVCache):
+        if not torch.cuda.is_available() or cache.k.device.type != "cuda":
+            raise ValueError("CUDAGraphDecoder needs a model and cache on a CUDA device")
+        self.tokens = torch.zeros(cache.seqlens.shape[0], 1, dtype=torch.long, device=cache.k.device)
+        # Warm up on a side stream (Triton compilation, allocator). The warm-up writes K/V at the current
+        # positions; the first real step overwrites the same slots.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                model(self.tokens, cache=cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = model(self.tokens, cache=cache)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) -> logits (B, 1, vocab) (a view of the graph's output buffer)."""
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
