@@ -42,8 +42,13 @@ def test_smoke_preset_runs_every_family_and_reports_unavailable_anchors(tmp_path
         assert key in env
     fq_rows = [r for r in ran if not r["anchor"]]
     assert all("speedup_vs_first_anchor" in r for r in fq_rows)
+    # the attention families really run here too: Triton under the interpreter (tests set TRITON_INTERPRET=1)
+    # and the SDPA anchors on the CPU; CUDA-only entries say why they did not run
+    assert any(r["op"] == "prefill" and r["impl"] == "flashquant triton" and "median_ms" in r for r in res)
+    assert any(r["op"] == "decode" and r["impl"] == "flashquant triton" and "median_ms" in r for r in res)
+    assert any(r["op"] == "decode" and r["anchor"] and "median_ms" in r for r in res)
     text = table(run)
-    assert "unavailable: needs a CUDA device" in text
+    assert "unavailable: " in text
     write_json(run, str(tmp_path / "a.json"))
     write_json(run, str(tmp_path / "b.json"))
     report, regressions = compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"))

@@ -175,6 +175,17 @@ def test_non_power_of_two_page_size_is_a_clear_error():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def reference_in_query_chunks(q, k, v, causal, chunk=1024):
+    """attention_ref over query chunks (the full 16k x 16k fp32 score matrix would not fit): for a square
+    causal problem, queries [i0, i1) see keys [0, i1) with the same bottom-right alignment."""
+    outs = []
+    for i0 in range(0, q.shape[1], chunk):
+        i1 = min(q.shape[1], i0 + chunk)
+        kk, vv = (k[:, :i1], v[:, :i1]) if causal else (k, v)
+        outs.append(attention_ref(q[:, i0:i1], kk, vv, causal)[0].float())
+    return torch.cat(outs, 1)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seqlen", [1024, 4096, 16384])
@@ -182,10 +193,21 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 def test_gpu_llama3_prefill_flash_rule(dtype, seqlen, causal):
     q = rand(1, seqlen, 32, 128, dtype=dtype)
     k, v = rand(1, seqlen, 8, 128, dtype=dtype), rand(1, seqlen, 8, 128, dtype=dtype)
-    ref = attention_ref(q, k, v, causal)[0].float()  # fp32 oracle
+    ref = reference_in_query_chunks(q, k, v, causal)  # fp32 oracle
     base = fq.attention(q, k, v, causal=causal, backend="torch")  # PyTorch SDPA in the same dtype
     out = fq.attention(q, k, v, causal=causal, backend="triton")
     assert_flash_rule(out, ref, base, f"S={seqlen} causal={causal} {dtype}")
+
+
+def test_chunked_reference_equals_full_reference():
+    q, k, v = (
+        rand(1, 40, 4, 16, dtype=torch.float32),
+        rand(1, 40, 2, 16, dtype=torch.float32),
+        rand(1, 40, 2, 16, dtype=torch.float32),
+    )
+    for causal in (False, True):
+        full = attention_ref(q, k, v, causal)[0]
+        assert torch.allclose(reference_in_query_chunks(q, k, v, causal, chunk=16), full, atol=1e-6)
 
 
 @gpu

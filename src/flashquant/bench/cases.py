@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import flashquant as fq
+from flashquant import _dispatch
 
 from .harness import cache_bytes, copies_for
 
@@ -30,6 +31,18 @@ class Case:
 
 def _dt(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
+
+
+def _why_not(backend: str, device: str) -> str | None:
+    """None if flashquant's `backend` can run on `device` on this machine, else the reason."""
+    info = fq.backends()[backend]
+    if not info.available:
+        return info.reason
+    if backend == "cuda" and device != "cuda":
+        return "needs a CUDA device"
+    if backend == "triton" and device != "cuda" and not _dispatch.triton_interpret():
+        return "needs a CUDA device (or the Triton interpreter, TRITON_INTERPRET=1)"
+    return None
 
 
 # ---- quantized matmul --------------------------------------------------------------------------------------
@@ -150,7 +163,6 @@ def _qmm_torch_int4(device, n, k, m, dtype, group=128):
 
 def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
     """shapes: (N = out_features, K = in_features) pairs; ms: token counts."""
-    info = fq.backends()
     out = []
     for n, k in shapes:
         for m in ms:
@@ -173,9 +185,8 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
             for be in backends:
                 for bits, group in ((4, 128), (8, -1)):
                     c = _qmm_flashquant(device, n, k, m, bits, group, be, act)
-                    if not info[be].available:
-                        c.unavailable = info[be].reason
-                    elif be == "cuda" and m > 16:
+                    c.unavailable = _why_not(be, device)
+                    if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
                     cases.append(c)
             for c in cases:
@@ -219,7 +230,6 @@ def prefill_cases(
     dtype=torch.bfloat16,
 ) -> list[Case]:
     out = []
-    info = fq.backends()
     for d in head_dims:
         for s in seqlens:
             for causal in causal_modes:
@@ -245,8 +255,7 @@ def prefill_cases(
                 c = Case(
                     "prefill", group, "flashquant triton", False, shape, _dt(dtype), nbytes, flops, fq_make
                 )
-                if not info["triton"].available or device != "cuda":
-                    c.unavailable = info["triton"].reason if device == "cuda" else "needs a CUDA device"
+                c.unavailable = _why_not("triton", device)
                 out.append(c)
                 for be in ("flash", "cudnn", "efficient"):
 
@@ -264,7 +273,6 @@ def prefill_cases(
                             nbytes,
                             flops,
                             sd_make,
-                            None if device == "cuda" else "needs a CUDA device",
                         )
                     )
 
@@ -287,7 +295,7 @@ def prefill_cases(
                         nbytes,
                         flops,
                         flex_make,
-                        None if device == "cuda" else "needs a CUDA device",
+                        None if device == "cuda" else "benchmarked on CUDA only (CPU compile is slow)",
                     )
                 )
     return out
@@ -305,7 +313,6 @@ def decode_cases(
     page=64,
 ) -> list[Case]:
     out = []
-    info = fq.backends()
     for paged in paged_modes:
         for b in batches:
             for s in cache_lens:
@@ -346,10 +353,7 @@ def decode_cases(
                         4 * b * hq * s * d,
                         fq_make,
                     )
-                    if device != "cuda":
-                        c.unavailable = "needs a CUDA device"
-                    elif not info[be].available:
-                        c.unavailable = info[be].reason
+                    c.unavailable = _why_not(be, device)
                     out.append(c)
 
                 def sdpa_make(make_cache=make_cache, paged=paged):
@@ -380,7 +384,6 @@ def decode_cases(
                         kv_bytes,
                         4 * b * hq * s * d,
                         sdpa_make,
-                        None if device == "cuda" else "needs a CUDA device",
                     )
                 )
     return out
