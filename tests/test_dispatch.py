@@ -55,3 +55,14 @@ def test_import_survives_a_missing_extension():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_auto_fallback_to_the_slow_path_is_logged_once(caplog):
+    _dispatch._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="flashquant"):
+        for _ in range(3):  # "cuda" is unavailable on this CPU-only path: auto must fall back, loudly, once
+            assert (
+                _dispatch.resolve("quant_matmul", "auto", torch.device("cpu"), ("cuda", "torch")) == "torch"
+            )
+    msgs = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(msgs) == 1 and "quant_matmul" in msgs[0]

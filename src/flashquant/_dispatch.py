@@ -109,10 +109,16 @@ def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, 
             auto_order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for name in auto_order:
             if name in supported and _available(name) and _device_ok(name, device):
-                if device.type == "cuda" and name == "torch" and op != "quant_matmul":
-                    _warn_once(f"flashquant.{op}: no fused kernel available on CUDA, using the PyTorch path")
-                return name
-        return "torch"
+                break
+        else:
+            name = "torch"
+        if name == "torch" and auto_order[0] != "torch" and not torch.compiler.is_compiling():
+            # a fused kernel was wanted but cannot run here: say so once instead of hiding a large slowdown
+            missing = ", ".join(f"{b} ({_availability()[b].reason})" for b in auto_order if b != "torch")
+            _warn_once(
+                f"flashquant.{op} on {device.type}: falling back to the PyTorch path; unavailable: {missing}"
+            )
+        return name
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend not in supported:

@@ -31,8 +31,8 @@ INDEX_DTYPES = (torch.int32,)
 # ---- validation -----------------------------------------------------------------------------------------
 def _check_qkv(q, k, v, q_ndim: int, k_what: str):
     check_tensor("q", q, ndim=q_ndim, dtypes=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=k.dim() if isinstance(k, torch.Tensor) else q_ndim, dtypes=FLOAT_DTYPES)
-    check_tensor("v", v, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=q_ndim, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, ndim=q_ndim, dtypes=FLOAT_DTYPES)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     check_shape("v", v, tuple(k.shape), k_what)
@@ -394,7 +394,7 @@ def attention(
     """
     _check_qkv(q, k, v, 4, "(B, Sk, Hkv, D)")
     B, Sq, Hq, D = q.shape
-    if k.dim() != 4 or k.shape[0] != B:
+    if k.shape[0] != B:
         raise ValueError(f"k must have shape (B={B}, Sk, Hkv, D={D}), got {tuple(k.shape)}")
     check_same_device(q=q, k=k, v=v)
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
