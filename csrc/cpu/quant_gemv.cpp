@@ -94,6 +94,8 @@ inline int64_t xq_index(int64_t k, int64_t K) {
   }
 }
 
+constexpr int64_t kPrefetchBytes = 1024;
+
 template <int BITS, int ROWS>
 __attribute__((target("avx2,fma"))) void row_tile_avx2(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* row = p.q + n * p.row_bytes;
@@ -112,6 +114,8 @@ __attribute__((target("avx2,fma"))) void row_tile_avx2(const Problem& p, int64_t
     for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
     int64_t k = k0;
     for (; k + 32 <= k_end; k += 32) {
+      // Software prefetch ~1 KB ahead in the (contiguous) weight stream, which runs on into the next rows.
+      _mm_prefetch(reinterpret_cast<const char*>(row + (k * BITS / 8) + kPrefetchBytes), _MM_HINT_T0);
       __m256i w0, w1;
       if constexpr (BITS == 4) {
         // 16 bytes -> 16 int16 lanes; low nibbles are the even k, high nibbles the odd k of the chunk.
