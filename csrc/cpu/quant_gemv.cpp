@@ -96,6 +96,21 @@ inline int64_t xq_index(int64_t k, int64_t K) {
 
 constexpr int64_t kPrefetchBytes = 1024;
 
+// 32 codes starting at k -> two vectors of 16 int16 lanes in the order xq stores the activations.
+template <int BITS>
+__attribute__((target("avx2"))) inline void decode_chunk(const uint8_t* row, int64_t k, __m256i& w0, __m256i& w1) {
+  if constexpr (BITS == 4) {
+    // 16 bytes -> 16 int16 lanes; low nibbles are the even k, high nibbles the odd k of the chunk.
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+    w0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
+    w1 = _mm256_srli_epi16(b, 4);
+  } else {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+    w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(b));
+    w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1));
+  }
+}
+
 template <int BITS, int ROWS>
 __attribute__((target("avx2,fma"))) void row_tile_avx2(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* row = p.q + n * p.row_bytes;
@@ -107,33 +122,38 @@ __attribute__((target("avx2,fma"))) void row_tile_avx2(const Problem& p, int64_t
     total[r] = _mm256_setzero_ps();
     zero_term[r] = 0.f;
   }
-  const __m256i nibble = _mm256_set1_epi16(0x0F);
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t k0 = g * p.group_size, k_end = k0 + p.group_size;
     __m256i acc[ROWS];
     for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
     int64_t k = k0;
-    for (; k + 32 <= k_end; k += 32) {
-      // Software prefetch ~1 KB ahead in the (contiguous) weight stream, which runs on into the next rows.
+    // Two 32-wide chunks per iteration with separate accumulators: more independent work per loop trip.
+    __m256i acc2[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc2[r] = _mm256_setzero_si256();
+    for (; k + 64 <= k_end; k += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(row + (k * BITS / 8) + kPrefetchBytes), _MM_HINT_T0);
-      __m256i w0, w1;
-      if constexpr (BITS == 4) {
-        // 16 bytes -> 16 int16 lanes; low nibbles are the even k, high nibbles the odd k of the chunk.
-        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
-        w0 = _mm256_and_si256(b, nibble);
-        w1 = _mm256_srli_epi16(b, 4);
-      } else {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-        w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(b));
-        w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1));
-      }
+      __m256i a0, a1, b0, b1;
+      decode_chunk<BITS>(row, k, a0, a1);
+      decode_chunk<BITS>(row, k + 32, b0, b1);
       for (int r = 0; r < ROWS; ++r) {
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[r] + k));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[r] + k + 16));
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w0, x0));
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w1, x1));
+        const int16_t* xk = xq[r] + k;
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk))));
+        acc2[r] = _mm256_add_epi32(acc2[r], _mm256_madd_epi16(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 16))));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(b0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 32))));
+        acc2[r] = _mm256_add_epi32(acc2[r], _mm256_madd_epi16(b1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 48))));
       }
     }
+    for (; k + 32 <= k_end; k += 32) {  // groups of 32, or the odd chunk of a group
+      _mm_prefetch(reinterpret_cast<const char*>(row + (k * BITS / 8) + kPrefetchBytes), _MM_HINT_T0);
+      __m256i w0, w1;
+      decode_chunk<BITS>(row, k, w0, w1);
+      for (int r = 0; r < ROWS; ++r) {
+        const int16_t* xk = xq[r] + k;
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk))));
+        acc2[r] = _mm256_add_epi32(acc2[r], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 16))));
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_add_epi32(acc[r], acc2[r]);
     const float scale = p.scales[n * p.G + g];
     const float zero = p.zeros ? p.zeros[n * p.G + g] : p.default_zero;
     for (int r = 0; r < ROWS; ++r) {

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flashquant as fq
+from flashquant.attention import append_kv
 from flashquant.nn import quantize_model
 
 
@@ -171,8 +172,6 @@ class Attention(nn.Module):
             # prefill of a fresh cache: plain causal attention (right-padded prompts never see their padding),
             # then store K/V; padding slots are overwritten by the following decode steps.
             out = fq.attention(q, k, v, causal=True, backend=backend)
-            from flashquant.attention import append_kv
-
             append_kv(
                 cache.k[self.layer_idx], cache.v[self.layer_idx], cache.seqlens, k, v, cache.block_table
             )
