@@ -66,3 +66,11 @@ def test_auto_fallback_to_the_slow_path_is_logged_once(caplog):
             )
     msgs = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
     assert len(msgs) == 1 and "quant_matmul" in msgs[0]
+
+
+def test_cli_check_runs_every_op_against_its_reference():
+    out = subprocess.run([sys.executable, "-m", "flashquant"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for op in ("attention", "attention_varlen", "attention_with_kvcache", "quant_matmul"):
+        assert f"{op}" in out.stdout
+    assert "MISMATCH" not in out.stdout and " ok" in out.stdout
