@@ -28,6 +28,12 @@ __all__ = ["attention", "attention_varlen", "attention_with_kvcache"]
 INDEX_DTYPES = (torch.int32,)
 
 
+def _lse_out(lse: torch.Tensor | None, return_lse: bool, like: torch.Tensor) -> torch.Tensor:
+    """The ops always return an lse tensor (custom ops need a fixed output arity): the real one when asked
+    for, else an empty fp32 placeholder."""
+    return lse if return_lse and lse is not None else like.new_empty((0,), dtype=torch.float32)
+
+
 # ---- validation -----------------------------------------------------------------------------------------
 def _check_qkv(q, k, v, q_ndim: int, k_what: str):
     check_tensor("q", q, ndim=q_ndim, dtypes=FLOAT_DTYPES)
@@ -91,7 +97,7 @@ def _masked_attention_torch(q, k, v, mask, scale, softcap, return_lse):
         if mask is not None:  # rows with no visible key: zeros, never NaN
             empty = ~mask.any(-1)  # (Sq,) or (B, Sq)
             out = out.masked_fill(empty[..., None, None], 0)
-        return out, q.new_empty((0,), dtype=torch.float32)
+        return out, _lse_out(None, False, q)
     # softcap / lse: explicit fp32 math, query heads grouped per KV head (no K/V repeat), chunked over Sq.
     G = Hq // Hkv
     kf = k.float().permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, Sk, D)
@@ -113,7 +119,7 @@ def _masked_attention_torch(q, k, v, mask, scale, softcap, return_lse):
         o = p @ vf  # (B, Hkv, G, sq, D)
         out[:, s0:s1] = o.permute(0, 3, 1, 2, 4).reshape(B, s1 - s0, Hq, D).to(q.dtype)
         lse[:, :, s0:s1] = lse_c.reshape(B, Hq, s1 - s0)
-    return out, (lse if return_lse else q.new_empty((0,), dtype=torch.float32))
+    return out, _lse_out(lse, return_lse, q)
 
 
 def _dense_mask(sq, sk, causal, left, right, device):
@@ -177,7 +183,7 @@ def _attention_impl(
     window = (window_left, window_right)
     if backend == "reference":
         out, lse = ref.attention_ref(q, k, v, causal, softmax_scale, window, softcap)
-        return out, lse if return_lse else lse.new_empty((0,))
+        return out, _lse_out(lse, return_lse, q)
     if backend == "triton":
         from .kernels import attention as tri
 
@@ -189,10 +195,15 @@ def _attention_impl(
 _attention_op = torch.library.custom_op("flashquant::attention", _attention_impl, mutates_args=())
 
 
-@_attention_op.register_fake
-def _(q, k, v, causal, softmax_scale, window_left, window_right, softcap, return_lse, backend):
+def _dense_fake(q, return_lse):
+    """Output metadata of the (B, Sq, Hq, D) ops: out like q, lse (B, Hq, Sq) fp32 or the empty placeholder."""
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, softmax_scale, window_left, window_right, softcap, return_lse, backend):
+    return _dense_fake(q, return_lse)
 
 
 def _attention_varlen_impl(
@@ -216,7 +227,7 @@ def _attention_varlen_impl(
         out, lse = ref.attention_varlen_ref(
             q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window, softcap
         )
-        return out, lse if return_lse else lse.new_empty((0,))
+        return out, _lse_out(lse, return_lse, q)
     if backend == "triton":
         from .kernels import attention as tri
 
@@ -248,7 +259,7 @@ def _attention_varlen_impl(
         out[qs:qe] = o[0]
         if return_lse:
             lse[:, qs:qe] = lse_b[0]
-    return out, lse if return_lse else lse.new_empty((0,))
+    return out, _lse_out(lse, return_lse, q)
 
 
 _attention_varlen_op = torch.library.custom_op(
@@ -300,7 +311,7 @@ def _attention_kvcache_impl(
         out, lse = ref.attention_kvcache_ref(
             q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, softmax_scale, window, softcap
         )
-        return out, lse if return_lse else lse.new_empty((0,))
+        return out, _lse_out(lse, return_lse, q)
     if k is not None:
         append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
     seqlens_k = cache_seqlens if k is None else cache_seqlens + k.shape[1]
@@ -324,7 +335,7 @@ def _attention_kvcache_impl(
         out = torch.ops.flashquant.decode_attention_packed(
             q[:, 0], k_cache, v_cache, seqlens_k.to(torch.int32), block_table, softmax_scale, num_splits
         )
-        return out[:, None], q.new_empty((0,), dtype=torch.float32)
+        return out[:, None], _lse_out(None, False, q)
     return _kvcache_torch(
         q,
         k_cache,
@@ -363,8 +374,7 @@ def _(
     num_splits,
     backend,
 ):
-    B, Sq, Hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+    return _dense_fake(q, return_lse)
 
 
 # ---- public API -----------------------------------------------------------------------------------------

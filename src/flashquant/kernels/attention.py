@@ -13,11 +13,11 @@ Semantics (masks, empty rows -> 0 with lse -inf) are those of flashquant.referen
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from . import num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -281,13 +281,6 @@ MAX_HEAD_DIM = 256
 MAX_SPLITS = 128
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # interpreter: small, so the tests exercise split-KV
-
-
 def _block_d(q: torch.Tensor) -> int:
     d = q.shape[-1]
     if d > MAX_HEAD_DIM or d == 0:
@@ -317,7 +310,7 @@ def choose_num_splits(device, work_programs: int, capacity: int, block_n: int) -
     syncs and a CUDA graph replays the same launch."""
     if work_programs <= 0 or capacity <= 0:
         return 1
-    want = triton.cdiv(2 * _num_sms(device), work_programs)
+    want = triton.cdiv(2 * num_sms(device, 8), work_programs)
     return max(1, min(want, triton.cdiv(capacity, 2 * block_n), MAX_SPLITS))
 
 

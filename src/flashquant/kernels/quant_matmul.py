@@ -14,11 +14,11 @@ Packed format: flashquant.quant.QuantizedWeight.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from . import num_sms
 
 
 @triton.jit
@@ -108,13 +108,6 @@ def _config(m: int):
     raise AssertionError  # unreachable: the last bound is effectively infinite
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so tests exercise split-K
-
-
 def quant_matmul_triton(
     x, qdata, scales, zeros, bits, group_size, split_k: int | None = None, config: tuple | None = None
 ):
@@ -135,7 +128,9 @@ def quant_matmul_triton(
     k_tiles = triton.cdiv(K, block_k)
     grid_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if split_k is None:  # fill ~2 waves of SMs for decode-sized M
-        split_k = 1 if M > 64 else max(1, min(triton.cdiv(2 * _num_sms(x.device), grid_mn), k_tiles // 4, 16))
+        split_k = (
+            1 if M > 64 else max(1, min(triton.cdiv(2 * num_sms(x.device, 4), grid_mn), k_tiles // 4, 16))
+        )
     tiles_per_split = triton.cdiv(k_tiles, split_k)
     split_k = triton.cdiv(k_tiles, tiles_per_split)
     if split_k > 1:
