@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session should do, in as few device calls as possible (see .library/device/METHOD.md):
 #   bash scripts/gpu_session.sh build tests        # call 1: build with CUDA, GPU tests, memcheck
-#   bash scripts/gpu_session.sh bench demo         # call 2: benchmarks (llama3-8b preset) + the 8B demo
-# Writes at most 8 files into $OUT (default ./out): build.log, tests.txt, memcheck.txt, bench.txt,
-# <preset>.json, plots, demo.txt/demo.json. Uses the machine's torch/triton; installs nothing from the network.
+#   bash scripts/gpu_session.sh tune               # call 2: measure launch configs (python -m flashquant tune,
+#                                                  #   Triton only: needs no build); commit the returned
+#                                                  #   $OUT/<device>.json into src/flashquant/kernels/tuned/
+#   bash scripts/gpu_session.sh build bench demo   # call 3: benchmarks (llama3-8b preset) + the 8B demo
+# A call may land on a fresh machine (each is given back 30 s after a call), so every call that needs the CUDA
+# extension starts with `build`. Writes at most 8 files into $OUT (default ./out): build.log, tests.txt,
+# memcheck.txt, bench.txt, <preset>.json, plots, demo.txt/demo.json; tune.txt and <device>.json for `tune`.
+# Uses the machine's torch/triton; installs nothing from the network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}  # stages that need no build import from the tree
 stages=${*:-build tests bench demo}
 
 for stage in $stages; do
@@ -28,6 +34,10 @@ for stage in $stages; do
         -k "bits-4 or flash_decoding" -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/memcheck.txt"
     fi
     ;;
+  tune)  # every key within ~9 minutes; the table also lands in the package dir for later stages of this call
+    $PY -m flashquant tune --out src/flashquant/kernels/tuned --max-minutes 8.5 2>&1 | tee "$OUT/tune.txt"
+    cp src/flashquant/kernels/tuned/*.json "$OUT/" 2>/dev/null
+    ;;
   bench)
     $PY -m flashquant.bench --llama3-8b --out "$OUT" 2>&1 | tail -400 > "$OUT/bench.txt"
     $PY -m flashquant.bench --quick --graph --ops quant_matmul decode --out "$OUT" --no-plots 2>&1 \
@@ -36,6 +46,6 @@ for stage in $stages; do
   demo)
     $PY -m flashquant demo --json "$OUT/demo.json" 2>&1 | grep -v "decode:" | tail -30 | tee "$OUT/demo.txt"
     ;;
-  *) echo "unknown stage $stage (build, tests, bench, demo)"; exit 2 ;;
+  *) echo "unknown stage $stage (build, tests, tune, bench, demo)"; exit 2 ;;
   esac
 done

@@ -1,5 +1,6 @@
 """python -m flashquant            backends available here + every op once against its reference
 python -m flashquant demo [...]    the end-to-end Llama demo (see flashquant.demo)
+python -m flashquant tune [...]    measure and store this GPU's Triton launch configs (see flashquant.tune)
 python -m flashquant.bench [...]   the benchmark suite
 """
 
@@ -70,6 +71,10 @@ def main(argv: list[str]) -> int:
         from flashquant.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "tune":
+        from flashquant.tune import main as tune_main
+
+        return tune_main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

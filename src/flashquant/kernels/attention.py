@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import num_sms
+from . import configs, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -271,12 +271,9 @@ def _combine_kernel(
 
 
 # ---- launch configs ---------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head_dim bucket: PREFILL for many rows per KV head, DECODE for
-# the few rows (Sq * group <= 64) of decoding, where BLOCK_M is the rows rounded up to a tl.dot-able 16+.
-# Starting points from the FlashAttention-2 / Triton-tutorial settings for sm80/sm90, not yet tuned on a real
-# H100 (see the issue notes). Fixed per bucket: nothing is re-tuned per sequence length.
-_PREFILL = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
-_DECODE = {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)}  # (BLOCK_N, num_warps, num_stages)
+# Per head_dim bucket, from configs.py (built-in defaults or this device's tuned table): "prefill" for many rows
+# per KV head, "decode" for the few rows (Sq * group <= 64) of decoding, where BLOCK_M is the rows rounded up
+# to a tl.dot-able 16+. Chosen per bucket: nothing is re-tuned per sequence length.
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 128
 
@@ -296,12 +293,13 @@ def _block_d(q: torch.Tensor) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _config(block_d: int, rows: int) -> tuple[int, int, int, int]:
-    bucket = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+def _config(device, block_d: int, rows: int, override=None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); `override` replaces the table entry (the tuner)."""
+    bucket = configs.head_dim_bucket(block_d)
     if rows <= 64:
-        block_n, warps, stages = _DECODE[bucket]
+        block_n, warps, stages = override or configs.lookup(device, f"attention.decode.d{bucket}")
         return max(16, triton.next_power_of_2(rows)), block_n, warps, stages
-    return _PREFILL[bucket]
+    return tuple(override or configs.lookup(device, f"attention.prefill.d{bucket}"))
 
 
 def choose_num_splits(device, work_programs: int, capacity: int, block_n: int) -> int:
@@ -335,6 +333,7 @@ def _forward(
     block_table=None,
     capacity=0,
     num_splits=1,
+    config=None,
 ):
     """Validate, allocate, pick the launch config and launch (plus the LSE merge when splitting the keys).
     mode 0: dense (B, S, H, D); 1: varlen (total, H, D) with cu_seqlens; 2: KV cache with seqlens_k."""
@@ -347,7 +346,7 @@ def _forward(
     hq, d = q.shape[-2], q.shape[-1]
     hkv = k.shape[-2]
     group = hq // hkv
-    block_m, block_n, warps, stages = _config(block_d, seqlen_q * group)
+    block_m, block_n, warps, stages = _config(q.device, block_d, seqlen_q * group, config)
     grid_m = triton.cdiv(seqlen_q * group, block_m)
     split_size = 0
     if mode == 2:
@@ -393,12 +392,13 @@ def _forward(
     return out, lse if lse is not None else empty_lse
 
 
-def attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse):
-    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out, lse (B, Hq, Sq) or empty)."""
+def attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse, config=None):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out, lse (B, Hq, Sq) or empty). `config` overrides the
+    table entry (tuner, tests)."""
     B, Sq, Hq, _ = q.shape
     return _forward(q, k, v, mode=0, seqlen_q=Sq, seqlen_k=k.shape[1], batch=B, causal=causal,
                     softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
-                    lse_shape=(B, Hq, Sq))  # fmt: skip
+                    lse_shape=(B, Hq, Sq), config=config)  # fmt: skip
 
 
 def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, causal, softmax_scale, window, softcap, return_lse):
@@ -410,7 +410,7 @@ def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, causal, softmax_scale, w
 
 
 def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window, softcap,
-                      return_lse, num_splits):  # fmt: skip
+                      return_lse, num_splits, config=None):  # fmt: skip
     """q (B, Sq, Hq, D) over the first seqlens_k[b] keys of each cache (new tokens already appended).
     num_splits: split-KV factor, 0 = chosen from the cache capacity."""
     B, Sq, Hq, _ = q.shape
@@ -424,4 +424,4 @@ def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softm
     return _forward(q, k_cache, v_cache, mode=2, seqlen_q=Sq, seqlen_k=0, batch=B, causal=causal,
                     softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
                     lse_shape=(B, Hq, Sq), seqlens_k=seqlens_k.to(torch.int32), block_table=block_table,
-                    capacity=capacity, num_splits=num_splits)  # fmt: skip
+                    capacity=capacity, num_splits=num_splits, config=config)  # fmt: skip

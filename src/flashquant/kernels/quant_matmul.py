@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import num_sms
+from . import configs, num_sms
 
 
 @triton.jit
@@ -96,16 +96,8 @@ def _qmm_kernel(
     tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
-# ---- launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by M bucket ------------------------
-# Starting points from gemlite/Marlin-style settings for sm80/sm90; not yet tuned on a real H100.
-_CONFIGS = {16: (16, 64, 128, 4, 4), 64: (64, 64, 64, 4, 3), 1 << 30: (128, 128, 64, 8, 3)}
-
-
-def _config(m: int):
-    for bound, cfg in _CONFIGS.items():
-        if m <= bound:
-            return cfg
-    raise AssertionError  # unreachable: the last bound is effectively infinite
+# ---- launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bits and M bucket, from configs.py
+# (built-in defaults or this device's tuned table).
 
 
 def quant_matmul_triton(
@@ -118,7 +110,9 @@ def quant_matmul_triton(
     x = x.contiguous()
     M, K = x.shape
     N = qdata.shape[0]
-    block_m, block_n, block_k, warps, stages = config or _config(M)
+    block_m, block_n, block_k, warps, stages = config or configs.lookup(
+        x.device, f"quant_matmul.int{bits}.{configs.m_bucket(M)}"
+    )
     # BLOCK_K must not straddle a quantization group (one scale per tile): a power of two dividing group_size.
     while group_size % block_k and block_k > 16:
         block_k //= 2

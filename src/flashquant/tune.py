@@ -1,0 +1,304 @@
+"""python -m flashquant tune: choose the Triton kernels' launch configs on this device by measurement.
+
+For every config key (see flashquant/kernels/configs.py) it runs each candidate config on a representative
+Llama-3 shape, rejects candidates that fail to compile or whose error against the fp32 reference exceeds
+twice the default config's (plus one output rounding), times the rest with the benchmark harness (CUDA events;
+quantized weights rotated past the L2 cache), and writes the fastest per key, with the default's time beside
+it, to ``<out>/<device>.json``. Keys it did not reach before ``--max-minutes`` keep the default. The launchers
+pick the table up on the next process start (see configs.py for where they look).
+
+  python -m flashquant tune                          # every key, full candidate sets, on the GPU
+  python -m flashquant tune --keys 'attention.*'     # a subset (fnmatch patterns), merged into the table
+  python -m flashquant tune --quick --out DIR        # tiny shapes, two candidates a key: a dry run that also
+                                                     # works on a CPU under the Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# bf16 on a GPU (the Llama default); the interpreter cannot do bf16 arithmetic, so fp16 there.
+_ROUNDING = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-20}
+
+
+@dataclasses.dataclass
+class Task:
+    key: str
+    shape: str
+    candidates: list[tuple[int, ...]]
+    run: Callable[[tuple[int, ...] | None], list[torch.Tensor]]  # config -> outputs (one per sampled shape)
+    refs: list[torch.Tensor]  # fp32 reference outputs, same order
+    timed: Callable[[tuple[int, ...]], list[tuple[Callable, list[tuple]]]]  # config -> [(fn, rotated inputs)]
+
+
+def _attention_tasks(device, dtype, quick: bool) -> list[Task]:
+    from .kernels import attention as tri
+    from .kernels import configs
+    from .reference import attention as ref
+
+    tasks = []
+    for d in (64, 128, 256):
+        # prefill: Llama-3-8B heads (32 query / 8 KV), causal, 4k tokens
+        b, s, hq, hkv = (1, 80, 4, 2) if quick else (1, 4096, 32, 8)
+        q = torch.randn(b, s, hq, d, device=device, dtype=dtype)
+        k, v = (torch.randn(b, s, hkv, d, device=device, dtype=dtype) for _ in range(2))
+        scale = 1.0 / math.sqrt(d)
+
+        def prefill(cfg, q=q, k=k, v=v, scale=scale):
+            return tri.attention_dense(q, k, v, True, scale, (-1, -1), 0.0, False, config=cfg)[0]
+
+        full = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+        tasks.append(
+            Task(
+                f"attention.prefill.d{d}",
+                f"B={b} S={s} Hq={hq} Hkv={hkv} D={d} causal",
+                _candidates(configs.DEFAULTS[f"attention.prefill.d{d}"], full, quick),
+                lambda cfg, f=prefill: [f(cfg)],
+                [ref.attention_ref(q.float(), k.float(), v.float(), causal=True)[0]],
+                lambda cfg, f=prefill, q=q: [(lambda: f(cfg), [()])],
+            )
+        )
+        # decode: one new token per sequence against a full 8k cache (batch 8), the flash-decoding regime
+        b, cap, hq, hkv = (2, 96, 4, 2) if quick else (8, 8192, 32, 8)
+        q1 = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
+        kc, vc = (torch.randn(b, cap, hkv, d, device=device, dtype=dtype) for _ in range(2))
+        lens = torch.full((b,), cap, dtype=torch.int32, device=device)
+
+        def decode(cfg, q1=q1, kc=kc, vc=vc, lens=lens, scale=scale):
+            return tri.attention_kvcache(
+                q1, kc, vc, lens, None, True, scale, (-1, -1), 0.0, False, 0, config=cfg
+            )[0]
+
+        full = list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)))
+        tasks.append(
+            Task(
+                f"attention.decode.d{d}",
+                f"B={b} Sq=1 cache={cap} Hq={hq} Hkv={hkv} D={d}",
+                _candidates(configs.DEFAULTS[f"attention.decode.d{d}"], full, quick),
+                lambda cfg, f=decode: [f(cfg)],
+                [ref.attention_ref(q1.float(), kc.float(), vc.float(), causal=True)[0]],
+                lambda cfg, f=decode: [(lambda: f(cfg), [()])],
+            )
+        )
+    return tasks
+
+
+def _quant_matmul_tasks(device, dtype, quick: bool) -> list[Task]:
+    from . import quant as fq
+    from .bench.harness import cache_bytes, copies_for
+    from .kernels import configs
+    from .kernels.quant_matmul import quant_matmul_triton
+    from .reference.quant import quant_matmul_ref
+
+    n, k, group = (72, 256, 128) if quick else (14336, 4096, 128)  # Llama-3-8B gate/up projection, g128
+    ms = {"m16": (1, 16), "m64": (32, 64), "mbig": (512, 4096)}
+    if quick:
+        ms = {"m16": (3,), "m64": (40,), "mbig": (80,)}
+    full = {
+        "m16": itertools.product((16,), (32, 64, 128), (64, 128), (2, 4, 8), (2, 4)),
+        "m64": itertools.product((32, 64), (64, 128), (64, 128), (4,), (2, 3, 4)),
+        "mbig": itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4)),
+    }
+    full = {b: list(c) for b, c in full.items()}
+    tasks = []
+    for bits in (4, 8):
+        qw = fq.quantize(torch.randn(n, k, device=device, dtype=dtype), bits, group)
+        n_copies = 1 if quick else copies_for(qw.nbytes, cache_bytes(device.type))
+        copies = [qw] + [
+            fq.QuantizedWeight(qw.qdata.clone(), qw.scales.clone(), None, bits, group, qw.shape, dtype)
+            for _ in range(n_copies - 1)
+        ]
+        for bucket, m_list in ms.items():
+            xs = [torch.randn(m, k, device=device, dtype=dtype) for m in m_list]
+
+            def run(cfg, xs=xs, qw=qw, bits=bits):
+                return [
+                    quant_matmul_triton(x, qw.qdata, qw.scales, None, bits, group, config=cfg) for x in xs
+                ]
+
+            def timed(cfg, xs=xs, bits=bits, copies=copies):
+                fn = lambda x, w: quant_matmul_triton(x, w.qdata, w.scales, None, bits, group, config=cfg)
+                return [(fn, [(x, w) for w in copies]) for x in xs]
+
+            codes = qw.codes()
+            tasks.append(
+                Task(
+                    f"quant_matmul.int{bits}.{bucket}",
+                    f"N={n} K={k} g{group} M in {m_list}",
+                    _candidates(configs.DEFAULTS[f"quant_matmul.int{bits}.{bucket}"], full[bucket], quick),
+                    run,
+                    [quant_matmul_ref(x.float(), codes, qw.scales.float(), None, bits, group) for x in xs],
+                    timed,
+                )
+            )
+    return tasks
+
+
+def _candidates(default, full, quick):
+    """The default first (it is the baseline), then the rest; --quick keeps one more, to exercise the choice."""
+    rest = [tuple(c) for c in full if tuple(c) != tuple(default)]
+    return [tuple(default), *(rest[:1] if quick else rest)]
+
+
+def _max_err(outs, refs) -> float:
+    errs = [float((o.float() - r).abs().max()) if o.numel() else 0.0 for o, r in zip(outs, refs)]
+    if any(math.isnan(e) for e in errs):
+        return math.inf
+    return max(errs)
+
+
+def _time(device, timed_pairs, quick: bool) -> float:
+    """Geometric mean over the sampled shapes of the median time (ms)."""
+    from .bench.harness import time_cpu, time_cuda
+
+    logs = []
+    for fn, inputs in timed_pairs:
+        if device.type == "cuda":
+            t = time_cuda(fn, inputs, warmup=5, reps=30)
+        else:
+            t = time_cpu(fn, inputs, warmup=0, reps=1 if quick else 5)
+        logs.append(math.log(max(t.median_ms, 1e-6)))
+    return math.exp(sum(logs) / len(logs))
+
+
+def tune_task(task: Task, device, dtype, quick: bool = False, log=print) -> dict:
+    scale = max(float(r.abs().max()) for r in task.refs) or 1.0
+    floor = 2 * _ROUNDING[dtype] * scale
+    results, rejected = [], {}
+    tol = None
+    for i, cfg in enumerate(task.candidates):
+        try:
+            err = _max_err(task.run(cfg), task.refs)
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile (shared memory, registers) is skipped
+            rejected[str(list(cfg))] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            continue
+        if (
+            tol is None
+        ):  # the first candidate is the default: its error sets the bar (or, failing, 4 roundings)
+            tol = 2 * err + floor if i == 0 else 4 * floor
+        if not err <= tol:
+            rejected[str(list(cfg))] = f"error {err:.3g} > {tol:.3g}"
+            continue
+        results.append((_time(device, task.timed(cfg), quick), cfg, err))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    default = task.candidates[0]
+    default_ms = next((ms for ms, cfg, _ in results if cfg == default), None)
+    entry = {
+        "shape": task.shape,
+        "default": list(default),
+        "default_ms": default_ms,
+        "tried": len(task.candidates),
+    }
+    if rejected:
+        entry["rejected"] = rejected
+    if not results:
+        log(f"  {task.key}: every candidate failed; keeping the default")
+        return entry
+    best_ms, best, best_err = min(results, key=lambda r: r[0])
+    entry.update(config=list(best), ms=round(best_ms, 5), max_err=best_err)
+    if default_ms:
+        entry["default_ms"] = round(default_ms, 5)
+        entry["speedup_vs_default"] = round(default_ms / best_ms, 3)
+    log(
+        f"  {task.key:32s} {list(best)!s:24s} {best_ms:9.4f} ms"
+        + (
+            f"  (default {list(default)} {default_ms:.4f} ms, {default_ms / best_ms:.2f}x)"
+            if default_ms
+            else ""
+        )
+        + f"  [{len(results)} ok, {len(rejected)} rejected]"
+    )
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flashquant tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--keys", nargs="*", default=["*"], help="fnmatch patterns of config keys (default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and two candidates per key (a dry run)")
+    p.add_argument("--out", type=Path, default=None, help="directory for <device>.json (default: user cache)")
+    p.add_argument("--max-minutes", type=float, default=9.0, help="stop starting new keys after this long")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and args.out is None:
+        print("no CUDA device: interpreter timings say nothing about a GPU, so pass --out DIR for a dry run")
+        return 2
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be chosen before triton is imported (importing flashquant already did): re-exec.
+        print("no CUDA device: re-running under the Triton interpreter (TRITON_INTERPRET=1)", flush=True)
+        cmd = [sys.executable, "-m", "flashquant", "tune", *argv]
+        os.execve(sys.executable, cmd, {**os.environ, "TRITON_INTERPRET": "1"})
+    from .kernels import configs
+
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float16
+    out_dir = args.out or configs.user_dir()
+    key = configs.device_key(device)
+    unknown = [pat for pat in args.keys if not fnmatch.filter(configs.DEFAULTS, pat)]
+    if unknown:
+        print(f"no config key matches {unknown}; keys are: {', '.join(configs.DEFAULTS)}")
+        return 2
+
+    wanted = lambda name: any(fnmatch.fnmatch(name, pat) for pat in args.keys)
+    torch.manual_seed(0)
+    builders = {"attention": _attention_tasks, "quant_matmul": _quant_matmul_tasks}
+    path = out_dir / f"{key}.json"
+    table = json.loads(path.read_text()) if path.is_file() else {"configs": {}}
+    print(f"tuning on {key} ({dtype}), writing {path}")
+    start = time.monotonic()
+    skipped = []
+    for op, build in builders.items():
+        if not any(wanted(name) for name in configs.DEFAULTS if name.startswith(op)):
+            continue
+        for task in build(device, dtype, args.quick):
+            if not wanted(task.key):
+                continue
+            if time.monotonic() - start > 60 * args.max_minutes:
+                skipped.append(task.key)
+                continue
+            table["configs"][task.key] = tune_task(task, device, dtype, args.quick)
+    table.update(_environment(device, dtype, args.quick))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    configs.clear_cache()
+    if skipped:
+        print(
+            f"out of time (--max-minutes {args.max_minutes}); not tuned, still default: {', '.join(skipped)}"
+        )
+    print(f"wrote {path}")
+    return 0
+
+
+def _environment(device, dtype, quick: bool) -> dict:
+    import triton
+
+    from .bench.harness import _git_commit
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "Triton interpreter (CPU)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": str(dtype).replace("torch.", ""),
+        "quick": quick,
+        "git_commit": _git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
