@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 
@@ -57,15 +58,27 @@ def test_import_survives_a_missing_extension():
     assert out.returncode == 0, out.stderr
 
 
-def test_auto_fallback_to_the_slow_path_is_logged_once(caplog):
+def test_auto_fallback_to_the_slow_path_is_logged_once(caplog, monkeypatch):
+    """Without the C++ extension, quant_matmul on a CPU falls back to dequantize + F.linear: loudly, once."""
+    info = dict(_dispatch.backends())
+    info["cpu"] = dataclasses.replace(info["cpu"], available=False, reason="flashquant._C failed to import")
+    monkeypatch.setattr(_dispatch, "_availability", lambda: info)
     _dispatch._warn_once.cache_clear()
     with caplog.at_level("WARNING", logger="flashquant"):
-        for _ in range(3):  # "cuda" is unavailable on this CPU-only path: auto must fall back, loudly, once
-            assert (
-                _dispatch.resolve("quant_matmul", "auto", torch.device("cpu"), ("cuda", "torch")) == "torch"
-            )
+        for _ in range(3):
+            assert _dispatch.resolve("quant_matmul", "auto", torch.device("cpu"), ("cpu", "torch")) == "torch"
     msgs = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
-    assert len(msgs) == 1 and "quant_matmul" in msgs[0]
+    assert len(msgs) == 1 and "quant_matmul" in msgs[0] and "_C failed to import" in msgs[0]
+
+
+def test_pytorch_attention_on_cpu_is_the_plan_not_a_fallback(caplog):
+    """Attention has no CPU kernel: auto picks SDPA there without a fallback warning."""
+    _dispatch._warn_once.cache_clear()
+    q = torch.randn(1, 5, 4, 16)
+    with caplog.at_level("WARNING", logger="flashquant"):
+        assert _dispatch.resolve("attention", "auto", q.device) == "torch"
+        fq.attention(q, q[:, :, :2], q[:, :, :2], causal=True)
+    assert not [r for r in caplog.records if "falling back" in r.getMessage()]
 
 
 def test_cli_check_runs_every_op_against_its_reference():

@@ -112,9 +112,16 @@ def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, 
                 break
         else:
             name = "torch"
-        if name == "torch" and auto_order[0] != "torch" and not torch.compiler.is_compiling():
+        # Kernels this op has for this device type that auto wanted; the PyTorch path is the plan, not a
+        # fallback, when there are none (attention on a CPU).
+        wanted = [
+            b
+            for b in auto_order
+            if b != "torch" and b in supported and device.type in _availability()[b].devices
+        ]
+        if name == "torch" and wanted and auto_order[0] != "torch" and not torch.compiler.is_compiling():
             # a fused kernel was wanted but cannot run here: say so once instead of hiding a large slowdown
-            missing = ", ".join(f"{b} ({_availability()[b].reason})" for b in auto_order if b != "torch")
+            missing = ", ".join(f"{b} ({_availability()[b].reason})" for b in wanted)
             _warn_once(
                 f"flashquant.{op} on {device.type}: falling back to the PyTorch path; unavailable: {missing}"
             )

@@ -76,6 +76,22 @@ def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.double().pow(2).sum() / noise)) if noise > 0 else float("inf")
 
 
+def markdown(run: dict) -> str:
+    """The results table of a `--json` run, as markdown (for the README)."""
+    n = run["args"]["new_tokens"]
+    graphed = any("decode_tok_s_graph" in r for r in run["results"])
+    head = "| variant | prefill tok/s | decode tok/s |" + (" graphed tok/s |" if graphed else "")
+    head += " ms/token | weights GB | logit SQNR dB vs fp32 | greedy tokens = fp32 |"
+    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
+    for r in run["results"]:
+        g = f" {r['decode_tok_s_graph']:.2f} |" if "decode_tok_s_graph" in r else (" - |" if graphed else "")
+        lines.append(
+            f"| {r['name']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |{g} {r['ms_per_token']:.2f} | "
+            f"{r['weight_gb']:.3f} | {r['sqnr_db']:.1f} | {r['same_tokens']}/{n} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="python -m flashquant demo", description=__doc__)
@@ -88,7 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results table to this JSON file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-graph", action="store_true", help="on CUDA, skip the CUDA-graph decode measurement")
+    ap.add_argument(
+        "--markdown", metavar="RUN.json", help="print the results table of a --json run as markdown"
+    )
     args = ap.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return 0
 
     device = "cuda" if cuda else "cpu"
     cfg = config_from_preset(args.preset, num_layers=args.layers)

@@ -134,12 +134,21 @@ def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
     )
 
 
-def _auto_order(device: torch.device, m: int, cuda_ok: bool = True) -> tuple[str, ...]:
+# Where the C++ CPU kernel stops winning, measured on the 2-core AVX2 machine (bench/NOTES.md, "CPU crossover").
+# It re-decodes the weights once per 4-row tile, so its cost grows with M, while the torch path dequantizes once
+# (~0.1 s for 4096x4096) and calls BLAS. In fp32, BLAS overtakes it above M ~ 384 (int4) / ~ 768 (int8); in
+# fp16/bf16 (no native half FMA in CPU BLAS here) the kernel was 3-5x faster at every M measured, up to 1024.
+CPU_KERNEL_MAX_M_FP32 = {4: 384, 8: 768}
+
+
+def _auto_order(
+    device: torch.device, m: int, dtype: torch.dtype, bits: int, cuda_ok: bool = True
+) -> tuple[str, ...]:
     if device.type == "cuda":
         return ("cuda", "triton", "torch") if m <= 16 and cuda_ok else ("triton", "torch")
-    # The C++ kernel dequantizes once per tile of 4 rows: it wins for decode-sized M, the dequantize +
-    # BLAS path wins once the GEMM work dominates (see bench/ for the crossover).
-    return ("cpu", "torch") if m <= 16 else ("torch",)
+    if dtype == torch.float32 and m > CPU_KERNEL_MAX_M_FP32[bits]:
+        return ("torch",)
+    return ("cpu", "torch")
 
 
 def quant_matmul(
@@ -173,7 +182,9 @@ def quant_matmul(
             raise ValueError(f"x is on {x.device} but {name} is on {t.device}; move them to one device")
     x2 = x.reshape(-1, K)
     cuda_ok = cuda_supports(x2, qweight)
-    name = _dispatch.resolve("quant_matmul", backend, x.device, _auto_order(x.device, x2.shape[0], cuda_ok))
+    name = _dispatch.resolve(
+        "quant_matmul", backend, x.device, _auto_order(x.device, x2.shape[0], x.dtype, qweight.bits, cuda_ok)
+    )
     if name == "cuda" and not cuda_ok:
         raise ValueError(
             f"backend='cuda' quant_matmul needs 1 <= M <= 16, K and group_size multiples of 32 and "

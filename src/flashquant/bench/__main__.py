@@ -1,5 +1,5 @@
-"""python -m flashquant.bench [--quick | --llama3-8b | --llama3-70b | --preset smoke] [--ops ...] [--out DIR]
-                             [--graph] [--reps N] [--compare OLD.json NEW.json] [--markdown RUN.json]
+"""python -m flashquant.bench [--quick | --llama3-8b | --llama3-70b | --preset smoke|crossover] [--ops ...]
+                             [--out DIR] [--graph] [--reps N] [--compare OLD.json NEW.json] [--markdown RUN.json]
 
 Runs flashquant's kernels next to their anchors (what you would use instead) in one run, prints a table,
 and writes JSON + PNG plots to bench/results/<device>/ (or --out)."""
@@ -32,7 +32,9 @@ def main(argv=None) -> int:
     g.add_argument("--quick", dest="preset", action="store_const", const="quick")
     g.add_argument("--llama3-8b", dest="preset", action="store_const", const="llama3-8b")
     g.add_argument("--llama3-70b", dest="preset", action="store_const", const="llama3-70b")
-    g.add_argument("--preset", dest="preset", choices=["smoke", "quick", "llama3-8b", "llama3-70b"])
+    g.add_argument(
+        "--preset", dest="preset", choices=["smoke", "quick", "llama3-8b", "llama3-70b", "crossover"]
+    )
     ap.add_argument("--ops", nargs="+", choices=["quant_matmul", "prefill", "decode"], help="only these ops")
     ap.add_argument("--impl", help="only implementations whose name contains this (anchors are always kept)")
     ap.add_argument(

@@ -197,6 +197,31 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
     return out
 
 
+def dispatch_crossover_cases(device: str) -> list[Case]:
+    """quant_matmul's own backends against each other and against `auto`, over M: where does each stop winning?
+    The anchor is flashquant's torch path (dequantize + F.linear); `auto` should match the best row."""
+    if device == "cpu":
+        backends, ms, dtypes = ("cpu", "auto"), [16, 64, 256, 512, 1024], (torch.float32, torch.bfloat16)
+    else:
+        backends, ms, dtypes = ("cuda", "triton", "auto"), [1, 4, 16, 32, 64, 128], (torch.bfloat16,)
+    out = []
+    n, k = 4096, 4096
+    for dtype in dtypes:
+        for m in ms:
+            for bits, group in ((4, 128), (8, -1)):
+                for be in ("torch", *backends):
+                    c = _qmm_flashquant(device, n, k, m, bits, group, be, dtype)
+                    c.anchor = be == "torch"
+                    c.unavailable = None if be in ("torch", "auto") else _why_not(be, device)
+                    if c.unavailable is None and be == "cuda" and m > 16:
+                        c.unavailable = "the CUDA GEMV covers M <= 16"
+                    c.group = f"quant_matmul N={n} K={k} M={m} int{bits} {_dt(dtype)}"
+                    c.shape = {"N": n, "K": k, "M": m}
+                    c.flops = 2 * m * n * k
+                    out.append(c)
+    return out
+
+
 # ---- attention -----------------------------------------------------------------------------------------------
 def _sdpa_case(backend_name, q, k, v, causal):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -402,6 +427,8 @@ def preset(name: str, device: str) -> list[Case]:
             + prefill_cases(device, [128], [64], (True,), hq=4, hkv=2, tokens=128, dtype=torch.float16)
             + decode_cases(device, [1], [256], (False,), hq=4, hkv=2, d=64, dtype=torch.float16)
         )
+    if name == "crossover":
+        return dispatch_crossover_cases(device)
     if device == "cpu":
         ms = [1] if name == "quick" else [1, 4, 16]
         return quant_matmul_cases("cpu", [(4096, 4096), (14336, 4096)], ms)
