@@ -112,19 +112,18 @@ def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, 
                 break
         else:
             name = "torch"
-        # Kernels this op has for this device type that auto wanted; the PyTorch path is the plan, not a
-        # fallback, when there are none (attention on a CPU).
-        wanted = [
-            b
-            for b in auto_order
-            if b != "torch" and b in supported and device.type in _availability()[b].devices
-        ]
-        if name == "torch" and wanted and auto_order[0] != "torch" and not torch.compiler.is_compiling():
-            # a fused kernel was wanted but cannot run here: say so once instead of hiding a large slowdown
-            missing = ", ".join(f"{b} ({_availability()[b].reason})" for b in wanted)
-            _warn_once(
-                f"flashquant.{op} on {device.type}: falling back to the PyTorch path; unavailable: {missing}"
-            )
+        if name == "torch" and auto_order[0] != "torch" and not torch.compiler.is_compiling():
+            # A kernel this op has for this device type was wanted but cannot run here: say so once instead of
+            # hiding a large slowdown. With no such kernel (attention on a CPU) the PyTorch path is the plan.
+            info = _availability()
+            wanted = [
+                b for b in auto_order if b != "torch" and b in supported and device.type in info[b].devices
+            ]
+            if wanted:
+                missing = ", ".join(f"{b} ({info[b].reason})" for b in wanted)
+                _warn_once(
+                    f"flashquant.{op} on {device.type}: falling back to the PyTorch path; unavailable: {missing}"
+                )
         return name
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
