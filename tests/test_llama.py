@@ -126,6 +126,40 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "pytorch fp32 (SDPA)" in text and "flashquant int4" in text and out.exists()
 
 
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("quant", [None, (4, 32)])
+def test_decode_step_compiles_fullgraph_once_and_matches_eager(quant, paged):
+    """torch.compile(fullgraph=True) of a decode step: no graph break (so no host sync or data-dependent Python
+    in the step, which CUDA-graph capture and mode="reduce-overhead" also need), one compilation for several
+    steps as the cache grows, and the same logits and cache contents as eager."""
+    import copy
+
+    m = Llama.random(CFG, seed=0)
+    if quant:
+        m.quantize(*quant, skip=())
+    cache = KVCache(CFG, 2, 48, torch.float32, "cpu", paged=paged, shuffle_blocks=paged)
+    compiles = []
+
+    def count(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    with torch.inference_mode():
+        m(torch.randint(0, CFG.vocab_size, (2, 5)), cache=cache)
+        cache.advance([5, 5])
+        step = torch.compile(lambda t: m(t, cache=cache), fullgraph=True, backend=count)
+        tok = torch.randint(0, CFG.vocab_size, (2, 1))
+        for _ in range(3):
+            eager_cache = copy.deepcopy(cache)
+            eager = m(tok, cache=eager_cache)
+            out = step(tok)
+            assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5)
+            assert torch.equal(cache.k, eager_cache.k) and torch.equal(cache.v, eager_cache.v)
+            cache.advance([1, 1])
+            tok = out[:, -1].argmax(-1, keepdim=True)
+    assert len(compiles) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quant", [None, (4, 128)])
 def test_gpu_cuda_graph_decode_matches_eager(quant):
