@@ -46,8 +46,9 @@ def test_cuda_flash_decoding(dtype, head_dim, paged, num_splits, heads):
     vc = torch.randn_like(kc)
     q = torch.randn(B, 1, hq, head_dim, device="cuda", dtype=dtype)
     knew = torch.randn(B, 1, hkv, head_dim, device="cuda", dtype=dtype)
-    kc_r, vc_r = kc.clone(), vc.clone()
-    ref = fq.attention_with_kvcache(q, kc_r, vc_r, lens, knew, knew, table, backend="reference")
+    # the fp32 oracle: fp32 copies of the same inputs, so its output is not rounded to `dtype`
+    kc_r, vc_r, knew_r = kc.float(), vc.float(), knew.float()
+    ref = fq.attention_with_kvcache(q.float(), kc_r, vc_r, lens, knew_r, knew_r, table, backend="reference")
     out = fq.attention_with_kvcache(q, kc, vc, lens, knew, knew, table, num_splits=num_splits, backend="cuda")
     assert_close(out.float(), ref.float(), dtype, "cuda decode")
     base = fq.attention_with_kvcache(q, kc.clone(), vc.clone(), lens + 1, backend="torch", block_table=table)

@@ -182,7 +182,8 @@ def reference_in_query_chunks(q, k, v, causal, chunk=1024):
     for i0 in range(0, q.shape[1], chunk):
         i1 = min(q.shape[1], i0 + chunk)
         kk, vv = (k[:, :i1], v[:, :i1]) if causal else (k, v)
-        outs.append(attention_ref(q[:, i0:i1], kk, vv, causal)[0].float())
+        # fp32 inputs, so the oracle's output is fp32 too (not rounded to q's dtype)
+        outs.append(attention_ref(q[:, i0:i1].float(), kk.float(), vv.float(), causal)[0])
     return torch.cat(outs, 1)
 
 
