@@ -111,6 +111,19 @@ def test_quant_matmul_matches_reference(backend, bits, group_size, symmetric, m)
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [24, 61])
+def test_cpu_kernel_large_m_spans_several_activation_blocks(bits, m):
+    """Prefill-sized M: at K=4096 the AVX2 kernel takes activation rows in blocks of 24 (192 KB of int16);
+    M=61 covers two full blocks and a ragged one (with a 1-row tile), M=24 exactly one."""
+    n, k = 19, 4096
+    qw = fq.quantize(torch.randn(n, k), bits, 128, symmetric=False)
+    x = torch.randn(m, k)
+    out = fq.quant_matmul(x, qw, backend="cpu")
+    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), f"bits={bits} m={m}", "cpu")
+
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
 @pytest.mark.parametrize("simd", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits", [4, 8])
