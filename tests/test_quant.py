@@ -157,9 +157,9 @@ def test_auto_uses_cpu_kernel_for_small_m_and_opcheck():
         return _dispatch.resolve("quant_matmul", "auto", x.device, _auto_order(x.device, m, dtype, bits))
 
     # the crossovers measured by `python -m flashquant.bench --preset crossover` (see quant.py)
-    assert auto(1, torch.float32, 4) == "cpu" and auto(384, torch.float32, 4) == "cpu"
-    assert auto(512, torch.float32, 4) == "torch"
-    assert auto(512, torch.float32, 8) == "cpu" and auto(1024, torch.float32, 8) == "torch"
+    assert auto(1, torch.float32, 4) == "cpu" and auto(512, torch.float32, 4) == "cpu"
+    assert auto(513, torch.float32, 4) == "torch"
+    assert auto(1024, torch.float32, 8) == "cpu" and auto(1025, torch.float32, 8) == "torch"
     assert auto(4096, torch.bfloat16, 4) == "cpu" and auto(4096, torch.float16, 8) == "cpu"
 
 

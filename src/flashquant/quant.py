@@ -134,11 +134,12 @@ def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
     )
 
 
-# Where the C++ CPU kernel stops winning, measured on the 2-core AVX2 machine (bench/NOTES.md, "CPU crossover").
-# It re-decodes the weights once per 4-row tile, so its cost grows with M, while the torch path dequantizes once
-# (~0.1 s for 4096x4096) and calls BLAS. In fp32, BLAS overtakes it above M ~ 384 (int4) / ~ 768 (int8); in
-# fp16/bf16 (no native half FMA in CPU BLAS here) the kernel was 3-5x faster at every M measured, up to 1024.
-CPU_KERNEL_MAX_M_FP32 = {4: 384, 8: 768}
+# Where the C++ CPU kernel stops winning, measured on the 2-core AVX2 machine (`python -m flashquant.bench
+# --preset crossover`; bench/NOTES.md, "CPU crossover"). The kernel's cost grows with M (it decodes the weights
+# once per 4-row tile), while the torch path dequantizes once (~0.1 s for 4096x4096) and calls BLAS. In fp32,
+# BLAS overtakes it above M ~ 512 (int4) / ~ 1024 (int8); in fp16/bf16 (no native half FMA in CPU BLAS here)
+# the kernel was 4.5-7x faster at every M measured, up to 1024.
+CPU_KERNEL_MAX_M_FP32 = {4: 512, 8: 1024}
 
 
 def _auto_order(
