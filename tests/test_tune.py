@@ -54,14 +54,24 @@ def test_env_table_wins_over_user_table_key_by_key(table_dirs):
 
 def test_bad_entries_and_files_are_ignored_with_a_warning(table_dirs, caplog):
     user, env = table_dirs
-    _write(user, {"attention.decode.d64": [32, 2], "no.such.key": [1], "attention.decode.d128": [0, 4, 2]})
+    _write(
+        user,
+        {
+            "attention.decode.d64": [32, 2],
+            "no.such.key": [1],
+            "attention.decode.d128": [0, 4, 2],
+            "attention.decode.d256": {"default": [32, 4, 2], "rejected": {"[32, 4, 2]": "OutOfResources"}},
+        },
+    )
     env.mkdir(parents=True)
     (env / f"{configs.INTERPRETER_KEY}.json").write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="flashquant"):
         assert configs.lookup(CPU, "attention.decode.d64") == configs.DEFAULTS["attention.decode.d64"]
         assert configs.lookup(CPU, "attention.decode.d128") == configs.DEFAULTS["attention.decode.d128"]
+        assert configs.lookup(CPU, "attention.decode.d256") == configs.DEFAULTS["attention.decode.d256"]
     text = caplog.text
     assert "unreadable" in text and "no.such.key" in text and "[32, 2]" in text and "[0, 4, 2]" in text
+    assert "d256" not in text  # an untuned key (no "config") is not an error
 
 
 def test_attention_kernel_launches_with_the_table_config(table_dirs, monkeypatch):

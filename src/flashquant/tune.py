@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,47 +43,43 @@ class Task:
     timed: Callable[[tuple[int, ...]], list[tuple[Callable, list[tuple]]]]  # config -> [(fn, rotated inputs)]
 
 
-def _attention_tasks(device, dtype, quick: bool) -> list[Task]:
+def _attention_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
+    """Built lazily, one key at a time, so unwanted keys cost nothing and only one key's inputs are alive."""
     from .kernels import attention as tri
     from .kernels import configs
     from .reference import attention as ref
 
-    tasks = []
     for d in (64, 128, 256):
-        # prefill: Llama-3-8B heads (32 query / 8 KV), causal, 4k tokens
-        b, s, hq, hkv = (1, 80, 4, 2) if quick else (1, 4096, 32, 8)
-        q = torch.randn(b, s, hq, d, device=device, dtype=dtype)
-        k, v = (torch.randn(b, s, hkv, d, device=device, dtype=dtype) for _ in range(2))
         scale = 1.0 / math.sqrt(d)
+        if wanted(f"attention.prefill.d{d}"):  # Llama-3-8B heads (32 query / 8 KV), causal, 4k tokens
+            b, s, hq, hkv = (1, 80, 4, 2) if quick else (1, 4096, 32, 8)
+            q = torch.randn(b, s, hq, d, device=device, dtype=dtype)
+            k, v = (torch.randn(b, s, hkv, d, device=device, dtype=dtype) for _ in range(2))
 
-        def prefill(cfg, q=q, k=k, v=v, scale=scale):
-            return tri.attention_dense(q, k, v, True, scale, (-1, -1), 0.0, False, config=cfg)[0]
+            def prefill(cfg, q=q, k=k, v=v, scale=scale):
+                return tri.attention_dense(q, k, v, True, scale, (-1, -1), 0.0, False, config=cfg)[0]
 
-        full = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
-        tasks.append(
-            Task(
+            full = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+            yield Task(
                 f"attention.prefill.d{d}",
                 f"B={b} S={s} Hq={hq} Hkv={hkv} D={d} causal",
                 _candidates(configs.DEFAULTS[f"attention.prefill.d{d}"], full, quick),
                 lambda cfg, f=prefill: [f(cfg)],
                 [ref.attention_ref(q.float(), k.float(), v.float(), causal=True)[0]],
-                lambda cfg, f=prefill, q=q: [(lambda: f(cfg), [()])],
+                lambda cfg, f=prefill: [(lambda: f(cfg), [()])],
             )
-        )
-        # decode: one new token per sequence against a full 8k cache (batch 8), the flash-decoding regime
-        b, cap, hq, hkv = (2, 96, 4, 2) if quick else (8, 8192, 32, 8)
-        q1 = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
-        kc, vc = (torch.randn(b, cap, hkv, d, device=device, dtype=dtype) for _ in range(2))
-        lens = torch.full((b,), cap, dtype=torch.int32, device=device)
+        if wanted(f"attention.decode.d{d}"):  # one new token per sequence, full 8k caches, batch 8
+            b, cap, hq, hkv = (2, 96, 4, 2) if quick else (8, 8192, 32, 8)
+            q1 = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
+            kc, vc = (torch.randn(b, cap, hkv, d, device=device, dtype=dtype) for _ in range(2))
+            lens = torch.full((b,), cap, dtype=torch.int32, device=device)
 
-        def decode(cfg, q1=q1, kc=kc, vc=vc, lens=lens, scale=scale):
-            return tri.attention_kvcache(
-                q1, kc, vc, lens, None, True, scale, (-1, -1), 0.0, False, 0, config=cfg
-            )[0]
+            def decode(cfg, q1=q1, kc=kc, vc=vc, lens=lens, scale=scale):
+                args = (q1, kc, vc, lens, None, True, scale, (-1, -1), 0.0, False, 0)
+                return tri.attention_kvcache(*args, config=cfg)[0]
 
-        full = list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)))
-        tasks.append(
-            Task(
+            full = itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))
+            yield Task(
                 f"attention.decode.d{d}",
                 f"B={b} Sq=1 cache={cap} Hq={hq} Hkv={hkv} D={d}",
                 _candidates(configs.DEFAULTS[f"attention.decode.d{d}"], full, quick),
@@ -91,59 +87,54 @@ def _attention_tasks(device, dtype, quick: bool) -> list[Task]:
                 [ref.attention_ref(q1.float(), kc.float(), vc.float(), causal=True)[0]],
                 lambda cfg, f=decode: [(lambda: f(cfg), [()])],
             )
-        )
-    return tasks
 
 
-def _quant_matmul_tasks(device, dtype, quick: bool) -> list[Task]:
+def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
+    """Llama-3-8B's gate/up projection (N=14336, K=4096), g128, at two M per bucket; weights rotated past L2."""
     from . import quant as fq
     from .bench.harness import cache_bytes, copies_for
     from .kernels import configs
     from .kernels.quant_matmul import quant_matmul_triton
     from .reference.quant import quant_matmul_ref
 
-    n, k, group = (72, 256, 128) if quick else (14336, 4096, 128)  # Llama-3-8B gate/up projection, g128
-    ms = {"m16": (1, 16), "m64": (32, 64), "mbig": (512, 4096)}
-    if quick:
-        ms = {"m16": (3,), "m64": (40,), "mbig": (80,)}
+    n, k, group = (72, 256, 128) if quick else (14336, 4096, 128)
+    ms = (
+        {"m16": (3,), "m64": (40,), "mbig": (80,)}
+        if quick
+        else {"m16": (1, 16), "m64": (32, 64), "mbig": (512, 4096)}
+    )
     full = {
         "m16": itertools.product((16,), (32, 64, 128), (64, 128), (2, 4, 8), (2, 4)),
         "m64": itertools.product((32, 64), (64, 128), (64, 128), (4,), (2, 3, 4)),
         "mbig": itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4)),
     }
-    full = {b: list(c) for b, c in full.items()}
-    tasks = []
     for bits in (4, 8):
+        keys = [b for b in ms if wanted(f"quant_matmul.int{bits}.{b}")]
+        if not keys:
+            continue
         qw = fq.quantize(torch.randn(n, k, device=device, dtype=dtype), bits, group)
         n_copies = 1 if quick else copies_for(qw.nbytes, cache_bytes(device.type))
         copies = [qw] + [
             fq.QuantizedWeight(qw.qdata.clone(), qw.scales.clone(), None, bits, group, qw.shape, dtype)
             for _ in range(n_copies - 1)
         ]
-        for bucket, m_list in ms.items():
-            xs = [torch.randn(m, k, device=device, dtype=dtype) for m in m_list]
+        codes = qw.codes()
+        for bucket in keys:
+            xs = [torch.randn(m, k, device=device, dtype=dtype) for m in ms[bucket]]
 
-            def run(cfg, xs=xs, qw=qw, bits=bits):
-                return [
-                    quant_matmul_triton(x, qw.qdata, qw.scales, None, bits, group, config=cfg) for x in xs
-                ]
+            def launch(x, w, cfg, bits=bits):
+                return quant_matmul_triton(x, w.qdata, w.scales, None, bits, group, config=cfg)
 
-            def timed(cfg, xs=xs, bits=bits, copies=copies):
-                fn = lambda x, w: quant_matmul_triton(x, w.qdata, w.scales, None, bits, group, config=cfg)
-                return [(fn, [(x, w) for w in copies]) for x in xs]
-
-            codes = qw.codes()
-            tasks.append(
-                Task(
-                    f"quant_matmul.int{bits}.{bucket}",
-                    f"N={n} K={k} g{group} M in {m_list}",
-                    _candidates(configs.DEFAULTS[f"quant_matmul.int{bits}.{bucket}"], full[bucket], quick),
-                    run,
-                    [quant_matmul_ref(x.float(), codes, qw.scales.float(), None, bits, group) for x in xs],
-                    timed,
-                )
+            yield Task(
+                f"quant_matmul.int{bits}.{bucket}",
+                f"N={n} K={k} g{group} M in {ms[bucket]}",
+                _candidates(configs.DEFAULTS[f"quant_matmul.int{bits}.{bucket}"], full[bucket], quick),
+                lambda cfg, xs=xs, qw=qw, f=launch: [f(x, qw, cfg) for x in xs],
+                [quant_matmul_ref(x.float(), codes, qw.scales.float(), None, bits, group) for x in xs],
+                lambda cfg, xs=xs, f=launch, copies=copies: [
+                    (lambda x, w, cfg=cfg, f=f: f(x, w, cfg), [(x, w) for w in copies]) for x in xs
+                ],
             )
-    return tasks
 
 
 def _candidates(default, full, quick):
@@ -184,9 +175,8 @@ def tune_task(task: Task, device, dtype, quick: bool = False, log=print) -> dict
         except Exception as e:  # noqa: BLE001 - a candidate that does not compile (shared memory, registers) is skipped
             rejected[str(list(cfg))] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             continue
-        if (
-            tol is None
-        ):  # the first candidate is the default: its error sets the bar (or, failing, 4 roundings)
+        # the first candidate is the default: its error sets the bar (or, if it failed, 4 output roundings)
+        if tol is None:
             tol = 2 * err + floor if i == 0 else 4 * floor
         if not err <= tol:
             rejected[str(list(cfg))] = f"error {err:.3g} > {tol:.3g}"
@@ -264,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     for op, build in builders.items():
         if not any(wanted(name) for name in configs.DEFAULTS if name.startswith(op)):
             continue
-        for task in build(device, dtype, args.quick):
-            if not wanted(task.key):
-                continue
+        for task in build(device, dtype, args.quick, wanted):
             if time.monotonic() - start > 60 * args.max_minutes:
                 skipped.append(task.key)
                 continue

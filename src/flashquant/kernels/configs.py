@@ -106,6 +106,8 @@ def table(key: str) -> dict[str, tuple[int, ...]]:
             logger.warning("flashquant: ignoring the unreadable launch-config table %s (%s)", path, e)
             continue
         for name, entry in entries.items():
+            if isinstance(entry, dict) and "config" not in entry:
+                continue  # a key the tuner could not tune (every candidate failed): the default stays
             cfg = entry.get("config") if isinstance(entry, dict) else entry
             if _valid(name, cfg):
                 merged[name] = tuple(cfg)
