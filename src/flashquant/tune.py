@@ -108,6 +108,7 @@ def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
         "m64": itertools.product((32, 64), (64, 128), (64, 128), (4,), (2, 3, 4)),
         "mbig": itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4)),
     }
+    full = {bucket: list(cands) for bucket, cands in full.items()}  # used once per bit width
     for bits in (4, 8):
         keys = [b for b in ms if wanted(f"quant_matmul.int{bits}.{b}")]
         if not keys:
