@@ -52,6 +52,15 @@ def test_env_table_wins_over_user_table_key_by_key(table_dirs):
     assert configs.lookup(CPU, "attention.prefill.d64") == configs.DEFAULTS["attention.prefill.d64"]
 
 
+def test_describe_names_the_table_in_use(table_dirs):
+    _, env = table_dirs
+    assert "built-in defaults" in configs.describe(CPU)
+    _write(env, {"attention.decode.d64": [32, 2, 1]})
+    configs.clear_cache()
+    text = configs.describe(CPU)
+    assert "1 of" in text and str(env) in text
+
+
 def test_bad_entries_and_files_are_ignored_with_a_warning(table_dirs, caplog):
     user, env = table_dirs
     _write(

@@ -23,6 +23,11 @@ def check() -> int:
     for name, b in info.items():
         print(f"  {name:9s} {b}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if info["triton"].available:
+        from flashquant.kernels import configs
+
+        where = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+        print(f"  Triton launch configs: {configs.describe(where)}")
     dtype = torch.float16 if device == "cuda" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(0)
 

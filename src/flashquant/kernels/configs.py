@@ -136,6 +136,16 @@ def lookup(device: torch.device, name: str) -> tuple[int, ...]:
     return table(_device_key_cached(device.type, device.index))[name]
 
 
+def describe(device: torch.device) -> str:
+    """Where `device`'s launch configs come from, for `python -m flashquant`."""
+    key = device_key(device)
+    files = [str(d / f"{key}.json") for d in search_dirs() if (d / f"{key}.json").is_file()]
+    tuned = sum(table(key)[name] != cfg for name, cfg in DEFAULTS.items())
+    if not files:
+        return f"{key}: built-in defaults (untuned; `python -m flashquant tune` measures this device's)"
+    return f"{key}: {tuned} of {len(DEFAULTS)} keys differ from the defaults, from {', '.join(files)}"
+
+
 def clear_cache() -> None:
     """Forget the loaded tables (after writing a new one, or in tests)."""
     table.cache_clear()
