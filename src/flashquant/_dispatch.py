@@ -115,12 +115,9 @@ def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, 
         if name == "torch" and auto_order[0] != "torch" and not torch.compiler.is_compiling():
             # A kernel this op has for this device type was wanted but cannot run here: say so once instead of
             # hiding a large slowdown. With no such kernel (attention on a CPU) the PyTorch path is the plan.
-            info = _availability()
-            wanted = [
-                b for b in auto_order if b != "torch" and b in supported and device.type in info[b].devices
-            ]
+            wanted = [b for b in auto_order if b != "torch" and b in supported and _device_ok(b, device)]
             if wanted:
-                missing = ", ".join(f"{b} ({info[b].reason})" for b in wanted)
+                missing = ", ".join(f"{b} ({_availability()[b].reason})" for b in wanted)
                 _warn_once(
                     f"flashquant.{op} on {device.type}: falling back to the PyTorch path; unavailable: {missing}"
                 )

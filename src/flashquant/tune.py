@@ -46,7 +46,6 @@ class Task:
 def _attention_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
     """Built lazily, one key at a time, so unwanted keys cost nothing and only one key's inputs are alive."""
     from .kernels import attention as tri
-    from .kernels import configs
     from .reference import attention as ref
 
     for d in (64, 128, 256):
@@ -60,14 +59,9 @@ def _attention_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
                 return tri.attention_dense(q, k, v, True, scale, (-1, -1), 0.0, False, config=cfg)[0]
 
             full = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
-            yield Task(
-                f"attention.prefill.d{d}",
-                f"B={b} S={s} Hq={hq} Hkv={hkv} D={d} causal",
-                _candidates(configs.DEFAULTS[f"attention.prefill.d{d}"], full, quick),
-                lambda cfg, f=prefill: [f(cfg)],
-                [ref.attention_ref(q.float(), k.float(), v.float(), causal=True)[0]],
-                lambda cfg, f=prefill: [(lambda: f(cfg), [()])],
-            )
+            ref_out = ref.attention_ref(q.float(), k.float(), v.float(), causal=True)[0]
+            shape = f"B={b} S={s} Hq={hq} Hkv={hkv} D={d} causal"
+            yield _one_launch_task(f"attention.prefill.d{d}", shape, full, quick, prefill, ref_out)
         if wanted(f"attention.decode.d{d}"):  # one new token per sequence, full 8k caches, batch 8
             b, cap, hq, hkv = (2, 96, 4, 2) if quick else (8, 8192, 32, 8)
             q1 = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
@@ -79,14 +73,23 @@ def _attention_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
                 return tri.attention_kvcache(*args, config=cfg)[0]
 
             full = itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))
-            yield Task(
-                f"attention.decode.d{d}",
-                f"B={b} Sq=1 cache={cap} Hq={hq} Hkv={hkv} D={d}",
-                _candidates(configs.DEFAULTS[f"attention.decode.d{d}"], full, quick),
-                lambda cfg, f=decode: [f(cfg)],
-                [ref.attention_ref(q1.float(), kc.float(), vc.float(), causal=True)[0]],
-                lambda cfg, f=decode: [(lambda: f(cfg), [()])],
-            )
+            ref_out = ref.attention_ref(q1.float(), kc.float(), vc.float(), causal=True)[0]
+            shape = f"B={b} Sq=1 cache={cap} Hq={hq} Hkv={hkv} D={d}"
+            yield _one_launch_task(f"attention.decode.d{d}", shape, full, quick, decode, ref_out)
+
+
+def _one_launch_task(key, shape, full, quick, launch, ref_out) -> Task:
+    """A task timing one launch on fixed inputs (attention is compute-bound or reads >> L2: no rotation)."""
+    from .kernels import configs
+
+    return Task(
+        key,
+        shape,
+        _candidates(configs.DEFAULTS[key], full, quick),
+        lambda cfg: [launch(cfg)],
+        [ref_out],
+        lambda cfg: [(lambda: launch(cfg), [()])],
+    )
 
 
 def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
@@ -110,17 +113,20 @@ def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
     }
     full = {bucket: list(cands) for bucket, cands in full.items()}  # used once per bit width
     for bits in (4, 8):
-        keys = [b for b in ms if wanted(f"quant_matmul.int{bits}.{b}")]
-        if not keys:
-            continue
-        qw = fq.quantize(torch.randn(n, k, device=device, dtype=dtype), bits, group)
-        n_copies = 1 if quick else copies_for(qw.nbytes, cache_bytes(device.type))
-        copies = [qw] + [
-            fq.QuantizedWeight(qw.qdata.clone(), qw.scales.clone(), None, bits, group, qw.shape, dtype)
-            for _ in range(n_copies - 1)
-        ]
-        codes = qw.codes()
-        for bucket in keys:
+        qw = None  # built for the first wanted bucket of this bit width, shared by the others
+        for bucket in ms:
+            if not wanted(f"quant_matmul.int{bits}.{bucket}"):
+                continue
+            if qw is None:
+                qw = fq.quantize(torch.randn(n, k, device=device, dtype=dtype), bits, group)
+                n_copies = 1 if quick else copies_for(qw.nbytes, cache_bytes(device.type))
+                copies = [qw] + [
+                    fq.QuantizedWeight(
+                        qw.qdata.clone(), qw.scales.clone(), None, bits, group, qw.shape, dtype
+                    )
+                    for _ in range(n_copies - 1)
+                ]
+                codes = qw.codes()
             xs = [torch.randn(m, k, device=device, dtype=dtype) for m in ms[bucket]]
 
             def launch(x, w, cfg, bits=bits):
@@ -244,21 +250,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no config key matches {unknown}; keys are: {', '.join(configs.DEFAULTS)}")
         return 2
 
-    wanted = lambda name: any(fnmatch.fnmatch(name, pat) for pat in args.keys)
+    start = time.monotonic()
+    skipped = []
+
+    def wanted(name: str) -> bool:
+        """Matches --keys and is reached before --max-minutes (checked before its inputs are built)."""
+        if not any(fnmatch.fnmatch(name, pat) for pat in args.keys):
+            return False
+        if time.monotonic() - start > 60 * args.max_minutes:
+            skipped.append(name)
+            return False
+        return True
+
     torch.manual_seed(0)
-    builders = {"attention": _attention_tasks, "quant_matmul": _quant_matmul_tasks}
+    builders = (_attention_tasks, _quant_matmul_tasks)
     path = out_dir / f"{key}.json"
     table = json.loads(path.read_text()) if path.is_file() else {"configs": {}}
     print(f"tuning on {key} ({dtype}), writing {path}")
-    start = time.monotonic()
-    skipped = []
-    for op, build in builders.items():
-        if not any(wanted(name) for name in configs.DEFAULTS if name.startswith(op)):
-            continue
+    for build in builders:
         for task in build(device, dtype, args.quick, wanted):
-            if time.monotonic() - start > 60 * args.max_minutes:
-                skipped.append(task.key)
-                continue
             table["configs"][task.key] = tune_task(task, device, dtype, args.quick)
     table.update(_environment(device, dtype, args.quick))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,14 @@ def _qmm_torch_int4(device, n, k, m, dtype, group=128):
     )
 
 
+def _label(c: Case, n: int, k: int, m: int, suffix: str = "") -> Case:
+    """Group (cases compared with each other), shape and FLOPs of a quant_matmul case."""
+    c.group = f"quant_matmul N={n} K={k} M={m}{suffix}"
+    c.shape = {"N": n, "K": k, "M": m}
+    c.flops = 2 * m * n * k
+    return c
+
+
 def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
     """shapes: (N = out_features, K = in_features) pairs; ms: token counts."""
     out = []
@@ -189,11 +197,7 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
                     if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
                     cases.append(c)
-            for c in cases:
-                c.group = f"quant_matmul N={n} K={k} M={m}"
-                c.shape = {"N": n, "K": k, "M": m}
-                c.flops = 2 * m * n * k
-            out += cases
+            out += [_label(c, n, k, m) for c in cases]
     return out
 
 
@@ -215,10 +219,7 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
                     c.unavailable = None if be in ("torch", "auto") else _why_not(be, device)
                     if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
-                    c.group = f"quant_matmul N={n} K={k} M={m} int{bits} {_dt(dtype)}"
-                    c.shape = {"N": n, "K": k, "M": m}
-                    c.flops = 2 * m * n * k
-                    out.append(c)
+                    out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
     return out
 
 
