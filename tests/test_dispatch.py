@@ -63,7 +63,7 @@ def test_auto_fallback_to_the_slow_path_is_logged_once(caplog, monkeypatch):
     info = dict(_dispatch.backends())
     info["cpu"] = dataclasses.replace(info["cpu"], available=False, reason="flashquant._C failed to import")
     monkeypatch.setattr(_dispatch, "_availability", lambda: info)
-    _dispatch._warn_once.cache_clear()
+    _dispatch.warn_once.cache_clear()
     with caplog.at_level("WARNING", logger="flashquant"):
         for _ in range(3):
             assert _dispatch.resolve("quant_matmul", "auto", torch.device("cpu"), ("cpu", "torch")) == "torch"
@@ -73,7 +73,7 @@ def test_auto_fallback_to_the_slow_path_is_logged_once(caplog, monkeypatch):
 
 def test_pytorch_attention_on_cpu_is_the_plan_not_a_fallback(caplog):
     """Attention has no CPU kernel: auto picks SDPA there without a fallback warning."""
-    _dispatch._warn_once.cache_clear()
+    _dispatch.warn_once.cache_clear()
     q = torch.randn(1, 5, 4, 16)
     with caplog.at_level("WARNING", logger="flashquant"):
         assert _dispatch.resolve("attention", "auto", q.device) == "torch"

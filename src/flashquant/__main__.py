@@ -1,6 +1,9 @@
 """python -m flashquant            backends available here + every op once against its reference
 python -m flashquant demo [...]    the end-to-end Llama demo (see flashquant.demo)
 python -m flashquant tune [...]    measure and store this GPU's Triton launch configs (see flashquant.tune)
+python -m flashquant compile-check [...]
+                                   compile the Triton kernels for sm_80/sm_89/sm_90a without a GPU and report
+                                   registers, spills, shared memory, tensor-core use (see flashquant.aot)
 python -m flashquant.bench [...]   the benchmark suite
 """
 
@@ -80,6 +83,10 @@ def main(argv: list[str]) -> int:
         from flashquant.tune import main as tune_main
 
         return tune_main(argv[1:])
+    if argv and argv[0] == "compile-check":
+        from flashquant.aot import main as aot_main
+
+        return aot_main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

@@ -91,7 +91,7 @@ def _availability() -> dict[str, BackendInfo]:
 
 
 @functools.cache
-def _warn_once(msg: str) -> None:
+def warn_once(msg: str) -> None:
     log.warning(msg)
 
 
@@ -118,7 +118,7 @@ def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, 
             wanted = [b for b in auto_order if b != "torch" and b in supported and _device_ok(b, device)]
             if wanted:
                 missing = ", ".join(f"{b} ({_availability()[b].reason})" for b in wanted)
-                _warn_once(
+                warn_once(
                     f"flashquant.{op} on {device.type}: falling back to the PyTorch path; unavailable: {missing}"
                 )
         return name

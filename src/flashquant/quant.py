@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from . import _dispatch
 from ._checks import FLOAT_DTYPES, check_tensor
+from .kernels import min_group_size
 from .reference import quant as ref
 
 __all__ = ["QuantizedWeight", "quantize", "quant_matmul", "pack", "unpack"]
@@ -142,11 +143,17 @@ def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
 CPU_KERNEL_MAX_M_FP32 = {4: 512, 8: 1024}
 
 
+def triton_supports(qweight: QuantizedWeight) -> bool:
+    """Whether the Triton kernel takes this weight's group size (see kernels.min_group_size)."""
+    return qweight.group_size == -1 or qweight.group_size % min_group_size(qweight.bits) == 0
+
+
 def _auto_order(
-    device: torch.device, m: int, dtype: torch.dtype, bits: int, cuda_ok: bool = True
+    device: torch.device, m: int, dtype: torch.dtype, bits: int, cuda_ok: bool = True, triton_ok: bool = True
 ) -> tuple[str, ...]:
     if device.type == "cuda":
-        return ("cuda", "triton", "torch") if m <= 16 and cuda_ok else ("triton", "torch")
+        order = ("cuda", "triton", "torch") if m <= 16 and cuda_ok else ("triton", "torch")
+        return order if triton_ok else tuple(b for b in order if b != "triton")
     if dtype == torch.float32 and m > CPU_KERNEL_MAX_M_FP32[bits]:
         return ("torch",)
     return ("cpu", "torch")
@@ -183,9 +190,19 @@ def quant_matmul(
             raise ValueError(f"x is on {x.device} but {name} is on {t.device}; move them to one device")
     x2 = x.reshape(-1, K)
     cuda_ok = cuda_supports(x2, qweight)
+    triton_ok = x.device.type != "cuda" or triton_supports(qweight)
     name = _dispatch.resolve(
-        "quant_matmul", backend, x.device, _auto_order(x.device, x2.shape[0], x.dtype, qweight.bits, cuda_ok)
+        "quant_matmul",
+        backend,
+        x.device,
+        _auto_order(x.device, x2.shape[0], x.dtype, qweight.bits, cuda_ok, triton_ok),
     )
+    if name == "torch" and backend == "auto" and not triton_ok:
+        _dispatch.warn_once(
+            f"flashquant.quant_matmul: no kernel takes int{qweight.bits} group_size={qweight.group_size} at "
+            f"M={x2.shape[0]} on CUDA (the Triton kernel's group sizes are listed in flashquant.quant."
+            "triton_supports); using the slow dequantize + F.linear path"
+        )
     if name == "cuda" and not cuda_ok:
         raise ValueError(
             f"backend='cuda' quant_matmul needs 1 <= M <= 16, K and group_size multiples of 32 and "

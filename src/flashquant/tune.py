@@ -46,7 +46,10 @@ class Task:
 def _attention_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
     """Built lazily, one key at a time, so unwanted keys cost nothing and only one key's inputs are alive."""
     from .kernels import attention as tri
+    from .kernels import configs
     from .reference import attention as ref
+
+    smem = configs.device_smem(device)
 
     for d in (64, 128, 256):
         scale = 1.0 / math.sqrt(d)
@@ -58,10 +61,9 @@ def _attention_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
             def prefill(cfg, q=q, k=k, v=v, scale=scale):
                 return tri.attention_dense(q, k, v, True, scale, (-1, -1), 0.0, False, config=cfg)[0]
 
-            full = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
             ref_out = ref.attention_ref(q.float(), k.float(), v.float(), causal=True)[0]
             shape = f"B={b} S={s} Hq={hq} Hkv={hkv} D={d} causal"
-            yield _one_launch_task(f"attention.prefill.d{d}", shape, full, quick, prefill, ref_out)
+            yield _one_launch_task(f"attention.prefill.d{d}", shape, quick, smem, prefill, ref_out)
         if wanted(f"attention.decode.d{d}"):  # one new token per sequence, full 8k caches, batch 8
             b, cap, hq, hkv = (2, 96, 4, 2) if quick else (8, 8192, 32, 8)
             q1 = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
@@ -72,20 +74,17 @@ def _attention_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
                 args = (q1, kc, vc, lens, None, True, scale, (-1, -1), 0.0, False, 0)
                 return tri.attention_kvcache(*args, config=cfg)[0]
 
-            full = itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))
             ref_out = ref.attention_ref(q1.float(), kc.float(), vc.float(), causal=True)[0]
             shape = f"B={b} Sq=1 cache={cap} Hq={hq} Hkv={hkv} D={d}"
-            yield _one_launch_task(f"attention.decode.d{d}", shape, full, quick, decode, ref_out)
+            yield _one_launch_task(f"attention.decode.d{d}", shape, quick, smem, decode, ref_out)
 
 
-def _one_launch_task(key, shape, full, quick, launch, ref_out) -> Task:
+def _one_launch_task(key, shape, quick, smem, launch, ref_out) -> Task:
     """A task timing one launch on fixed inputs (attention is compute-bound or reads >> L2: no rotation)."""
-    from .kernels import configs
-
     return Task(
         key,
         shape,
-        _candidates(configs.DEFAULTS[key], full, quick),
+        candidates(key, quick, smem),
         lambda cfg: [launch(cfg)],
         [ref_out],
         lambda cfg: [(lambda: launch(cfg), [()])],
@@ -106,12 +105,6 @@ def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
         if quick
         else {"m16": (1, 16), "m64": (32, 64), "mbig": (512, 4096)}
     )
-    full = {
-        "m16": itertools.product((16,), (32, 64, 128), (64, 128), (2, 4, 8), (2, 4)),
-        "m64": itertools.product((32, 64), (64, 128), (64, 128), (4,), (2, 3, 4)),
-        "mbig": itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4)),
-    }
-    full = {bucket: list(cands) for bucket, cands in full.items()}  # used once per bit width
     for bits in (4, 8):
         qw = None  # built for the first wanted bucket of this bit width, shared by the others
         for bucket in ms:
@@ -135,7 +128,7 @@ def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
             yield Task(
                 f"quant_matmul.int{bits}.{bucket}",
                 f"N={n} K={k} g{group} M in {ms[bucket]}",
-                _candidates(configs.DEFAULTS[f"quant_matmul.int{bits}.{bucket}"], full[bucket], quick),
+                candidates(f"quant_matmul.int{bits}.{bucket}", quick, configs.device_smem(device)),
                 lambda cfg, xs=xs, qw=qw, f=launch: [f(x, qw, cfg) for x in xs],
                 [quant_matmul_ref(x.float(), codes, qw.scales.float(), None, bits, group) for x in xs],
                 lambda cfg, xs=xs, f=launch, copies=copies: [
@@ -144,10 +137,26 @@ def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
             )
 
 
-def _candidates(default, full, quick):
-    """The default first (it is the baseline), then the rest; --quick keeps one more, to exercise the choice."""
-    rest = [tuple(c) for c in full if tuple(c) != tuple(default)]
-    return [tuple(default), *(rest[:1] if quick else rest)]
+# The space searched per key: the product of these value lists, in the order of the key's config tuple.
+_SPACES = {
+    "attention.prefill": ((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),  # BLOCK_M, BLOCK_N, warps, stages
+    "attention.decode": ((32, 64, 128), (2, 4, 8), (2, 3, 4)),  # BLOCK_N, warps, stages
+    "quant_matmul.m16": ((16,), (32, 64, 128), (64, 128), (2, 4, 8), (2, 4)),  # BLOCK_M/N/K, warps, stages
+    "quant_matmul.m64": ((32, 64), (64, 128), (64, 128), (4,), (2, 3, 4)),
+    "quant_matmul.mbig": ((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4)),
+}
+
+
+def candidates(key: str, quick: bool = False, smem_per_block: int | None = None) -> list[tuple[int, ...]]:
+    """The configs tried for `key`: the default (for a device with `smem_per_block`; see configs.defaults)
+    first, as the baseline, then the rest of its space; --quick keeps one more, to exercise the choice."""
+    from .kernels import configs
+
+    default = tuple(configs.defaults(smem_per_block)[key])
+    kernel, regime, bucket = key.split(".")  # attention.prefill.d128 / quant_matmul.int4.m16
+    space = _SPACES[f"{kernel}.{bucket}" if kernel == "quant_matmul" else f"{kernel}.{regime}"]
+    rest = [c for c in itertools.product(*space) if c != default]
+    return [default, *(rest[:1] if quick else rest)]
 
 
 def _max_err(outs, refs) -> float:

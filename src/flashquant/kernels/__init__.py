@@ -12,3 +12,9 @@ def num_sms(device: torch.device, interpreter_sms: int) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return interpreter_sms
+
+
+def min_group_size(bits: int) -> int:
+    """The Triton quantized matmul takes group sizes that are multiples of this, or one group per channel: a
+    K tile never straddles a group and each tl.dot needs K >= 16 (int4 splits its tile into even/odd halves)."""
+    return 32 if bits == 4 else 16

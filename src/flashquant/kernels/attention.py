@@ -401,12 +401,13 @@ def attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse,
                     lse_shape=(B, Hq, Sq), config=config)  # fmt: skip
 
 
-def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, causal, softmax_scale, window, softcap, return_lse):
+def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, causal, softmax_scale, window, softcap, return_lse,
+                     config=None):  # fmt: skip
     """q (total_q, Hq, D), k/v (total_k, Hkv, D) -> (out, lse (Hq, total_q) or empty)."""
     total_q, Hq, _ = q.shape
     return _forward(q, k, v, mode=1, seqlen_q=max_seqlen_q, seqlen_k=0, batch=cu_q.shape[0] - 1, causal=causal,
                     softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
-                    lse_shape=(Hq, total_q), cu_q=cu_q, cu_k=cu_k)  # fmt: skip
+                    lse_shape=(Hq, total_q), cu_q=cu_q, cu_k=cu_k, config=config)  # fmt: skip
 
 
 def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window, softcap,

@@ -49,6 +49,13 @@ DEFAULTS: dict[str, tuple[int, ...]] = {
         )
     },
 }
+# Devices with less shared memory per block than this (sm_86/sm_89/sm_120: A10, L4, RTX 30xx-50xx; 99 KB) cannot
+# fit every default above; these replace them there. `python -m flashquant compile-check --arch 89` checks that
+# every default fits both classes.
+SMALL_SMEM_BYTES = 160 * 1024
+SMALL_SMEM_DEFAULTS: dict[str, tuple[int, ...]] = {
+    "attention.prefill.d128": (128, 64, 8, 2),  # 3 stages need 112 KB
+}
 PACKAGE_DIR = Path(__file__).with_name("tuned")
 INTERPRETER_KEY = "triton_interpreter"
 
@@ -59,6 +66,25 @@ def head_dim_bucket(block_d: int) -> int:
 
 def m_bucket(m: int) -> str:
     return "m16" if m <= 16 else "m64" if m <= 64 else "mbig"
+
+
+def defaults(smem_per_block: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The built-in configs for a device with `smem_per_block` bytes of opt-in shared memory per block
+    (None: the interpreter, or a device with plenty)."""
+    if smem_per_block is not None and smem_per_block < SMALL_SMEM_BYTES:
+        return {**DEFAULTS, **SMALL_SMEM_DEFAULTS}
+    return dict(DEFAULTS)
+
+
+def device_smem(device: torch.device) -> int | None:
+    """Opt-in shared memory per block of a CUDA device (None for CPU tensors under the interpreter)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    if smem is None:  # older torch: sm_80 / sm_90 / sm_100 have >= 163 KB, the other parts ~99 KB or less
+        smem = 163 * 1024 if (props.major, props.minor) in ((8, 0), (9, 0), (10, 0)) else 99 * 1024
+    return smem
 
 
 def device_key(device: torch.device) -> str:
@@ -92,9 +118,10 @@ def _valid(key: str, cfg) -> bool:
 
 
 @functools.cache
-def table(key: str) -> dict[str, tuple[int, ...]]:
-    """The merged config table of the device `key` (see the module docstring for the search order)."""
-    merged = dict(DEFAULTS)
+def table(key: str, smem_per_block: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The merged config table of the device `key` (see the module docstring for the search order) over the
+    defaults for its shared memory."""
+    merged = defaults(smem_per_block)
     sources = []
     for d in search_dirs():
         path = d / f"{key}.json"
@@ -127,20 +154,21 @@ def table(key: str) -> dict[str, tuple[int, ...]]:
 
 
 @functools.cache
-def _device_key_cached(device_type: str, index: int | None) -> str:
-    return device_key(torch.device(device_type, index))
+def _device_cached(device_type: str, index: int | None) -> tuple[str, int | None]:
+    device = torch.device(device_type, index)
+    return device_key(device), device_smem(device)
 
 
 def lookup(device: torch.device, name: str) -> tuple[int, ...]:
     """The launch config `name` (a key of DEFAULTS) for `device`."""
-    return table(_device_key_cached(device.type, device.index))[name]
+    return table(*_device_cached(device.type, device.index))[name]
 
 
 def describe(device: torch.device) -> str:
     """Where `device`'s launch configs come from, for `python -m flashquant`."""
-    key = device_key(device)
+    key, smem = device_key(device), device_smem(device)
     files = [str(d / f"{key}.json") for d in search_dirs() if (d / f"{key}.json").is_file()]
-    tuned = sum(table(key)[name] != cfg for name, cfg in DEFAULTS.items())
+    tuned = sum(table(key, smem)[name] != cfg for name, cfg in defaults(smem).items())
     if not files:
         return f"{key}: built-in defaults (untuned; `python -m flashquant tune` measures this device's)"
     return f"{key}: {tuned} of {len(DEFAULTS)} keys differ from the defaults, from {', '.join(files)}"
@@ -149,4 +177,4 @@ def describe(device: torch.device) -> str:
 def clear_cache() -> None:
     """Forget the loaded tables (after writing a new one, or in tests)."""
     table.cache_clear()
-    _device_key_cached.cache_clear()
+    _device_cached.cache_clear()

@@ -18,7 +18,25 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, num_sms
+from . import configs, min_group_size, num_sms
+
+
+@triton.jit
+def _codes_to_float(codes, zero, MAX_CODE: tl.constexpr, DTYPE: tl.constexpr):
+    """(codes - zero[:, None]) in DTYPE, exactly (|code - zero| <= 255). Where the mantissa allows, without an
+    int->float conversion (a quarter-rate instruction on the GPU, enough to bound a decode GEMV): the code is ORed
+    into the mantissa of a power of two whose ulp is 1, then that power of two plus the zero is subtracted."""
+    if DTYPE == tl.float32:
+        magic = (codes.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + code
+        return magic - (zero + 8388608).to(tl.float32)[:, None]
+    elif DTYPE == tl.float16:
+        magic = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)  # 1024 + code (code <= 1023)
+        return magic - (zero + 1024).to(tl.float16)[:, None]
+    elif MAX_CODE < 128:  # bf16 keeps 8 significant bits: 128 + code is exact for code <= 127
+        magic = (codes.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        return magic - (zero + 128).to(tl.bfloat16)[:, None]
+    else:
+        return (codes.to(tl.int32) - zero[:, None]).to(DTYPE)
 
 
 @triton.jit
@@ -31,6 +49,7 @@ def _qmm_kernel(
     M,
     N,
     K,
+    k_bytes,  # K // (8 // BITS), passed so its divisibility by 16 is known and weight copies are 16-byte
     num_groups,
     group_size,
     tiles_per_split,
@@ -69,25 +88,31 @@ def _qmm_kernel(
         offs_b = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         w_bytes = tl.load(
             Qw + offs_n[:, None].to(tl.int64) * stride_qn + offs_b[None, :],
-            mask=n_valid[:, None] & (offs_b[None, :] < K // PACK),
+            mask=n_valid[:, None] & (offs_b[None, :] < k_bytes),
             other=0,
         )
-        if BITS == 4:
-            lo = w_bytes & 0xF
-            hi = w_bytes >> 4
-            codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # k = 2j low nibble, 2j + 1 high
-        else:
-            codes = w_bytes
         g = k0 // group_size
         if HAS_ZEROS:
             zero = tl.load(Zeros + offs_n.to(tl.int64) * stride_sn + g, mask=n_valid, other=0).to(tl.int32)
         else:
             zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.int32)
-        w = (codes.to(tl.int32) - zero[:, None]).to(x.dtype)  # exact: |code - zero| <= 255
-        if IEEE_DOT:
-            part = tl.dot(x, tl.trans(w), input_precision="ieee")
+        if BITS == 4:
+            # Byte j holds k = 2j (low nibble) and 2j + 1 (high nibble). Splitting the small x tile into its even
+            # and odd columns keeps the big weight tile in the layout it was loaded in (no nibble interleave).
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            w_lo = _codes_to_float(w_bytes & 0xF, zero, 15, x.dtype)
+            w_hi = _codes_to_float(w_bytes >> 4, zero, 15, x.dtype)
+            if IEEE_DOT:
+                part = tl.dot(x_even, tl.trans(w_lo), input_precision="ieee")
+                part = tl.dot(x_odd, tl.trans(w_hi), part, input_precision="ieee")
+            else:
+                part = tl.dot(x_odd, tl.trans(w_hi), tl.dot(x_even, tl.trans(w_lo)))
         else:
-            part = tl.dot(x, tl.trans(w))
+            w = _codes_to_float(w_bytes, zero, 255, x.dtype)
+            if IEEE_DOT:
+                part = tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(w))
         scale = tl.load(Scales + offs_n.to(tl.int64) * stride_sn + g, mask=n_valid, other=0.0).to(tl.float32)
         acc += part * scale[None, :]
     out_ptrs = (
@@ -113,12 +138,16 @@ def quant_matmul_triton(
     block_m, block_n, block_k, warps, stages = config or configs.lookup(
         x.device, f"quant_matmul.int{bits}.{configs.m_bucket(M)}"
     )
-    # BLOCK_K must not straddle a quantization group (one scale per tile): a power of two dividing group_size.
-    while group_size % block_k and block_k > 16:
+    # BLOCK_K must not straddle a quantization group (one scale per tile): a power of two dividing group_size,
+    # and at least 16 per tl.dot (int4 splits its tile into even and odd halves: 32).
+    min_block_k = min_group_size(bits)
+    block_k = max(block_k, min_block_k)
+    while group_size % block_k and block_k > min_block_k:
         block_k //= 2
     if group_size % block_k and group_size != K:
-        raise ValueError(f"the Triton kernel needs group_size divisible by 16 (or -1), got {group_size}")
-    block_k = max(16, block_k)
+        raise ValueError(
+            f"the Triton int{bits} kernel needs group_size divisible by {min_block_k} (or -1), got {group_size}"
+        )
     k_tiles = triton.cdiv(K, block_k)
     grid_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if split_k is None:  # fill ~2 waves of SMs for decode-sized M
@@ -143,6 +172,7 @@ def quant_matmul_triton(
         M,
         N,
         K,
+        qdata.shape[1],
         scales.shape[1],
         group_size,
         tiles_per_split,
