@@ -233,10 +233,18 @@ def _specialize(launch: Launch, target):
     from triton.runtime.jit import create_function_from_signature
 
     fn = launch.kernel
+    if not hasattr(fn, "_pack_args"):  # private JIT API (Triton 3.4 to 3.9 at least); a clear error if it moves
+        raise RuntimeError(f"compile-check does not know this Triton's JIT internals ({triton_version()})")
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
     return fn._pack_args(backend, launch.kwargs, bound_args, specialization, options)
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def _config_str(launch: Launch) -> str:
