@@ -233,7 +233,9 @@ def _specialize(launch: Launch, target):
     from triton.runtime.jit import create_function_from_signature
 
     fn = launch.kernel
-    if not hasattr(fn, "_pack_args"):  # private JIT API (Triton 3.4 to 3.9 at least); a clear error if it moves
+    if not hasattr(
+        fn, "_pack_args"
+    ):  # private JIT API (Triton 3.4 to 3.9 at least); a clear error if it moves
         raise RuntimeError(f"compile-check does not know this Triton's JIT internals ({triton_version()})")
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
