@@ -75,3 +75,40 @@ def test_split_k_tail_never_reads_past_the_last_group():
     x = torch.randn(1, 200, device=DEVICE).to(dtype)
     out = quant_matmul_triton(x, qw.qdata, poisoned[:, :1], None, 8, 200, split_k=3)
     assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), "poisoned tail")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequant_is_exact_for_every_code_and_zero_point(dtype, bits):
+    """The kernel turns codes into floats by ORing them into a float's mantissa and subtracting (2^m + zero);
+    that must equal code - zero exactly for every code and every zero point. With x = I the output is the
+    dequantized weight itself (scales 1): one product per output, so no rounding may hide an error."""
+    levels = 2**bits
+    k = levels if bits == 8 else 2 * levels  # every code in every row, one row per zero point
+    codes = (torch.arange(k) % levels).repeat(levels, 1)
+    codes = ((codes + torch.arange(levels)[:, None]) % levels).to(torch.uint8)  # codes at every column too
+    zeros = torch.arange(levels, dtype=torch.uint8)[:, None]
+    scales = torch.ones(levels, 1, dtype=dtype)
+    x = torch.eye(k, dtype=dtype)
+    to = {"device": DEVICE}
+    out = quant_matmul_triton(
+        x.to(**to), fq.quant.pack(codes, bits).to(**to), scales.to(**to), zeros.to(**to), bits, k
+    )
+    expected = (codes.int() - zeros.int()).T.to(dtype)
+    assert torch.equal(out.cpu(), expected), (out.cpu() - expected).abs().max()
+
+
+def test_int4_group_sizes_the_kernel_cannot_tile_raise_and_auto_avoids_them():
+    from flashquant.quant import _auto_order, triton_supports
+
+    qw = fq.quantize(torch.randn(32, 64), 4, 16)
+    x = torch.randn(2, 64, dtype=DTYPES[0]).to(DEVICE)
+    with pytest.raises(ValueError, match="group_size divisible by 32"):
+        quant_matmul_triton(x, qw.qdata.to(DEVICE), qw.scales.to(DEVICE, x.dtype), None, 4, 16)
+    assert not triton_supports(qw)
+    assert triton_supports(fq.quantize(torch.randn(32, 64), 8, 16))
+    assert triton_supports(fq.quantize(torch.randn(32, 64), 4, -1))
+    cuda = torch.device("cuda")
+    assert _auto_order(cuda, 64, torch.float16, 4, cuda_ok=False, triton_ok=False) == ("torch",)
+    assert _auto_order(cuda, 1, torch.float16, 4, cuda_ok=True, triton_ok=False) == ("cuda", "torch")
+    assert _auto_order(cuda, 64, torch.float16, 4, cuda_ok=False) == ("triton", "torch")

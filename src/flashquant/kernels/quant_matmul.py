@@ -6,9 +6,11 @@ One kernel, two regimes chosen by the launch config:
   partials go to an fp32 workspace reduced by a deterministic sum (no bf16 atomics).
 * large M (prefill): classic tiled GEMM, weight tiles dequantized on the fly into tensor-core operands.
 
-Dequantization stays in integer form until after the dot: (code - zero) is an integer in [-255, 255], exact
-in fp16/bf16, so acc_group = x @ (code - zero)^T is computed on the tensor cores and multiplied by the group
-scale in fp32 once per output element and group (BLOCK_K never straddles a group).
+The dot runs on (code - zero), an integer in [-255, 255] and exact in fp16/bf16, so acc_group =
+x @ (code - zero)^T is computed on the tensor cores and multiplied by the group scale in fp32 once per output
+element and group (BLOCK_K never straddles a group). Codes become floats without int->float conversions where
+the format allows (`_codes_to_float`), and int4 tiles are never re-interleaved: x is split into its even and odd
+columns instead. `python -m flashquant compile-check` shows what this compiles to (bench/NOTES.md).
 Packed format: flashquant.quant.QuantizedWeight.
 """
 
