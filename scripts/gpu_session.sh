@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session should do, in as few device calls as possible (see .library/device/METHOD.md):
-#   bash scripts/gpu_session.sh build tests        # call 1: build with CUDA, GPU tests, memcheck
+#   bash scripts/gpu_session.sh build tests static # call 1: build with CUDA, GPU tests, memcheck, and the
+#                                                  #   compile-check with the device's Triton (~1 min)
 #   bash scripts/gpu_session.sh tune               # call 2: measure launch configs (python -m flashquant tune,
 #                                                  #   Triton only: needs no build); commit the returned
 #                                                  #   $OUT/<device>.json into src/flashquant/kernels/tuned/
 #   bash scripts/gpu_session.sh build bench demo   # call 3: benchmarks (llama3-8b preset) + the 8B demo
 # A call may land on a fresh machine (each is given back 30 s after a call), so every call that needs the CUDA
 # extension starts with `build`. Writes at most 8 files into $OUT (default ./out): build.log, tests.txt,
-# memcheck.txt, bench.txt, <preset>.json, plots, demo.txt/demo.json; tune.txt and <device>.json for `tune`.
+# memcheck.txt, compile-check.txt/.json, bench.txt, <preset>.json, plots, demo.txt/demo.json; tune.txt and <device>.json for `tune`.
 # Uses the machine's torch/triton; installs nothing from the network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,9 @@ for stage in $stages; do
       compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_kernels.py \
         -k "bits-4 or flash_decoding" -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/memcheck.txt"
     fi
+    ;;
+  static)  # the compile-check with the device's own Triton (~1 min): do its cubins keep the properties claimed?
+    $PY -m flashquant compile-check --arch 90 --json "$OUT/compile-check.json" 2>&1 | tail -30 > "$OUT/compile-check.txt"
     ;;
   tune)  # every key within ~9 minutes; the table also lands in the package dir for later stages of this call
     $PY -m flashquant tune --out src/flashquant/kernels/tuned --max-minutes 8.5 2>&1 | tee "$OUT/tune.txt"
