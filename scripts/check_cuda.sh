@@ -25,4 +25,7 @@ if [ -x "$PY" ] && ti=$("$PY" -c "import torch.utils.cpp_extension as c; print('
 else
   echo "no torch in $PY: skipping the syntax check of csrc/cuda/ops_cuda.cpp"
 fi
+if [ -x "$PY" ]; then  # main-loop cost of each CUDA GEMV instantiation, read off the sm_90a SASS
+  "$PY" -m flashquant compile-check --cuda
+fi
 echo "cuda compile check: ok"

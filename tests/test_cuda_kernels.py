@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flashquant as fq
-from tolerances import assert_close, assert_flash_rule, assert_qmm_close
+from tolerances import assert_close, assert_flash_rule, assert_qmm_close, assert_qmm_same_rounding
 
 if not fq.backends()["cuda"].available:
     pytest.skip("CUDA backend unavailable: " + fq.backends()["cuda"].reason, allow_module_level=True)
@@ -14,12 +14,34 @@ if not fq.backends()["cuda"].available:
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])  # 9: the first M with two n8 tiles
 def test_cuda_quant_gemv(dtype, bits, group_size, symmetric, m):
     n, k = 1031, 4096  # odd N
     qw = fq.quantize(torch.randn(n, k, device="cuda", dtype=dtype), bits, group_size, symmetric)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    assert_qmm_close(fq.quant_matmul(x, qw, backend="cuda"), fq.quant_matmul(x, qw, backend="reference"))
+    out = fq.quant_matmul(x, qw, backend="cuda")
+    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"))
+    # Sharper: the kernel's products are exact products of the dtype-rounded weights (tolerances.py).
+    assert_qmm_same_rounding(out, (x.float() @ qw.dequantize().to(dtype).float().t()).to(dtype), "cuda gemv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("n", [5, 77])
+def test_cuda_quant_gemv_tail_steps_odd_groups_and_misaligned_views(dtype, bits, group_size, n):
+    """K = 2080 is not a multiple of the kernel's 128-code step (a guarded last step in the last K slice); per
+    channel, the group size 2080 is not a power of two (the division path); N < 16 leaves clamped rows; x is a
+    contiguous view at a 2-byte offset, which the op must copy to an aligned buffer for its 16-byte loads."""
+    k, m = 2080, 5
+    qw = fq.quantize(torch.randn(n, k, device="cuda", dtype=dtype), bits, group_size, symmetric=False)
+    x = torch.randn(m * k + 1, device="cuda", dtype=dtype)[1:].view(m, k)
+    assert x.data_ptr() % 16 != 0
+    out = fq.quant_matmul(x, qw, backend="cuda")
+    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"))
+    assert_qmm_same_rounding(
+        out, (x.float() @ qw.dequantize().to(dtype).float().t()).to(dtype), "cuda gemv tail"
+    )
 
 
 def test_cuda_quant_gemv_rejects_unsupported_shapes():

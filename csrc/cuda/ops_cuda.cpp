@@ -34,14 +34,22 @@ at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qdata, const
               "multiples of 32, got K=", K, ", group_size=", group_size);
   TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.is_contiguous() && qdata.size(1) * 8 / bits == K,
               "flashquant CUDA: qdata must be contiguous uint8 (N, K*bits/8), got ", qdata.sizes());
-  const at::Tensor xc = x.contiguous();
+  // The kernel reads x and the packed weights with 16-byte loads: a view at an odd offset gets an aligned copy.
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+  };
+  const at::Tensor xc = aligned(x.contiguous());
+  const at::Tensor qc = aligned(qdata);
   const at::Tensor sc = scales.to(x.scalar_type()).contiguous();
   const std::optional<at::Tensor> zc = zeros ? std::optional<at::Tensor>(zeros->contiguous()) : std::nullopt;
-  const int64_t blocks = (N + 3) / 4;
-  int64_t split_k = std::max<int64_t>(1, std::min<int64_t>((2 * num_sms() + blocks - 1) / blocks, K / 1024));
+  // A block covers 64 output channels (4 warps x 16). Split K until there are ~4 blocks per SM (16 warps:
+  // enough 16-byte loads in flight to cover DRAM latency), keeping >= 512 codes of K per slice.
+  const int64_t blocks = (N + 63) / 64;
+  const int64_t split_k =
+      std::max<int64_t>(1, std::min<int64_t>((4 * num_sms() + blocks - 1) / blocks, K / 512));
   at::Tensor out = split_k == 1 ? at::empty({M, N}, x.options())
                                 : at::empty({split_k, M, N}, x.options().dtype(at::kFloat));
-  flashquant::cuda::QuantGemvParams p{xc.data_ptr(), qdata.data_ptr<uint8_t>(), sc.data_ptr(),
+  flashquant::cuda::QuantGemvParams p{xc.data_ptr(), qc.data_ptr<uint8_t>(), sc.data_ptr(),
                                       zc ? zc->data_ptr<uint8_t>() : nullptr, out.data_ptr(),
                                       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
                                       static_cast<int>(K / group_size), static_cast<int>(group_size),

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -340,6 +341,112 @@ def _main_loop(sass: str) -> list[str]:
     return [op for addr, op, _ in lines if best[0] <= addr <= best[1]]
 
 
+# ---- the CUDA GEMV (csrc/cuda/quant_gemv.cu), compiled with nvcc ----------------------------------------------
+# H100 SXM: 4 warp-instructions issued per clock per SM at 1.98 GHz on 132 SMs, against 3.35 TB/s of HBM3.
+H100_ISSUE_LANES_PER_CLOCK, H100_CLOCK_HZ, H100_SMS, H100_HBM_BYTES_PER_S = 128, 1.98e9, 132, 3.35e12
+GEMV_BYTES_PER_WEIGHT = {4: 0.5 + 2 / 128, 8: 1.0}  # int4 with fp16 g128 scales; int8 per channel
+
+
+@dataclasses.dataclass
+class GemvLoop:
+    dtype: str
+    bits: int
+    m_tiles: int  # n8 tiles of activation rows: 1 for M <= 8, 2 for M <= 16
+    asym: bool
+    regs: int
+    spill_bytes: int
+    loop_instructions: int
+    hmma: int
+    instructions_per_weight: (
+        float  # per lane, over the main loop (an upper bound: it includes untaken branches)
+    )
+    issue_ceiling: float  # fraction of H100 HBM bandwidth that instruction issue allows (>= 1: not the bound)
+
+
+def gemv_source() -> Path | None:
+    """csrc/cuda/quant_gemv.cu of a source checkout (not part of an installed wheel)."""
+    path = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "quant_gemv.cu"
+    return path if path.is_file() else None
+
+
+def find_nvcc() -> str | None:
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    return shutil.which("nvcc") or (str(cuda_home) if cuda_home.is_file() else None)
+
+
+def cuda_gemv_loops(source: Path, arch: str = "sm_90a") -> list[GemvLoop]:
+    """Compile the CUDA GEMV with nvcc and measure each instantiation's main loop from the SASS.
+
+    Each mma.m16n8k16 takes 16 x 16 weights of A over 32 lanes, 8 per lane, and with two n8 tiles every A
+    fragment feeds two MMAs; so a loop with H HMMAs covers 8 * H / m_tiles weights per lane.
+    """
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found on PATH or in $CUDA_HOME/bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "gemv.cubin"
+        subprocess.run(
+            [
+                nvcc,
+                "-std=c++17",
+                "-O3",
+                f"-I{source.parents[1]}",
+                "-cubin",
+                f"-arch={arch}",
+                str(source),
+                "-o",
+                str(cubin),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    resources = {
+        m[1]: (int(m[2]), int(m[3]) + int(m[4]))
+        for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    }
+    out = []
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = body.split("\n", 1)[0].strip()
+        # quant_gemv_kernel<T, BITS, M_TILES, ASYM>, e.g. ...kernelI6__halfLi4ELi1ELb0E...
+        m = re.search(r"quant_gemv_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELb([01])E", name)
+        if m is None:
+            continue
+        bits, m_tiles = int(m[2]), int(m[3])
+        loop = _main_loop(body)
+        hmma = sum(op == "HMMA" for op in loop)
+        weights = 8 * hmma / m_tiles
+        ipw = len(loop) / weights if weights else math.inf
+        need = H100_HBM_BYTES_PER_S / (
+            GEMV_BYTES_PER_WEIGHT[bits] * H100_CLOCK_HZ * H100_SMS
+        )  # weights/clk/SM
+        regs, spill = resources.get(name, (0, 0))
+        out.append(
+            GemvLoop(
+                "float16" if m[1] == "6__half" else "bfloat16",
+                bits,
+                m_tiles,
+                m[4] == "1",
+                regs,
+                spill,
+                len(loop),
+                hmma,
+                round(ipw, 2),
+                round(H100_ISSUE_LANES_PER_CLOCK / ipw / need, 2),
+            )
+        )
+    return sorted(out, key=lambda r: (r.bits, r.dtype, r.m_tiles, r.asym))
+
+
 def default_config(key: str, arch: Arch) -> list[tuple[int, ...]]:
     from .kernels import configs
 
@@ -418,8 +525,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", action="store_true", help="every config tune tries, not just the defaults")
     p.add_argument("--cases", default="", help="only cases whose name contains this")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    p.add_argument(
+        "--cuda",
+        action="store_true",
+        help="instead: compile the CUDA GEMV (csrc/cuda/quant_gemv.cu) with nvcc for sm_90a and report its main loop",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    if args.cuda:
+        return _main_cuda(args.json)
     if os.environ.get("TRITON_INTERPRET") == "1":
         # @triton.jit made interpreter objects at import; compiling needs the real ones: re-exec without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -467,6 +581,38 @@ def main(argv: list[str] | None = None) -> int:
     for line in found:
         print(f"  {line}")
     return 1 if found else 0
+
+
+def _main_cuda(json_path: Path | None) -> int:
+    source = gemv_source()
+    if source is None:
+        print("compile-check --cuda needs a source checkout (csrc/cuda/quant_gemv.cu)")
+        return 1
+    loops = cuda_gemv_loops(source)
+    print(
+        f"{source.name} on sm_90a: main loop per instantiation (instructions per weight are per lane, an upper bound)"
+    )
+    header = ("dtype", "bits", "M", "asym", "regs", "spill", "loop", "HMMA", "instr/w", "issue ceiling")
+    widths = (9, 4, 5, 5, 4, 5, 5, 4, 7, 13)
+
+    def line(cells) -> str:
+        return " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(line(header))
+    found = []
+    for r in loops:
+        rows = "<= 8" if r.m_tiles == 1 else "<= 16"
+        cells = (r.dtype, r.bits, rows, str(r.asym), r.regs, r.spill_bytes, r.loop_instructions, r.hmma)
+        print(line((*cells, r.instructions_per_weight, f"{r.issue_ceiling:.0%}")))
+        if r.issue_ceiling < 1 or r.spill_bytes or not r.hmma:
+            found.append(f"{r}: instruction-bound below HBM peak, spilling, or no tensor cores")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps([dataclasses.asdict(r) for r in loops], indent=1) + "\n")
+    print(f"\n{len(loops)} instantiations, {len(found)} problem(s)")
+    for line in found:
+        print(f"  {line}")
+    return 1 if found or not loops else 0
 
 
 if __name__ == "__main__":
