@@ -1,18 +1,18 @@
-"""The CUDA flash-decoding kernels, executed on the CPU against the reference (no GPU needed).
+"""The CUDA kernels (flash-decoding, int4/int8 GEMV), executed on the CPU against the reference (no GPU needed).
 
-csrc/cuda/decode_attention_kernels.cuh is plain CUDA C++ without inline PTX, so g++ can compile it with
-tests/cuda_host/cuda_on_cpu.h standing in for the CUDA runtime: a block's 128 threads become std::threads,
-__syncthreads a barrier, __shfl_xor_sync a per-warp exchange. This runs the kernels' own indexing, paging,
-split-KV slicing, synchronisation, online softmax and LSE merge, i.e. everything but the GPU's instruction
-set and memory system (test_cuda_kernels.py runs the real thing where a GPU exists). The shared-memory
-offsets are real too, and the library is built with UndefinedBehaviorSanitizer: a misaligned 16-byte access
-(a fault on the GPU), an out-of-bounds index into a fixed-size array or a signed overflow stops the test run
-with the sanitizer's report ("runtime error: store to misaligned address ... for type 'struct uint4'" is what
-the kernel as it was before this harness gave: it placed its K/V tile 12 bytes off 16-byte alignment for G = 4).
+csrc/cuda/*_kernels.cuh are CUDA C++ that g++ can compile with tests/cuda_host/cuda_on_cpu.h standing in for
+the CUDA runtime: a block's threads become std::threads, __syncthreads a barrier, __shfl_xor_sync a per-warp
+exchange, and the GEMV's three inline-PTX wrappers get host versions (its mma.sync a warp-collective exchange
+placing fragments by the PTX ISA's m16n8k16 tables). This runs the kernels' own indexing, paging, split-KV and
+split-K slicing, synchronisation, online softmax, LSE merge, bit-level dequantization and fragment placement,
+i.e. everything but the GPU's instruction set and memory system (test_cuda_kernels.py runs the real
+thing where a GPU exists). The shared-memory offsets are real too, and the library is built with
+UndefinedBehaviorSanitizer: a misaligned 16-byte access (a fault on the GPU), an out-of-bounds index into a
+fixed-size array or a signed overflow stops the test run with the sanitizer's report ("runtime error: store to
+misaligned address ... for type 'struct uint4'" is what the decode kernel as it was before this harness gave:
+it placed its K/V tile 12 bytes off 16-byte alignment for G = 4).
 """
 
-import ctypes
-import math
 import shutil
 import subprocess
 import sys
@@ -22,17 +22,18 @@ import pytest
 import torch
 
 import flashquant as fq
-from tolerances import ATOL, assert_close
+from tolerances import ATOL, assert_close, assert_qmm_close, assert_qmm_same_rounding
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_INCLUDE = Path("/usr/local/cuda/include")
+RUNNER = ROOT / "tests" / "cuda_host" / "run_on_cpu.py"  # imports only torch: a light child process
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     if shutil.which("g++") is None or not (CUDA_INCLUDE / "cuda_fp16.h").is_file():
         pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h) to compile the kernels for the CPU")
-    so = tmp_path_factory.mktemp("cuda_on_cpu") / "libdecode_on_cpu.so"
+    so = tmp_path_factory.mktemp("cuda_on_cpu") / "libkernels_on_cpu.so"
     cmd = ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror"]
     cmd += [
         "-Wno-unknown-pragmas",
@@ -41,64 +42,27 @@ def lib(tmp_path_factory):
         "-fno-omit-frame-pointer",
     ]
     cmd += [f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'cuda_host'}", f"-I{CUDA_INCLUDE}"]
-    cmd += [str(ROOT / "tests" / "cuda_host" / "decode_on_cpu.cpp"), "-o", str(so)]
+    cmd += [str(ROOT / "tests" / "cuda_host" / f) for f in ("decode_on_cpu.cpp", "gemv_on_cpu.cpp")] + [
+        "-o",
+        str(so),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return so
 
 
-def run_in_child(so: Path, tmp_path: Path, **inputs) -> torch.Tensor:
-    """decode_on_cpu in a child process: undefined behaviour aborts it with the sanitizer's report (on stderr,
-    returned in the assertion message) instead of taking the test session down."""
+def run_in_child(so: Path, tmp_path: Path, fn: str, **inputs) -> torch.Tensor:
+    """fn (decode_on_cpu or gemv_on_cpu) in a child process: undefined behaviour aborts it with the sanitizer's
+    report (on stderr, returned in the assertion message) instead of taking the test session down."""
     torch.save(inputs, tmp_path / "inputs.pt")
     proc = subprocess.run(
-        [sys.executable, __file__, str(so), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, str(RUNNER), str(so), fn, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, f"kernel run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     return torch.load(tmp_path / "out.pt")
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
-
-
-def decode_on_cpu(lib: ctypes.CDLL, q, k_cache, v_cache, seqlens, block_table, scale, num_splits):
-    """decode_attention_cuda (csrc/cuda/ops_cuda.cpp) with its split arithmetic, launching on the CPU."""
-    B, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    block_size = k_cache.shape[1] if block_table is not None else 0
-    capacity = block_table.shape[1] * block_size if block_table is not None else k_cache.shape[1]
-    split_len = max(64, math.ceil(math.ceil(capacity / num_splits) / 64) * 64)
-    num_splits = max(1, math.ceil(capacity / split_len))
-    out = torch.empty_like(q)
-    out_part = torch.empty(num_splits, B, Hq, D) if num_splits > 1 else None
-    lse_part = torch.empty(num_splits, B, Hq) if num_splits > 1 else None
-    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k_cache, v_cache)]
-    rc = lib.fq_decode_on_cpu(
-        ctypes.c_int(q.dtype == torch.bfloat16),
-        _ptr(q),
-        _ptr(k_cache),
-        _ptr(v_cache),
-        _ptr(seqlens),
-        _ptr(block_table),
-        _ptr(out),
-        _ptr(out_part),
-        _ptr(lse_part),
-        strides[0],
-        strides[1],
-        *(
-            ctypes.c_int(v)
-            for v in (B, Hq, Hkv, D, block_size, block_table.shape[1] if block_table is not None else 0)
-        ),
-        ctypes.c_int(split_len),
-        ctypes.c_int(num_splits),
-        ctypes.c_float(scale),
-    )
-    assert rc == 0, f"fq_decode_on_cpu returned {rc}"
-    return out
 
 
 # (dtype, head_dim, Hq, Hkv, paged, num_splits, seqlens): GQA 4 (Llama 3), 6/1 (MQA), MHA, the largest group
@@ -136,6 +100,7 @@ def test_cuda_decode_kernel_on_cpu_matches_reference(
     out = run_in_child(
         lib,
         tmp_path,
+        "decode_on_cpu",
         q=q,
         k_cache=kc,
         v_cache=vc,
@@ -164,6 +129,7 @@ def test_on_cpu_harness_detects_a_wrong_result(lib, tmp_path):
     out = run_in_child(
         lib,
         tmp_path,
+        "decode_on_cpu",
         q=q,
         k_cache=kc,
         v_cache=vc,
@@ -176,6 +142,42 @@ def test_on_cpu_harness_detects_a_wrong_result(lib, tmp_path):
     assert (out.float() - ref.float()).abs().max() > 10 * ATOL[torch.float16]
 
 
-if __name__ == "__main__":  # the child of run_in_child: library, inputs, output
-    args = torch.load(sys.argv[2])
-    torch.save(decode_on_cpu(ctypes.CDLL(sys.argv[1]), **args), sys.argv[3])
+# (bits, dtype, group_size, symmetric, M, N, K, split_k): N not a multiple of 16 (clamped rows) and N < 16; K not
+# a multiple of the 128-code int4 step (a guarded last step); split-K with a short last slice; group sizes that
+# are and are not powers of two, and per channel; M = 1..8 (one n8 tile of activation rows) and 9..16 (two).
+GEMV_CASES = [
+    (4, torch.float16, 32, True, 1, 20, 160, 1),
+    (4, torch.float16, 64, False, 5, 17, 192, 2),
+    (4, torch.bfloat16, 128, True, 11, 18, 384, 2),
+    (4, torch.bfloat16, -1, False, 3, 16, 96, 1),
+    (4, torch.float16, 96, False, 7, 5, 288, 2),
+    (8, torch.float16, 32, False, 2, 19, 96, 2),
+    (8, torch.float16, -1, True, 9, 16, 64, 1),
+    (8, torch.bfloat16, 64, True, 4, 21, 128, 3),
+    (8, torch.bfloat16, 32, False, 16, 16, 160, 2),
+]
+
+
+@pytest.mark.parametrize("bits,dtype,group_size,symmetric,M,N,K,split_k", GEMV_CASES)
+def test_cuda_gemv_kernel_on_cpu_matches_reference(
+    lib, tmp_path, bits, dtype, group_size, symmetric, M, N, K, split_k
+):
+    torch.manual_seed(bits * 1000 + M * 10 + split_k)
+    qw = fq.quantize(torch.randn(N, K, dtype=dtype), bits, group_size, symmetric)
+    x = torch.randn(M, K, dtype=dtype)
+    out = run_in_child(
+        lib,
+        tmp_path,
+        "gemv_on_cpu",
+        x=x,
+        qdata=qw.qdata,
+        scales=qw.scales,
+        zeros=qw.zeros,
+        bits=bits,
+        group_size=qw.effective_group_size,
+        split_k=split_k,
+    )
+    # Exact products of dtype-rounded dequantized weights, fp32 sums: only the summation order differs.
+    same_rounding = (x.float() @ qw.dequantize().to(dtype).float().t()).to(dtype)
+    assert_qmm_same_rounding(out, same_rounding, "cuda gemv on the CPU vs the same-rounding model")
+    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), "cuda gemv on the CPU vs reference")

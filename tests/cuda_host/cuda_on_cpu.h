@@ -2,10 +2,12 @@
 //
 // A block's threads are std::threads; __syncthreads is a block-wide std::barrier and __shfl_xor_sync a
 // per-warp exchange between two warp-wide barriers. Blocks run one after another, so `extern __shared__`
-// arrays can be a global buffer that the harness defines. This executes the kernels' C++ (indexing, loop
-// bounds, synchronisation, the online softmax, the merge), with IEEE fp32 math on the host instead of the GPU's
-// instructions; it cannot run inline PTX and models no memory-system behaviour. Kernel headers included after
-// this one must use only what is defined here.
+// arrays can be a global buffer that the harness defines. mma_m16n8k16 is the warp-collective tensor-core
+// MMA, each lane's fragments placed by the PTX ISA's tables for .m16n8k16 with .f16/.bf16 inputs and .f32
+// accumulators (exact products, fp32 sums; the hardware's summation order is unspecified).
+// This executes the kernels' C++ (indexing, loop bounds, synchronisation, bit tricks, fragment placement), with
+// IEEE fp32 math on the host instead of the GPU's instructions; it cannot run inline PTX (a kernel header
+// swaps its few PTX wrappers for host versions under FLASHQUANT_CUDA_ON_CPU) and models no memory system.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,9 +19,11 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #undef __global__
@@ -78,6 +82,63 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
 }  // namespace cuda_on_cpu
 
 inline void __syncthreads() { cuda_on_cpu::block_barrier->arrive_and_wait(); }
+
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
+  const uint64_t pool = (static_cast<uint64_t>(y) << 32) | x;
+  unsigned out = 0;
+  for (int i = 0; i < 4; ++i) out |= static_cast<unsigned>((pool >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return out;
+}
+inline float __uint_as_float(unsigned v) {
+  float f;
+  std::memcpy(&f, &v, sizeof(f));
+  return f;
+}
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+namespace cuda_on_cpu {
+inline uint32_t mma_a[kMaxWarps][32][4], mma_b[kMaxWarps][32][2];
+
+template <typename T>  // __half or __nv_bfloat16
+float element(uint32_t reg, int half) {
+  const uint16_t bits = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xFFFF);
+  if constexpr (std::is_same_v<T, __half>) {
+    __half_raw raw;
+    raw.x = bits;
+    return __half2float(__half(raw));
+  } else {
+    __nv_bfloat16_raw raw;
+    raw.x = bits;
+    return __bfloat162float(__nv_bfloat16(raw));
+  }
+}
+
+// D = A (16x16) . B (16x8) + C for the calling lane's C fragment; every lane of the warp must call it.
+template <typename T>
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = 0; r < 4; ++r) mma_a[w][lane][r] = a[r];
+  for (int r = 0; r < 2; ++r) mma_b[w][lane][r] = b[r];
+  warp_barrier[w]->arrive_and_wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);  // C: c0, c1 at row g; c2, c3 at g + 8
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) {
+      // A: a0..a7 of lane (row % 8) * 4 + (k % 8) / 2; register (k >= 8) * 2 + (row >= 8), half k & 1.
+      const uint32_t a_reg = mma_a[w][(row % 8) * 4 + (k % 8) / 2][(k >= 8 ? 2 : 0) + (row >= 8 ? 1 : 0)];
+      // B: b0..b3 of lane col * 4 + (k % 8) / 2; register k >= 8, half k & 1.
+      const uint32_t b_reg = mma_b[w][col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0];
+      acc += element<T>(a_reg, k & 1) * element<T>(b_reg, k & 1);
+    }
+    c[i] = acc;
+  }
+  warp_barrier[w]->arrive_and_wait();  // the exchange buffers are reused by the next MMA
+}
+}  // namespace cuda_on_cpu
 
 inline float __shfl_xor_sync(unsigned /*mask: the kernels shuffle with full, converged warps*/, float v, int lane_mask) {
   const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;

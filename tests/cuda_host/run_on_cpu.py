@@ -1,0 +1,74 @@
+"""ctypes front ends of the CPU-compiled CUDA kernels (tests/cuda_host/*_on_cpu.cpp), mirroring the torch glue
+in csrc/cuda/ops_cuda.cpp. Run as a script by tests/test_cuda_on_cpu.py in a child process:
+run_on_cpu.py LIBRARY FUNCTION INPUTS.pt OUTPUT.pt (imports only torch, to start fast)."""
+
+import ctypes
+import math
+import sys
+
+import torch
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def decode_on_cpu(lib: ctypes.CDLL, q, k_cache, v_cache, seqlens, block_table, scale, num_splits):
+    """decode_attention_cuda (csrc/cuda/ops_cuda.cpp) with its split arithmetic, launching on the CPU."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    block_size = k_cache.shape[1] if block_table is not None else 0
+    capacity = block_table.shape[1] * block_size if block_table is not None else k_cache.shape[1]
+    split_len = max(64, math.ceil(math.ceil(capacity / num_splits) / 64) * 64)
+    num_splits = max(1, math.ceil(capacity / split_len))
+    out = torch.empty_like(q)
+    out_part = torch.empty(num_splits, B, Hq, D) if num_splits > 1 else None
+    lse_part = torch.empty(num_splits, B, Hq) if num_splits > 1 else None
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k_cache, v_cache)]
+    rc = lib.fq_decode_on_cpu(
+        ctypes.c_int(q.dtype == torch.bfloat16),
+        _ptr(q),
+        _ptr(k_cache),
+        _ptr(v_cache),
+        _ptr(seqlens),
+        _ptr(block_table),
+        _ptr(out),
+        _ptr(out_part),
+        _ptr(lse_part),
+        strides[0],
+        strides[1],
+        *(
+            ctypes.c_int(v)
+            for v in (B, Hq, Hkv, D, block_size, block_table.shape[1] if block_table is not None else 0)
+        ),
+        ctypes.c_int(split_len),
+        ctypes.c_int(num_splits),
+        ctypes.c_float(scale),
+    )
+    assert rc == 0, f"fq_decode_on_cpu returned {rc}"
+    return out
+
+
+def gemv_on_cpu(lib: ctypes.CDLL, x, qdata, scales, zeros, bits, group_size, split_k):
+    """quant_matmul_cuda (csrc/cuda/ops_cuda.cpp) for a given split_k, launching on the CPU."""
+    M, K = x.shape
+    N = qdata.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype) if split_k == 1 else torch.empty(split_k, M, N)
+    scales = scales.to(x.dtype).contiguous()
+    rc = lib.fq_gemv_on_cpu(
+        ctypes.c_int(x.dtype == torch.bfloat16),
+        ctypes.c_int(bits),
+        _ptr(x),
+        _ptr(qdata),
+        _ptr(scales),
+        _ptr(zeros),
+        _ptr(out),
+        *(ctypes.c_int(v) for v in (M, N, K, K // group_size, group_size, split_k)),
+    )
+    assert rc == 0, f"fq_gemv_on_cpu returned {rc}"
+    return out if split_k == 1 else out.sum(0).to(x.dtype)  # ops_cuda.cpp's deterministic split-K reduction
+
+
+if __name__ == "__main__":
+    args = torch.load(sys.argv[3])
+    torch.save(globals()[sys.argv[2]](ctypes.CDLL(sys.argv[1]), **args), sys.argv[4])
