@@ -13,6 +13,7 @@ misaligned address ... for type 'struct uint4'" is what the decode kernel as it 
 it placed its K/V tile 12 bytes off 16-byte alignment for G = 4).
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import flashquant as fq
 from tolerances import ATOL, assert_close, assert_qmm_close, assert_qmm_same_rounding
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_INCLUDE = Path("/usr/local/cuda/include")
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 RUNNER = ROOT / "tests" / "cuda_host" / "run_on_cpu.py"  # imports only torch: a light child process
 
 
@@ -42,10 +43,8 @@ def lib(tmp_path_factory):
         "-fno-omit-frame-pointer",
     ]
     cmd += [f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'cuda_host'}", f"-I{CUDA_INCLUDE}"]
-    cmd += [str(ROOT / "tests" / "cuda_host" / f) for f in ("decode_on_cpu.cpp", "gemv_on_cpu.cpp")] + [
-        "-o",
-        str(so),
-    ]
+    sources = [str(ROOT / "tests" / "cuda_host" / f) for f in ("decode_on_cpu.cpp", "gemv_on_cpu.cpp")]
+    cmd += [*sources, "-o", str(so)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return so

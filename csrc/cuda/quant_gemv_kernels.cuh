@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   float acc[M_TILES][4] = {};
 
   // One warp step at k0. GUARD: the step may run past k_end (only the last step of a slice can), so a lane
-  // whose chunk lies past it loads nothing and contributes exact zeros: code 0, zero point 0, scale 0, x 0.
+  // whose chunk lies past it loads nothing and contributes exact zeros: scale 0 makes its weights 0, and x is 0.
   auto step = [&](int k0, auto guard) {
     constexpr bool GUARD = decltype(guard)::value;
     const int k = k0 + t * kCodes;  // k_begin, k_end and k are multiples of kCodes: chunks are whole
@@ -258,8 +258,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
-// Grid and K slicing for one launch (host side; decode of QuantGemvParams shared by quant_gemv.cu and the CPU
-// test harness).
+// Grid, K slicing and group indexing of one launch: shared by quant_gemv.cu and the CPU test harness.
 struct LaunchConfig {
   unsigned blocks_n, split_k;
   int k_per_split, group_shift;

@@ -478,6 +478,21 @@ def attention_varlen(
     return (out, lse) if return_lse else out
 
 
+# Query heads per KV head up to which `auto` tries the CUDA flash-decoding kernel before the Triton one. The CUDA
+# kernel computes scores and P @ V from shared memory with scalar FMAs, so its shared-memory traffic per K/V byte
+# grows with the group: ~(520 G + 256) wavefronts per 32 KB K+V tile at D = 128, against the ~2560 clocks an
+# H100 SM has per tile at HBM rate, i.e. a ceiling of ~110% at G = 4 (Llama-3-8B) but ~58% at G = 8 (70B). The
+# Triton kernel's tensor-core dots issue ~2 instructions per K/V byte at any G <= 16 (compile-check). Static
+# estimates (bench/NOTES.md); the first GPU benchmark replaces them.
+CUDA_DECODE_MAX_AUTO_GROUP = 4
+
+
+def _kvcache_auto_order(device: torch.device, cuda_ok: bool, group: int) -> tuple[str, ...]:
+    if device.type != "cuda":
+        return ("torch",)
+    return (("cuda",) if cuda_ok and group <= CUDA_DECODE_MAX_AUTO_GROUP else ()) + ("triton", "torch")
+
+
 def attention_with_kvcache(
     q,
     k_cache,
@@ -577,7 +592,7 @@ def attention_with_kvcache(
         and D in (64, 128, 256)
         and q.dtype in (torch.float16, torch.bfloat16)
     )
-    order = (("cuda",) if cuda_ok else ()) + ("triton", "torch") if device.type == "cuda" else ("torch",)
+    order = _kvcache_auto_order(device, cuda_ok, Hq // hkv)
     name = _dispatch.resolve("attention_with_kvcache", backend, device, order)
     if name == "cuda" and not cuda_ok:
         raise ValueError(
