@@ -64,6 +64,21 @@ def run_in_child(so: Path, tmp_path: Path, fn: str, **inputs) -> torch.Tensor:
     return torch.load(tmp_path / "out.pt")
 
 
+def decode(lib, tmp_path, q, k_cache, v_cache, seqlens, block_table, scale, num_splits):
+    return run_in_child(
+        lib,
+        tmp_path,
+        "decode_on_cpu",
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        seqlens=seqlens,
+        block_table=block_table,
+        scale=scale,
+        num_splits=num_splits,
+    )
+
+
 # (dtype, head_dim, Hq, Hkv, paged, num_splits, seqlens): GQA 4 (Llama 3), 6/1 (MQA), MHA, the largest group
 # (16); lengths 0, 1, not multiples of the 64-key tile, ending inside the last page; several splits, including
 # splits with no keys at all for the short sequences.
@@ -96,18 +111,7 @@ def test_cuda_decode_kernel_on_cpu_matches_reference(
         table = None
     q = torch.randn(B, hq, head_dim, dtype=dtype)
     scale = head_dim**-0.5
-    out = run_in_child(
-        lib,
-        tmp_path,
-        "decode_on_cpu",
-        q=q,
-        k_cache=kc,
-        v_cache=vc,
-        seqlens=lens,
-        block_table=table,
-        scale=scale,
-        num_splits=num_splits,
-    )
+    out = decode(lib, tmp_path, q, kc, vc, lens, table, scale, num_splits)
     ref = fq.attention_with_kvcache(q[:, None], kc, vc, lens, block_table=table, backend="reference")[:, 0]
     assert not torch.isnan(out).any()
     assert_close(out.float(), ref.float(), dtype, f"cuda decode kernel on the CPU ({num_splits} splits)")
@@ -125,18 +129,7 @@ def test_on_cpu_harness_detects_a_wrong_result(lib, tmp_path):
         torch.randn(1, 128, 2, 128, dtype=torch.float16),
     )
     lens = torch.tensor([100], dtype=torch.int32)
-    out = run_in_child(
-        lib,
-        tmp_path,
-        "decode_on_cpu",
-        q=q,
-        k_cache=kc,
-        v_cache=vc,
-        seqlens=lens,
-        block_table=None,
-        scale=2 * 128**-0.5,
-        num_splits=2,
-    )
+    out = decode(lib, tmp_path, q, kc, vc, lens, None, 2 * 128**-0.5, 2)
     ref = fq.attention_with_kvcache(q[:, None], kc, vc, lens, backend="reference")[:, 0]
     assert (out.float() - ref.float()).abs().max() > 10 * ATOL[torch.float16]
 

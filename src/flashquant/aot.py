@@ -293,15 +293,7 @@ def compile_launch(launch: Launch, arch: Arch, dtype: torch.dtype) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run(
-            [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        sass = subprocess.run(
-            [_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
-        ).stdout
+        sass, usage = _read_cubin(cubin)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if m is None:
         res.error = f"could not read the resource usage from cuobjdump: {usage[:200]!r}"
@@ -323,6 +315,17 @@ def compile_launch(launch: Launch, arch: Arch, dtype: torch.dtype) -> Result:
     )
     res.waves = programs / (arch.sms * max(1, res.programs_per_sm))
     return res
+
+
+def _read_cubin(cubin: Path) -> tuple[str, str]:
+    """(SASS listing, resource usage) of a cubin, from cuobjdump."""
+
+    def dump(flag: str) -> str:
+        return subprocess.run(
+            [_tool("cuobjdump"), flag, str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+
+    return dump("-sass"), dump("--dump-resource-usage")
 
 
 def _main_loop(sass: str) -> list[str]:
@@ -401,15 +404,7 @@ def cuda_gemv_loops(source: Path, arch: str = "sm_90a") -> list[GemvLoop]:
             capture_output=True,
             text=True,
         )
-        sass = subprocess.run(
-            [_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
-        ).stdout
-        usage = subprocess.run(
-            [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        sass, usage = _read_cubin(cubin)
     resources = {
         m[1]: (int(m[2]), int(m[3]) + int(m[4]))
         for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
