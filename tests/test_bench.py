@@ -95,3 +95,17 @@ def test_pytest_benchmark_cases_skip_cleanly_without_a_gpu():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "skipped" in out.stdout
+
+
+def test_gpu_crossover_preset_measures_both_auto_boundaries():
+    """On a GPU the crossover preset times quant_matmul's CUDA/Triton/auto over M (the M <= 16 rule) and the CUDA
+    vs Triton decode kernels at 4 and 8 query heads per KV head (attention.CUDA_DECODE_MAX_AUTO_GROUP).
+    Building the case list allocates nothing, so this runs on the CPU."""
+    from flashquant.bench.cases import dispatch_crossover_cases
+
+    cases = dispatch_crossover_cases("cuda")
+    decode = {(c.group, c.impl) for c in cases if c.op == "decode"}
+    for group in ("decode B=1 cache=8192 contiguous", "decode B=1 cache=8192 contiguous Hq/Hkv=64/8"):
+        assert {(group, "flashquant cuda"), (group, "flashquant triton")} <= decode
+    qmm_impls = {c.impl for c in cases if c.op == "quant_matmul"}
+    assert any("cuda" in i for i in qmm_impls) and any("triton" in i for i in qmm_impls)

@@ -203,7 +203,9 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
 
 def dispatch_crossover_cases(device: str) -> list[Case]:
     """quant_matmul's own backends against each other and against `auto`, over M: where does each stop winning?
-    The anchor is flashquant's torch path (dequantize + F.linear); `auto` should match the best row."""
+    The anchor is flashquant's torch path (dequantize + F.linear); `auto` should match the best row. On a GPU also
+    the CUDA vs Triton decode kernels at 4 and 8 query heads per KV head, the boundary of
+    attention.CUDA_DECODE_MAX_AUTO_GROUP (SDPA is the anchor there)."""
     if device == "cpu":
         backends, ms, dtypes = ("cpu", "auto"), [16, 64, 256, 512, 1024], (torch.float32, torch.bfloat16)
     else:
@@ -220,6 +222,9 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
                     if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
                     out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
+    if device != "cpu":
+        for hq in (32, 64):  # G = 4 (Llama-3-8B) and G = 8 (Llama-3-70B)
+            out += decode_cases(device, [1, 16], [8192], paged_modes=(False,), hq=hq, hkv=8)
     return out
 
 
@@ -346,6 +351,8 @@ def decode_cases(
                 if kv_bytes > (24 << 30):
                     continue
                 group = f"decode B={b} cache={s} {'paged' if paged else 'contiguous'}"
+                if (hq, hkv) != (32, 8):  # Llama-3's heads are the default; other GQA groups are named
+                    group += f" Hq/Hkv={hq}/{hkv}"
                 shape = {"B": b, "cache": s, "Hq": hq, "Hkv": hkv, "D": d, "paged": paged, "page": page}
 
                 def make_cache(b=b, s=s, paged=paged):
