@@ -50,6 +50,15 @@ def test_cuda_quant_gemv_rejects_unsupported_shapes():
         fq.quant_matmul(torch.randn(1, 48, device="cuda", dtype=torch.float16), qw, backend="cuda")
 
 
+def test_cuda_quant_gemv_rejects_a_misaligned_weight_instead_of_copying_it_every_call():
+    qw = fq.quantize(torch.randn(64, 256, device="cuda", dtype=torch.float16), 4, 128)
+    shifted = torch.empty(qw.qdata.numel() + 1, dtype=torch.uint8, device="cuda")[1:].view_as(qw.qdata)
+    shifted.copy_(qw.qdata)
+    bad = fq.QuantizedWeight(shifted, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.shape, qw.dtype)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        fq.quant_matmul(torch.randn(1, 256, device="cuda", dtype=torch.float16), bad, backend="cuda")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("paged", [False, True])

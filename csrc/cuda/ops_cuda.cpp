@@ -34,12 +34,12 @@ at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qdata, const
               "multiples of 32, got K=", K, ", group_size=", group_size);
   TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.is_contiguous() && qdata.size(1) * 8 / bits == K,
               "flashquant CUDA: qdata must be contiguous uint8 (N, K*bits/8), got ", qdata.sizes());
-  // The kernel reads x and the packed weights with 16-byte loads: a view at an odd offset gets an aligned copy.
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
-  };
-  const at::Tensor xc = aligned(x.contiguous());
-  const at::Tensor qc = aligned(qdata);
+  // The kernel reads x and the packed weights with 16-byte loads. x (at most 16 rows) is copied when a view
+  // starts off 16-byte alignment; the weight is not copied on every call: that is an error to fix once.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(qdata.data_ptr()) % 16 == 0,
+              "flashquant CUDA: qdata must start 16-byte aligned (it is a view at an offset); pass qdata.clone()");
+  const at::Tensor xc = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x.contiguous() : x.contiguous().clone();
+  const at::Tensor& qc = qdata;
   const at::Tensor sc = scales.to(x.scalar_type()).contiguous();
   const std::optional<at::Tensor> zc = zeros ? std::optional<at::Tensor>(zeros->contiguous()) : std::nullopt;
   // A block covers 64 output channels (4 warps x 16). Split K until there are ~4 blocks per SM (16 warps:
