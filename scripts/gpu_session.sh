@@ -8,7 +8,8 @@
 #   bash scripts/gpu_session.sh build bench demo   # call 3: benchmarks (llama3-8b preset) + the 8B demo
 # A call may land on a fresh machine (each is given back 30 s after a call), so every call that needs the CUDA
 # extension starts with `build`. Writes at most 8 files into $OUT (default ./out): build.log, tests.txt,
-# memcheck.txt, compile-check.txt/.json, bench.txt, <preset>.json, plots, demo.txt/demo.json; tune.txt and <device>.json for `tune`.
+# memcheck.txt, compile-check.txt/.json, bench.txt, <preset>.json (llama3-8b, quick, crossover), demo.txt/demo.json;
+# tune.txt and <device>.json for `tune`.
 # Uses the machine's torch/triton; installs nothing from the network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,9 +44,12 @@ for stage in $stages; do
     cp src/flashquant/kernels/tuned/*.json "$OUT/" 2>/dev/null
     ;;
   bench)
-    $PY -m flashquant.bench --llama3-8b --out "$OUT" 2>&1 | tail -400 > "$OUT/bench.txt"
+    # No plots here: the device returns at most 8 files per call, and the JSONs are the record.
+    $PY -m flashquant.bench --llama3-8b --out "$OUT" --no-plots 2>&1 | tail -400 > "$OUT/bench.txt"
     $PY -m flashquant.bench --quick --graph --ops quant_matmul decode --out "$OUT" --no-plots 2>&1 \
       | tail -100 >> "$OUT/bench.txt"
+    # The two auto rules that rest on static estimates: CUDA vs Triton GEMV over M, CUDA vs Triton decode at G = 4/8.
+    $PY -m flashquant.bench --preset crossover --out "$OUT" --no-plots 2>&1 | tail -150 >> "$OUT/bench.txt"
     ;;
   demo)
     $PY -m flashquant demo --json "$OUT/demo.json" 2>&1 | grep -v "decode:" | tail -30 | tee "$OUT/demo.txt"
