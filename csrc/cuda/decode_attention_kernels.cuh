@@ -49,6 +49,26 @@ __host__ __device__ constexpr size_t smem_bytes(int G, int D) {
   return float_words(G, D) * sizeof(float) + static_cast<size_t>(kTile) * (D + kRowPad) * sizeof(T);
 }
 
+// Whether the kernels take these parameters (decode_attention returns cudaErrorInvalidValue otherwise).
+inline bool supported(const DecodeParams& p) {
+  const int G = p.Hkv > 0 ? p.Hq / p.Hkv : 0;
+  return G >= 1 && G <= kMaxGroup && p.Hq % p.Hkv == 0 && p.split_len % kTile == 0 && p.num_splits >= 1 &&
+         (p.D == 64 || p.D == 128 || p.D == 256);
+}
+
+// launch.template operator()<T, D>() for p's dtype and head_dim (p supported()): the one place that maps runtime
+// parameters to kernel instantiations, for decode_attention.cu and for the CPU test harness alike.
+template <typename T, typename Launch>
+auto dispatch_d(const DecodeParams& p, const Launch& launch) {
+  if (p.D == 64) return launch.template operator()<T, 64>();
+  if (p.D == 128) return launch.template operator()<T, 128>();
+  return launch.template operator()<T, 256>();
+}
+template <typename Launch>
+auto dispatch(const DecodeParams& p, const Launch& launch) {
+  return p.dtype == DType::kHalf ? dispatch_d<__half>(p, launch) : dispatch_d<__nv_bfloat16>(p, launch);
+}
+
 // The 16-byte vectors of one tile (kTile rows of D elements) that one thread moves.
 template <typename T, int D>
 struct TileRegs {

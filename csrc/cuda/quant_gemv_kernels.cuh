@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 
 // Grid, K slicing and group indexing of one launch: shared by quant_gemv.cu and the CPU test harness.
 struct LaunchConfig {
-  unsigned blocks_n, split_k;
+  unsigned blocks_n;
   int k_per_split, group_shift;
 };
 template <int BITS>
@@ -269,13 +269,36 @@ __host__ __device__ inline LaunchConfig launch_config(const QuantGemvParams& p) 
   const int rows_per_block = kWarpsPerBlock * kRowsPerWarp;
   LaunchConfig c{};
   c.blocks_n = static_cast<unsigned>((p.N + rows_per_block - 1) / rows_per_block);
-  c.split_k = static_cast<unsigned>(p.split_k);
   // Whole steps per slice, so that only the last slice of K can end mid-step.
   c.k_per_split = ((p.K + p.split_k - 1) / p.split_k + kStep - 1) / kStep * kStep;
   int shift = 0;
   while ((1 << shift) < p.group_size) ++shift;
   c.group_shift = (1 << shift) == p.group_size ? shift : -1;  // -1: not a power of two, divide
   return c;
+}
+
+// Whether the kernel takes these parameters (quant_gemv returns cudaErrorInvalidValue otherwise).
+inline bool supported(const QuantGemvParams& p) {
+  return p.M >= 1 && p.M <= kMaxM && p.K % 32 == 0 && p.group_size % 32 == 0 && (p.bits == 4 || p.bits == 8) &&
+         p.split_k >= 1 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.qdata) % 16 == 0;
+}
+
+// launch.template operator()<T, BITS, M_TILES, ASYM>() for p (supported()): the one place that maps runtime
+// parameters to kernel instantiations, for quant_gemv.cu and for the CPU test harness alike. Template arguments
+// keep each instantiation branch-free: one n8 tile of activation rows or two, zero points or none.
+template <typename T, int BITS, typename Launch>
+auto dispatch_tiles(const QuantGemvParams& p, const Launch& launch) {
+  if (p.zeros) {
+    return p.M <= 8 ? launch.template operator()<T, BITS, 1, true>() : launch.template operator()<T, BITS, 2, true>();
+  }
+  return p.M <= 8 ? launch.template operator()<T, BITS, 1, false>() : launch.template operator()<T, BITS, 2, false>();
+}
+template <typename Launch>
+auto dispatch(const QuantGemvParams& p, const Launch& launch) {
+  if (p.dtype == DType::kHalf) {
+    return p.bits == 4 ? dispatch_tiles<__half, 4>(p, launch) : dispatch_tiles<__half, 8>(p, launch);
+  }
+  return p.bits == 4 ? dispatch_tiles<__nv_bfloat16, 4>(p, launch) : dispatch_tiles<__nv_bfloat16, 8>(p, launch);
 }
 
 }  // namespace flashquant::cuda::gemv

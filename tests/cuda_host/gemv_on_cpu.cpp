@@ -16,20 +16,19 @@ inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint
 namespace {
 using namespace flashquant::cuda;
 
-template <typename T, int BITS, int M_TILES, bool ASYM>
-void run(const QuantGemvParams& p) {
-  const gemv::LaunchConfig c = gemv::launch_config<BITS>(p);
-  cuda_on_cpu::launch(dim3(c.blocks_n, c.split_k), dim3(gemv::kWarpsPerBlock * 32),
-                      gemv::quant_gemv_kernel<T, BITS, M_TILES, ASYM>, static_cast<const T*>(p.x), p.qdata,
-                      static_cast<const T*>(p.scales), p.zeros, p.out, p.M, p.N, p.K, p.G, p.group_size,
-                      c.group_shift, c.k_per_split);
-}
+struct Run {  // quant_gemv.cu's Launch, launching on the CPU
+  const QuantGemvParams& p;
 
-template <typename T, int BITS>
-void run_bits(const QuantGemvParams& p) {  // quant_gemv.cu's launch_bits
-  if (p.zeros) return p.M <= 8 ? run<T, BITS, 1, true>(p) : run<T, BITS, 2, true>(p);
-  return p.M <= 8 ? run<T, BITS, 1, false>(p) : run<T, BITS, 2, false>(p);
-}
+  template <typename T, int BITS, int M_TILES, bool ASYM>
+  int operator()() const {
+    const gemv::LaunchConfig c = gemv::launch_config<BITS>(p);
+    cuda_on_cpu::launch(dim3(c.blocks_n, p.split_k), dim3(gemv::kWarpsPerBlock * 32),
+                        gemv::quant_gemv_kernel<T, BITS, M_TILES, ASYM>, static_cast<const T*>(p.x), p.qdata,
+                        static_cast<const T*>(p.scales), p.zeros, p.out, p.M, p.N, p.K, p.G, p.group_size,
+                        c.group_shift, c.k_per_split);
+    return 0;
+  }
+};
 }  // namespace
 
 // out: (M, N) in the dtype when split_k == 1, else fp32 partials (split_k, M, N) for the caller to sum.
@@ -38,11 +37,5 @@ extern "C" int fq_gemv_on_cpu(int is_bf16, int bits, const void* x, const uint8_
                               int split_k) {
   const QuantGemvParams p{x, qdata, scales, zeros, out, M, N, K, G, group_size, bits, split_k,
                           is_bf16 ? DType::kBFloat16 : DType::kHalf};
-  if (M < 1 || M > gemv::kMaxM || K % 32 || group_size % 32 || (bits != 4 && bits != 8) || split_k < 1) return 1;
-  if (is_bf16) {
-    bits == 4 ? run_bits<__nv_bfloat16, 4>(p) : run_bits<__nv_bfloat16, 8>(p);
-  } else {
-    bits == 4 ? run_bits<__half, 4>(p) : run_bits<__half, 8>(p);
-  }
-  return 0;
+  return gemv::supported(p) ? gemv::dispatch(p, Run{p}) : 1;
 }
