@@ -99,7 +99,7 @@ def test_pytest_benchmark_cases_skip_cleanly_without_a_gpu():
 
 def test_gpu_crossover_preset_measures_both_auto_boundaries():
     """On a GPU the crossover preset times quant_matmul's CUDA/Triton/auto over M (the M <= 16 rule) and the CUDA
-    vs Triton decode kernels at 4 and 8 query heads per KV head (attention.CUDA_DECODE_MAX_AUTO_GROUP).
+    vs Triton decode kernels at 4 and 8 query heads per KV head (auto's order for attention_with_kvcache).
     Building the case list allocates nothing, so this runs on the CPU."""
     from flashquant.bench.cases import dispatch_crossover_cases
 

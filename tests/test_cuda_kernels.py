@@ -63,10 +63,17 @@ def test_cuda_quant_gemv_rejects_a_misaligned_weight_instead_of_copying_it_every
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 4, 0])
-@pytest.mark.parametrize("heads", [(32, 8), (8, 1), (16, 16)])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 1), (16, 16), (24, 2)])  # G = 4, 8, 1, 12 (two head tiles)
 def test_cuda_flash_decoding(dtype, head_dim, paged, num_splits, heads):
     hq, hkv = heads
     B, cap, bs = 3, 1024, 32
+    if head_dim == 256 and hq // hkv > 8:  # the kernel's accumulators for > 8 heads of 256 dims would spill
+        q = torch.randn(1, 1, hq, head_dim, device="cuda", dtype=dtype)
+        kc = torch.randn(1, 64, hkv, head_dim, device="cuda", dtype=dtype)
+        lens = torch.tensor([10], dtype=torch.int32, device="cuda")
+        with pytest.raises(ValueError, match="head_dim 256 with up to 8"):
+            fq.attention_with_kvcache(q, kc, kc, lens, backend="cuda")
+        return
     lens = torch.tensor([1000, 0, 333], dtype=torch.int32, device="cuda")
     if paged:
         nblk = B * cap // bs + 4
@@ -84,6 +91,31 @@ def test_cuda_flash_decoding(dtype, head_dim, paged, num_splits, heads):
     assert_close(out.float(), ref.float(), dtype, "cuda decode")
     base = fq.attention_with_kvcache(q, kc.clone(), vc.clone(), lens + 1, backend="torch", block_table=table)
     assert_flash_rule(out, ref.float(), base, "cuda decode vs SDPA same dtype")
+
+
+def test_cuda_flash_decoding_block_sizes_and_misaligned_q():
+    """Pages of 16 and 48 keys (multiples of the kernel's 16-key step; 48 is not a power of two, which only the
+    CUDA kernel accepts), a q view at a 2-byte offset (copied for the 16-byte loads); pages of 8 keys are refused
+    by backend='cuda' and served by auto through another backend."""
+    dtype, hq, hkv, d = torch.float16, 32, 8, 128
+    lens = torch.tensor([300, 47], dtype=torch.int32, device="cuda")
+    for bs in (16, 48, 8):
+        nblk = 2 * (384 // bs) + 2
+        kc = torch.randn(nblk, bs, hkv, d, device="cuda", dtype=dtype)
+        vc = torch.randn_like(kc)
+        table = torch.randperm(nblk, device="cuda")[: 2 * (384 // bs)].reshape(2, -1).to(torch.int32)
+        q = torch.randn(2 * hq * d + 1, device="cuda", dtype=dtype)[1:].view(2, 1, hq, d)
+        assert q.data_ptr() % 16 != 0
+        ref = fq.attention_with_kvcache(
+            q.float(), kc.float(), vc.float(), lens, block_table=table, backend="reference"
+        )
+        if bs % 16:
+            with pytest.raises(ValueError, match="multiple of 16"):
+                fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="cuda")
+            out = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table)
+        else:
+            out = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="cuda")
+        assert_close(out.float(), ref, dtype, f"cuda decode, pages of {bs}")
 
 
 def test_cuda_ops_survive_graph_capture():

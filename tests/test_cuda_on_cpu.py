@@ -79,32 +79,34 @@ def decode(lib, tmp_path, q, k_cache, v_cache, seqlens, block_table, scale, num_
     )
 
 
-# (dtype, head_dim, Hq, Hkv, paged, num_splits, seqlens): GQA 4 (Llama 3), 6/1 (MQA), MHA, the largest group
-# (16); lengths 0, 1, not multiples of the 64-key tile, ending inside the last page; several splits, including
-# splits with no keys at all for the short sequences.
+# (dtype, head_dim, Hq, Hkv, block_size (0: contiguous cache), num_splits, seqlens): GQA 4 (Llama-3-8B), 8
+# (70B: one full n8 tile of heads), 12 and 16 (two tiles), MQA 6/1, MHA; lengths 0, 1, not multiples of the
+# 16-key warp step or the 64-key block step, ending inside the last page; pages of 16 and 32 keys; several
+# splits, including splits with no keys at all for the short sequences.
 CASES = [
-    (torch.float16, 128, 8, 2, False, 1, [70, 1, 0]),
-    (torch.float16, 128, 8, 2, True, 3, [200, 0, 65]),
-    (torch.bfloat16, 64, 6, 1, True, 2, [129, 17]),
-    (torch.bfloat16, 128, 4, 4, False, 4, [255, 3]),
-    (torch.float16, 64, 16, 1, False, 2, [100]),
-    (torch.float16, 256, 4, 2, True, 2, [90, 40]),
+    (torch.float16, 128, 8, 2, 0, 1, [70, 1, 0]),
+    (torch.float16, 128, 8, 2, 16, 3, [200, 0, 65]),
+    (torch.bfloat16, 64, 6, 1, 16, 2, [129, 17]),
+    (torch.bfloat16, 128, 4, 4, 0, 4, [255, 3]),
+    (torch.float16, 64, 16, 1, 0, 2, [100]),
+    (torch.float16, 256, 4, 2, 16, 2, [90, 40]),
+    (torch.bfloat16, 128, 16, 2, 32, 2, [250, 33]),
+    (torch.float16, 128, 12, 1, 0, 1, [77]),
 ]
 
 
-@pytest.mark.parametrize("dtype,head_dim,hq,hkv,paged,num_splits,seqlens", CASES)
+@pytest.mark.parametrize("dtype,head_dim,hq,hkv,block_size,num_splits,seqlens", CASES)
 def test_cuda_decode_kernel_on_cpu_matches_reference(
-    lib, tmp_path, dtype, head_dim, hq, hkv, paged, num_splits, seqlens
+    lib, tmp_path, dtype, head_dim, hq, hkv, block_size, num_splits, seqlens
 ):
     torch.manual_seed(len(seqlens) * 100 + head_dim + hq)
     B, cap = len(seqlens), 256
     lens = torch.tensor(seqlens, dtype=torch.int32)
-    if paged:
-        bs = 16
-        nblk = B * cap // bs + 3
-        kc = torch.randn(nblk, bs, hkv, head_dim, dtype=dtype)
-        vc = torch.randn(nblk, bs, hkv, head_dim, dtype=dtype)
-        table = torch.randperm(nblk)[: B * cap // bs].reshape(B, -1).to(torch.int32).contiguous()
+    if block_size:
+        nblk = B * cap // block_size + 3
+        kc = torch.randn(nblk, block_size, hkv, head_dim, dtype=dtype)
+        vc = torch.randn(nblk, block_size, hkv, head_dim, dtype=dtype)
+        table = torch.randperm(nblk)[: B * cap // block_size].reshape(B, -1).to(torch.int32).contiguous()
     else:
         kc = torch.randn(B, cap, hkv, head_dim, dtype=dtype)
         vc = torch.randn(B, cap, hkv, head_dim, dtype=dtype)

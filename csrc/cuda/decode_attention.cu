@@ -1,4 +1,4 @@
-// Launchers of the GQA flash-decoding kernels (decode_attention_kernels.cuh).
+// Launcher of the GQA flash-decoding kernel (decode_attention_kernels.cuh).
 #include "cuda/decode_attention_kernels.cuh"
 #include "cuda/launchers.h"
 
@@ -9,15 +9,12 @@ struct Launch {
   const DecodeParams& p;
   cudaStream_t stream;
 
-  template <typename T, int D>
+  template <typename T, int D, int HEAD_TILES>
   cudaError_t operator()() const {
-    const size_t smem = decode::smem_bytes<T>(p.Hq / p.Hkv, D);
-    auto kernel = decode::decode_kernel<T, D>;
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    kernel<<<dim3(p.num_splits, p.B * p.Hkv), decode::kThreads, smem, stream>>>(p);
-    err = cudaGetLastError();
+    // At most 33 KB of shared memory (decode::smem_bytes): within the 48 KB a launch gets without opting in.
+    const size_t smem = decode::smem_bytes(p.Hq / p.Hkv, D);
+    decode::decode_kernel<T, D, HEAD_TILES><<<dim3(p.num_splits, p.B * p.Hkv), decode::kThreads, smem, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || p.num_splits == 1) return err;
     decode::combine_kernel<T, D><<<p.B * p.Hq, D, 0, stream>>>(p);
     return cudaGetLastError();

@@ -64,8 +64,12 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda(), "flashquant CUDA: tensors must be on CUDA");
   TORCH_CHECK(q.dim() == 3, "flashquant CUDA decode: q must be (B, Hq, D), got ", q.sizes());
   const at::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous();
+  // q is read with 16-byte loads: a view off 16-byte alignment is copied (it is only B x Hq x D).
+  const at::Tensor qc = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 ? q.contiguous() : q.contiguous().clone();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= (D == 256 ? 8 : 16) && (D == 64 || D == 128 || D == 256),
+              "flashquant CUDA decode: head_dim 64/128 with up to 16 query heads per KV head, or 256 with up to 8; "
+              "got D=", D, ", Hq=", Hq, ", Hkv=", Hkv);
   for (const at::Tensor* t : {&k_cache, &v_cache}) {
     TORCH_CHECK(t->stride(3) == 1 && t->stride(2) % 8 == 0 && t->stride(1) % 8 == 0 && t->stride(0) % 8 == 0 &&
                     reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
@@ -73,6 +77,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   }
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "flashquant CUDA decode: cache dtype must match q");
   const int64_t block_size = block_table ? k_cache.size(1) : 0;
+  TORCH_CHECK(block_size % 16 == 0, "flashquant CUDA decode: paged blocks must hold a multiple of 16 keys, got ",
+              block_size);
   const int64_t capacity = block_table ? block_table->size(1) * block_size : k_cache.size(1);
   const at::Tensor table = block_table ? block_table->contiguous() : at::Tensor();
   if (num_splits <= 0) {  // ~2 waves of blocks, at least 256 keys per split; host-side shapes only

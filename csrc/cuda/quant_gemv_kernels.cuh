@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "cuda/launchers.h"
+#include "cuda/ptx.cuh"
 
 namespace flashquant::cuda::gemv {
 
@@ -60,59 +61,6 @@ struct Types<__nv_bfloat16> {
   __device__ static T2 pair(__nv_bfloat16 v) { return __halves2bfloat162(v, v); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
-
-template <typename T2>
-__device__ __forceinline__ T2 bits_to(uint32_t v) {
-  T2 out;
-  static_assert(sizeof(T2) == sizeof(uint32_t));
-  __builtin_memcpy(static_cast<void*>(&out), &v, sizeof(out));
-  return out;
-}
-template <typename T2>
-__device__ __forceinline__ uint32_t to_bits(T2 v) {
-  uint32_t out;
-  __builtin_memcpy(static_cast<void*>(&out), &v, sizeof(out));
-  return out;
-}
-
-// The only inline PTX. tests/cuda_host/cuda_on_cpu.h defines FLASHQUANT_CUDA_ON_CPU and provides host versions
-// of these three (the MMA as a warp-collective exchange following the PTX fragment tables).
-#ifndef FLASHQUANT_CUDA_ON_CPU
-// Weights are read once: 128-bit loads that do not allocate in L1, so they do not evict x, which every warp of
-// the block re-reads.
-__device__ __forceinline__ uint4 load_streaming(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-// (a & b) | c in one instruction: with two constants, the compiler would otherwise emit two LOP3s.
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-// D += A (16x16, row) . B (16x8, col), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
-
-#endif  // FLASHQUANT_CUDA_ON_CPU
 
 // One 16-byte chunk of a row -> its (code - zero) * scale as kCodes / 2 packed pairs, in A-fragment order:
 //  int4: out[4p + s] = (c[8p + s], c[8p + s + 4])  for word p = 0..3, s = 0..3

@@ -344,10 +344,12 @@ def _main_loop(sass: str) -> list[str]:
     return [op for addr, op, _ in lines if best[0] <= addr <= best[1]]
 
 
-# ---- the CUDA GEMV (csrc/cuda/quant_gemv.cu), compiled with nvcc ----------------------------------------------
+# ---- the CUDA kernels (csrc/cuda/*.cu), compiled with nvcc ------------------------------------------------------
 # H100 SXM: 4 warp-instructions issued per clock per SM at 1.98 GHz on 132 SMs, against 3.35 TB/s of HBM3.
 H100_ISSUE_LANES_PER_CLOCK, H100_CLOCK_HZ, H100_SMS, H100_HBM_BYTES_PER_S = 128, 1.98e9, 132, 3.35e12
+H100_HBM_BYTES_PER_CLOCK_PER_SM = H100_HBM_BYTES_PER_S / (H100_CLOCK_HZ * H100_SMS)  # ~12.8
 GEMV_BYTES_PER_WEIGHT = {4: 0.5 + 2 / 128, 8: 1.0}  # int4 with fp16 g128 scales; int8 per channel
+_DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16"}  # template arguments as Itanium-mangled
 
 
 @dataclasses.dataclass
@@ -366,9 +368,21 @@ class GemvLoop:
     issue_ceiling: float  # fraction of H100 HBM bandwidth that instruction issue allows (>= 1: not the bound)
 
 
-def gemv_source() -> Path | None:
-    """csrc/cuda/quant_gemv.cu of a source checkout (not part of an installed wheel)."""
-    path = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "quant_gemv.cu"
+@dataclasses.dataclass
+class DecodeLoop:
+    dtype: str
+    head_dim: int
+    head_tiles: int  # n8 tiles of query heads: 1 for up to 8 per KV head, 2 for up to 16
+    regs: int
+    spill_bytes: int
+    loop_instructions: int  # per warp per 16-key step (an upper bound: it includes untaken branches)
+    hmma: int
+    issue_ceiling: float  # fraction of H100 HBM bandwidth that instruction issue allows (>= 1: not the bound)
+
+
+def cuda_source(name: str) -> Path | None:
+    """csrc/cuda/<name> of a source checkout (not part of an installed wheel)."""
+    path = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / name
     return path if path.is_file() else None
 
 
@@ -377,33 +391,24 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc") or (str(cuda_home) if cuda_home.is_file() else None)
 
 
-def cuda_gemv_loops(source: Path, arch: str = "sm_90a") -> list[GemvLoop]:
-    """Compile the CUDA GEMV with nvcc and measure each instantiation's main loop from the SASS.
-
-    Each mma.m16n8k16 takes 16 x 16 weights of A over 32 lanes, 8 per lane, and with two n8 tiles every A
-    fragment feeds two MMAs; so a loop with H HMMAs covers 8 * H / m_tiles weights per lane.
-    """
+def _nvcc_functions(source: Path, arch: str) -> list[tuple[str, list[str], int, int]]:
+    """(mangled name, main-loop opcodes, registers, spill bytes) of every kernel in a .cu file, compiled with
+    setup.py's nvcc flags."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found on PATH or in $CUDA_HOME/bin")
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "gemv.cubin"
-        subprocess.run(
-            [
-                nvcc,
-                "-std=c++17",
-                "-O3",
-                f"-I{source.parents[1]}",
-                "-cubin",
-                f"-arch={arch}",
-                str(source),
-                "-o",
-                str(cubin),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+        cubin = Path(tmp) / "kernels.cubin"
+        cmd = [
+            nvcc,
+            "-std=c++17",
+            "-O3",
+            "--use_fast_math",
+            f"-I{source.parents[1]}",
+            "-cubin",
+            f"-arch={arch}",
+        ]
+        subprocess.run([*cmd, str(source), "-o", str(cubin)], check=True, capture_output=True, text=True)
         sass, usage = _read_cubin(cubin)
     resources = {
         m[1]: (int(m[2]), int(m[3]) + int(m[4]))
@@ -412,22 +417,31 @@ def cuda_gemv_loops(source: Path, arch: str = "sm_90a") -> list[GemvLoop]:
     out = []
     for body in re.split(r"\n\s*Function : ", sass)[1:]:
         name = body.split("\n", 1)[0].strip()
+        out.append((name, _main_loop(body), *resources.get(name, (0, 0))))
+    return out
+
+
+def cuda_gemv_loops(source: Path, arch: str = "sm_90a") -> list[GemvLoop]:
+    """Compile the CUDA GEMV (quant_gemv.cu) with nvcc and measure each instantiation's main loop from the SASS.
+
+    Each mma.m16n8k16 takes 16 x 16 weights of A over 32 lanes, 8 per lane, and with two n8 tiles every A
+    fragment feeds two MMAs; so a loop with H HMMAs covers 8 * H / m_tiles weights per lane.
+    """
+    out = []
+    for name, loop, regs, spill in _nvcc_functions(source, arch):
         # quant_gemv_kernel<T, BITS, M_TILES, ASYM>, e.g. ...kernelI6__halfLi4ELi1ELb0E...
         m = re.search(r"quant_gemv_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELb([01])E", name)
         if m is None:
             continue
         bits, m_tiles = int(m[2]), int(m[3])
-        loop = _main_loop(body)
         hmma = sum(op == "HMMA" for op in loop)
         weights = 8 * hmma / m_tiles
         ipw = len(loop) / weights if weights else math.inf
-        need = H100_HBM_BYTES_PER_S / (
-            GEMV_BYTES_PER_WEIGHT[bits] * H100_CLOCK_HZ * H100_SMS
-        )  # weights/clk/SM
-        regs, spill = resources.get(name, (0, 0))
+        need = H100_HBM_BYTES_PER_CLOCK_PER_SM / GEMV_BYTES_PER_WEIGHT[bits]  # weights/clk/SM
+        ceiling = round(H100_ISSUE_LANES_PER_CLOCK / ipw / need, 2)
         out.append(
             GemvLoop(
-                "float16" if m[1] == "6__half" else "bfloat16",
+                _DTYPES[m[1]],
                 bits,
                 m_tiles,
                 m[4] == "1",
@@ -436,10 +450,29 @@ def cuda_gemv_loops(source: Path, arch: str = "sm_90a") -> list[GemvLoop]:
                 len(loop),
                 hmma,
                 round(ipw, 2),
-                round(H100_ISSUE_LANES_PER_CLOCK / ipw / need, 2),
+                ceiling,
             )
         )
     return sorted(out, key=lambda r: (r.bits, r.dtype, r.m_tiles, r.asym))
+
+
+def cuda_decode_loops(source: Path, arch: str = "sm_90a") -> list[DecodeLoop]:
+    """Compile the CUDA flash-decoding kernel (decode_attention.cu) with nvcc and measure each instantiation's
+    main loop: one trip is one warp's 16-key step, which reads 16 keys x D x (K and V) x 2 bytes."""
+    out = []
+    for name, loop, regs, spill in _nvcc_functions(source, arch):
+        # decode_kernel<T, D, HEAD_TILES>, e.g. ...decode_kernelI6__halfLi128ELi1EE...
+        m = re.search(r"decode_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E", name)
+        if m is None:
+            continue
+        head_dim, head_tiles = int(m[2]), int(m[3])
+        issue_budget = (
+            4 * (16 * head_dim * 2 * 2) / H100_HBM_BYTES_PER_CLOCK_PER_SM
+        )  # warp-instructions per step
+        hmma = sum(op == "HMMA" for op in loop)
+        ceiling = round(issue_budget / len(loop), 2) if loop else 0.0
+        out.append(DecodeLoop(_DTYPES[m[1]], head_dim, head_tiles, regs, spill, len(loop), hmma, ceiling))
+    return sorted(out, key=lambda r: (r.dtype, r.head_dim, r.head_tiles))
 
 
 def default_config(key: str, arch: Arch) -> list[tuple[int, ...]]:
@@ -523,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cuda",
         action="store_true",
-        help="instead: compile the CUDA GEMV (csrc/cuda/quant_gemv.cu) with nvcc for sm_90a and report its main loop",
+        help="instead: compile the CUDA GEMV and decode kernels (csrc/cuda/*.cu) with nvcc for sm_90a and report "
+        "their main loops",
     )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
@@ -578,36 +612,55 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if found else 0
 
 
-def _main_cuda(json_path: Path | None) -> int:
-    source = gemv_source()
-    if source is None:
-        print("compile-check --cuda needs a source checkout (csrc/cuda/quant_gemv.cu)")
-        return 1
-    loops = cuda_gemv_loops(source)
-    print(
-        f"{source.name} on sm_90a: main loop per instantiation (instructions per weight are per lane, an upper bound)"
-    )
-    header = ("dtype", "bits", "M", "asym", "regs", "spill", "loop", "HMMA", "instr/w", "issue ceiling")
-    widths = (9, 4, 5, 5, 4, 5, 5, 4, 7, 13)
-
+def _table(header: tuple, widths: tuple, rows: list[tuple]) -> None:
     def line(cells) -> str:
         return " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
 
-    print(line(header))
+    for cells in (header, *rows):
+        print(line(cells))
+
+
+def _main_cuda(json_path: Path | None) -> int:
+    gemv, decode = cuda_source("quant_gemv.cu"), cuda_source("decode_attention.cu")
+    if gemv is None or decode is None:
+        print("compile-check --cuda needs a source checkout (csrc/cuda/*.cu)")
+        return 1
+    gemv_loops, decode_loops = cuda_gemv_loops(gemv), cuda_decode_loops(decode)
     found = []
-    for r in loops:
-        rows = "<= 8" if r.m_tiles == 1 else "<= 16"
-        cells = (r.dtype, r.bits, rows, str(r.asym), r.regs, r.spill_bytes, r.loop_instructions, r.hmma)
-        print(line((*cells, r.instructions_per_weight, f"{r.issue_ceiling:.0%}")))
+    print(
+        f"{gemv.name} on sm_90a: main loop per instantiation (instructions per weight are per lane, an upper bound)"
+    )
+    rows = []
+    for r in gemv_loops:
+        m = "<= 8" if r.m_tiles == 1 else "<= 16"
+        rows.append((r.dtype, r.bits, m, str(r.asym), r.regs, r.spill_bytes, r.loop_instructions, r.hmma,
+                     r.instructions_per_weight, f"{r.issue_ceiling:.0%}"))  # fmt: skip
         if r.issue_ceiling < 1 or r.spill_bytes or not r.hmma:
             found.append(f"{r}: instruction-bound below HBM peak, spilling, or no tensor cores")
+    _table(("dtype", "bits", "M", "asym", "regs", "spill", "loop", "HMMA", "instr/w", "issue ceiling"),
+           (9, 4, 5, 5, 4, 5, 5, 4, 7, 13), rows)  # fmt: skip
+    print(f"\n{decode.name} on sm_90a: main loop (one warp's 16-key step) per instantiation")
+    rows = []
+    for r in decode_loops:
+        heads = "<= 8" if r.head_tiles == 1 else "<= 16"
+        rows.append((r.dtype, r.head_dim, heads, r.regs, r.spill_bytes, r.loop_instructions, r.hmma,
+                     f"{r.issue_ceiling:.0%}"))  # fmt: skip
+        if r.issue_ceiling < 1 or r.spill_bytes or not r.hmma:
+            found.append(f"{r}: instruction-bound below HBM peak, spilling, or no tensor cores")
+    _table(("dtype", "D", "Hq/Hkv", "regs", "spill", "loop", "HMMA", "issue ceiling"),
+           (9, 4, 6, 4, 5, 5, 4, 13), rows)  # fmt: skip
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps([dataclasses.asdict(r) for r in loops], indent=1) + "\n")
-    print(f"\n{len(loops)} instantiations, {len(found)} problem(s)")
+        rows = {
+            "gemv": [dataclasses.asdict(r) for r in gemv_loops],
+            "decode": [dataclasses.asdict(r) for r in decode_loops],
+        }
+        json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    n = len(gemv_loops) + len(decode_loops)
+    print(f"\n{n} instantiations, {len(found)} problem(s)")
     for line in found:
         print(f"  {line}")
-    return 1 if found or not loops else 0
+    return 1 if found or not gemv_loops or not decode_loops else 0
 
 
 if __name__ == "__main__":

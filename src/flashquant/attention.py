@@ -478,19 +478,16 @@ def attention_varlen(
     return (out, lse) if return_lse else out
 
 
-# Query heads per KV head up to which `auto` tries the CUDA flash-decoding kernel before the Triton one. The CUDA
-# kernel computes scores and P @ V from shared memory with scalar FMAs, so its shared-memory traffic per K/V byte
-# grows with the group: ~(520 G + 256) wavefronts per 32 KB K+V tile at D = 128, against the ~2560 clocks an
-# H100 SM has per tile at HBM rate, i.e. a ceiling of ~110% at G = 4 (Llama-3-8B) but ~58% at G = 8 (70B). The
-# Triton kernel's tensor-core dots issue ~2 instructions per K/V byte at any G <= 16 (compile-check). Static
-# estimates (bench/NOTES.md); the first GPU benchmark replaces them.
-CUDA_DECODE_MAX_AUTO_GROUP = 4
-
-
-def _kvcache_auto_order(device: torch.device, cuda_ok: bool, group: int) -> tuple[str, ...]:
+def _kvcache_auto_order(device: torch.device, cuda_ok: bool) -> tuple[str, ...]:
+    """Backends `auto` tries for attention_with_kvcache. On CUDA, the compiled flash-decoding kernel first where it
+    applies: both it and the Triton kernel feed tensor cores straight from the cache and neither is bound by
+    instruction issue (compile-check: ~400 SASS instructions per warp per 8 KB of K/V at D = 128, ~6x under the
+    issue rate that H100 HBM bandwidth allows), and the C++ op launches without Triton's Python launch path,
+    which at batch 1 is a large share of a ~10 us decode step. Static reasoning; the crossover benchmark preset
+    times both on a GPU."""
     if device.type != "cuda":
         return ("torch",)
-    return (("cuda",) if cuda_ok and group <= CUDA_DECODE_MAX_AUTO_GROUP else ()) + ("triton", "torch")
+    return (("cuda",) if cuda_ok else ()) + ("triton", "torch")
 
 
 def attention_with_kvcache(
@@ -514,7 +511,8 @@ def attention_with_kvcache(
     Args:
         q: (B, Sq, Hq, D) queries of the new tokens.
         k_cache, v_cache: contiguous (B, S_max, Hkv, D), or paged (num_blocks, block_size, Hkv, D) when
-            block_table is given (block_size a power of two >= 16 for the Triton kernel).
+            block_table is given (block_size a power of two >= 16 for the Triton kernel, a multiple of 16
+            for the CUDA one).
         cache_seqlens: int32 (B,): tokens already in the cache for each sequence.
         k, v: optional (B, Snew, Hkv, D) new tokens, written in place into the caches at positions
             cache_seqlens[b] ... cache_seqlens[b] + Snew - 1 before attending (cache_seqlens is not updated).
@@ -583,22 +581,26 @@ def attention_with_kvcache(
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
+    group = Hq // hkv
     cuda_ok = (
         Sq == 1
         and left < 0
         and (right < 0 or causal)
         and softcap == 0
         and not return_lse
-        and D in (64, 128, 256)
+        and (D in (64, 128) and group <= 16 or D == 256 and group <= 8)
+        and (block_table is None or k_cache.shape[1] % 16 == 0)
         and q.dtype in (torch.float16, torch.bfloat16)
     )
-    order = _kvcache_auto_order(device, cuda_ok, Hq // hkv)
+    order = _kvcache_auto_order(device, cuda_ok)
     name = _dispatch.resolve("attention_with_kvcache", backend, device, order)
     if name == "cuda" and not cuda_ok:
         raise ValueError(
-            "backend='cuda' for attention_with_kvcache supports Sq=1 without window/softcap/lse, "
-            f"head_dim 64/128/256 and fp16/bf16; got Sq={Sq}, window={window_size}, softcap={softcap}, "
-            f"return_lse={return_lse}, D={D}, dtype={q.dtype}"
+            "backend='cuda' for attention_with_kvcache supports Sq=1 without window/softcap/lse, fp16/bf16, "
+            "head_dim 64/128 with up to 16 query heads per KV head or head_dim 256 with up to 8, and paged "
+            f"blocks of a multiple of 16 keys; got Sq={Sq}, window={window_size}, softcap={softcap}, "
+            f"return_lse={return_lse}, D={D}, Hq/Hkv={Hq}/{hkv}, dtype={q.dtype}, "
+            f"block_size={k_cache.shape[1] if block_table is not None else None}"
         )
     out, lse = _dispatch.call(
         "attention_with_kvcache",

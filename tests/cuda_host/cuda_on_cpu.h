@@ -6,8 +6,9 @@
 // MMA, each lane's fragments placed by the PTX ISA's tables for .m16n8k16 with .f16/.bf16 inputs and .f32
 // accumulators (exact products, fp32 sums; the hardware's summation order is unspecified).
 // This executes the kernels' C++ (indexing, loop bounds, synchronisation, bit tricks, fragment placement), with
-// IEEE fp32 math on the host instead of the GPU's instructions; it cannot run inline PTX (a kernel header
-// swaps its few PTX wrappers for host versions under FLASHQUANT_CUDA_ON_CPU) and models no memory system.
+// IEEE fp32 math on the host instead of the GPU's instructions; it cannot run inline PTX, so it defines
+// FLASHQUANT_CUDA_ON_CPU and the host versions of the three wrappers in csrc/cuda/ptx.cuh, the kernels' only
+// PTX; it models no memory system.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -139,6 +140,16 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
 }
 }  // namespace cuda_on_cpu
 
+// The value of lane src_lane (every lane of the warp must call it).
+inline float __shfl_sync(unsigned /*mask: full, converged warps*/, float v, int src_lane) {
+  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  cuda_on_cpu::warp_exchange[w][lane] = v;
+  cuda_on_cpu::warp_barrier[w]->arrive_and_wait();
+  const float other = cuda_on_cpu::warp_exchange[w][src_lane & 31];
+  cuda_on_cpu::warp_barrier[w]->arrive_and_wait();
+  return other;
+}
+
 inline float __shfl_xor_sync(unsigned /*mask: the kernels shuffle with full, converged warps*/, float v, int lane_mask) {
   const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
   cuda_on_cpu::warp_exchange[w][lane] = v;
@@ -147,3 +158,14 @@ inline float __shfl_xor_sync(unsigned /*mask: the kernels shuffle with full, con
   cuda_on_cpu::warp_barrier[w]->arrive_and_wait();
   return other;
 }
+
+// Host versions of csrc/cuda/ptx.cuh's PTX wrappers.
+#define FLASHQUANT_CUDA_ON_CPU
+namespace flashquant::cuda {
+inline uint4 load_streaming(const void* p) { return *static_cast<const uint4*>(p); }
+inline uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
+template <typename T>
+inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  cuda_on_cpu::mma_m16n8k16<T>(c, {a0, a1, a2, a3}, {b0, b1});
+}
+}  // namespace flashquant::cuda

@@ -1,4 +1,4 @@
-// The CUDA flash-decoding kernels (csrc/cuda/decode_attention_kernels.cuh) compiled for the CPU, behind a C
+// The CUDA flash-decoding kernel (csrc/cuda/decode_attention_kernels.cuh) compiled for the CPU, behind a C
 // entry point that tests/test_cuda_on_cpu.py calls through ctypes, dispatched like decode_attention.cu.
 #include "cuda_on_cpu.h"
 // (the shim must come first)
@@ -14,10 +14,10 @@ using namespace flashquant::cuda;
 struct Run {  // decode_attention.cu's Launch, launching on the CPU
   const DecodeParams& p;
 
-  template <typename T, int D>
+  template <typename T, int D, int HEAD_TILES>
   int operator()() const {
-    if (decode::smem_bytes<T>(p.Hq / p.Hkv, D) > sizeof(decode::smem)) return 2;
-    cuda_on_cpu::launch(dim3(p.num_splits, p.B * p.Hkv), dim3(decode::kThreads), decode::decode_kernel<T, D>, p);
+    if (decode::smem_bytes(p.Hq / p.Hkv, D) > sizeof(decode::smem)) return 2;
+    cuda_on_cpu::launch(dim3(p.num_splits, p.B * p.Hkv), dim3(decode::kThreads), decode::decode_kernel<T, D, HEAD_TILES>, p);
     if (p.num_splits > 1) cuda_on_cpu::launch(dim3(p.B * p.Hq), dim3(D), decode::combine_kernel<T, D>, p);
     return 0;
   }

@@ -1,16 +1,7 @@
 // The CUDA int4/int8 GEMV (csrc/cuda/quant_gemv_kernels.cuh) compiled for the CPU, behind a C entry point that
-// tests/test_cuda_on_cpu.py calls through ctypes. The kernel header's three PTX wrappers get host versions here.
+// tests/test_cuda_on_cpu.py calls through ctypes.
 #include "cuda_on_cpu.h"
 // (the shim must come first)
-#define FLASHQUANT_CUDA_ON_CPU
-namespace flashquant::cuda::gemv {
-inline uint4 load_streaming(const void* p) { return *static_cast<const uint4*>(p); }
-inline uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
-template <typename T>
-inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-  cuda_on_cpu::mma_m16n8k16<T>(c, {a0, a1, a2, a3}, {b0, b1});
-}
-}  // namespace flashquant::cuda::gemv
 #include "cuda/quant_gemv_kernels.cuh"
 
 namespace {

@@ -204,8 +204,8 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
 def dispatch_crossover_cases(device: str) -> list[Case]:
     """quant_matmul's own backends against each other and against `auto`, over M: where does each stop winning?
     The anchor is flashquant's torch path (dequantize + F.linear); `auto` should match the best row. On a GPU also
-    the CUDA vs Triton decode kernels at 4 and 8 query heads per KV head, the boundary of
-    attention.CUDA_DECODE_MAX_AUTO_GROUP (SDPA is the anchor there)."""
+    the CUDA vs Triton decode kernels at 4 and 8 query heads per KV head (auto tries CUDA first; SDPA is the
+    anchor there)."""
     if device == "cpu":
         backends, ms, dtypes = ("cpu", "auto"), [16, 64, 256, 512, 1024], (torch.float32, torch.bfloat16)
     else:
