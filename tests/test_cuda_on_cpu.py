@@ -123,6 +123,30 @@ def test_cuda_decode_kernel_on_cpu_matches_reference(
             assert torch.equal(out[b].float(), torch.zeros_like(out[b].float()))
 
 
+@pytest.mark.parametrize("block_size", [0, 16])
+def test_cuda_decode_kernel_on_cpu_clamps_lengths_past_the_capacity(lib, tmp_path, block_size):
+    """ops_cuda.cpp cannot check cache_seqlens against the capacity without a host sync, so the kernel clamps
+    it: sequence 0 claims 100 keys past its 112-key cache and must attend to exactly its own cache, not to
+    sequence 1's rows (contiguous) or to blocks named by the next block_table row (paged). 112 is not a
+    multiple of the 64-key split granularity, so the split's own bound (128) does not hide a missing clamp."""
+    torch.manual_seed(7)
+    dtype, hq, hkv, d, cap = torch.float16, 8, 2, 64, 112
+    if block_size:
+        nblk = 2 * cap // block_size
+        kc, vc = (torch.randn(nblk, block_size, hkv, d, dtype=dtype) for _ in range(2))
+        table = torch.randperm(nblk).reshape(2, -1).to(torch.int32).contiguous()
+    else:
+        kc, vc = (torch.randn(2, cap, hkv, d, dtype=dtype) for _ in range(2))
+        table = None
+    q = torch.randn(2, hq, d, dtype=dtype)
+    out = decode(
+        lib, tmp_path, q, kc, vc, torch.tensor([cap + 100, 50], dtype=torch.int32), table, d**-0.5, 1
+    )
+    clamped = torch.tensor([cap, 50], dtype=torch.int32)
+    ref = fq.attention_with_kvcache(q[:, None], kc, vc, clamped, block_table=table, backend="reference")[:, 0]
+    assert_close(out.float(), ref.float(), dtype, "cuda decode kernel, lengths past the capacity")
+
+
 def test_on_cpu_harness_detects_a_wrong_result(lib, tmp_path):
     """The comparison is not vacuous: scaling the softmax differently must break it."""
     q = torch.randn(1, 8, 128, dtype=torch.float16)

@@ -156,6 +156,23 @@ def test_kvcache_window_softcap_split(window, softcap):
     check_against_reference(out, lse, ref, ref_lse, dtype, str(kw))
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_lengths_past_the_capacity_never_read_past_the_cache(paged):
+    """On CUDA cache_seqlens is not checked against the capacity (that would need a host sync), so the kernel
+    clamps it: a sequence claiming more keys than its cache holds attends to the whole cache, and the next
+    sequence's cache (or the next block_table row) is never read. Called below the API's CPU-side check."""
+    from flashquant.kernels import attention as tri
+
+    dtype = DTYPES[0]
+    kc, vc, _, table = make_cache(2, 2, 32, [0, 0], paged, dtype, capacity=64)
+    q = rand(2, 1, 4, 32, dtype=dtype)
+    too_long = torch.tensor([64 + 40, 30], dtype=torch.int32, device=DEVICE)
+    out, _ = tri.attention_kvcache(q, kc, vc, too_long, table, True, 32**-0.5, (-1, -1), 0.0, False, 2)
+    clamped = torch.tensor([64, 30], dtype=torch.int32, device=DEVICE)
+    ref = fq.attention_with_kvcache(q, kc, vc, clamped, block_table=table, backend="reference")
+    assert_close(out, ref, dtype, f"lengths past the capacity, paged={paged}")
+
+
 def test_non_power_of_two_page_size_is_a_clear_error():
     dtype = DTYPES[0]
     kc = rand(4, 24, 2, 32, dtype=dtype)

@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
   const int split = blockIdx.x;
   const int b = blockIdx.y / p.Hkv, hkv = blockIdx.y % p.Hkv;
   const int G = p.Hq / p.Hkv;
-  const int seqlen = p.seqlens_k[b];
+  const int seqlen = min(p.seqlens_k[b], p.capacity);
   const int start = split * p.split_len;
   const int end = min(seqlen, start + p.split_len);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;

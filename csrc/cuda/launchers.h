@@ -35,6 +35,7 @@ struct DecodeParams {
   int64_t k_batch_stride, k_row_stride, k_head_stride;  // in elements (batch = block for paged caches)
   int64_t v_batch_stride, v_row_stride, v_head_stride;
   int B, Hq, Hkv, D, block_size, max_blocks, split_len, num_splits;
+  int capacity;  // keys a sequence's cache can hold: seqlens_k past it are clamped, never read past the cache
   float softmax_scale;
   DType dtype;
 };

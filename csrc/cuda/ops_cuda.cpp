@@ -116,6 +116,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   p.max_blocks = block_table ? static_cast<int>(block_table->size(1)) : 0;
   p.split_len = static_cast<int>(split_len);
   p.num_splits = static_cast<int>(num_splits);
+  p.capacity = static_cast<int>(capacity);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.dtype = dtype_of(q, "q");
   check(flashquant::cuda::decode_attention(p, at::cuda::getCurrentCUDAStream()), "decode_attention");

@@ -522,7 +522,8 @@ def attention_with_kvcache(
     Returns:
         out (B, Sq, Hq, D), or (out, lse (B, Hq, Sq) fp32).
     On CUDA the capacity bound (cache_seqlens + Snew <= capacity) is not checked on the host (that would
-    need a sync); the kernels mask out-of-range positions.
+    need a sync): the kernels clamp each length to the capacity, so they never read past a sequence's cache,
+    and an append past it fails in PyTorch's indexing (a device-side assert).
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)

@@ -28,10 +28,10 @@ extern "C" int fq_decode_on_cpu(int is_bf16, const void* q, const void* k_cache,
                                 const int32_t* seqlens_k, const int32_t* block_table, void* out, float* out_partial,
                                 float* lse_partial, const int64_t* k_strides, const int64_t* v_strides, int B, int Hq,
                                 int Hkv, int D, int block_size, int max_blocks, int split_len, int num_splits,
-                                float softmax_scale) {
+                                int capacity, float softmax_scale) {
   DecodeParams p{q, k_cache, v_cache, seqlens_k, block_table, out, out_partial, lse_partial,
                  k_strides[0], k_strides[1], k_strides[2], v_strides[0], v_strides[1], v_strides[2],
-                 B, Hq, Hkv, D, block_size, max_blocks, split_len, num_splits, softmax_scale,
+                 B, Hq, Hkv, D, block_size, max_blocks, split_len, num_splits, capacity, softmax_scale,
                  is_bf16 ? DType::kBFloat16 : DType::kHalf};
   if (!decode::supported(p)) return 1;
   return p.B == 0 ? 0 : decode::dispatch(p, Run{p});

@@ -43,6 +43,7 @@ def decode_on_cpu(lib: ctypes.CDLL, q, k_cache, v_cache, seqlens, block_table, s
         ),
         ctypes.c_int(split_len),
         ctypes.c_int(num_splits),
+        ctypes.c_int(capacity),
         ctypes.c_float(scale),
     )
     assert rc == 0, f"fq_decode_on_cpu returned {rc}"

@@ -93,7 +93,9 @@ def _attn_fwd_kernel(
     else:
         sq = seqlen_q
         if MODE == 2:
-            sk = tl.load(SeqlensK + b)
+            # seqlen_k is the cache capacity here: a length past it (unchecked on CUDA, where checking would
+            # need a host sync) must not read past the cache.
+            sk = tl.minimum(tl.load(SeqlensK + b), seqlen_k)
         else:
             sk = seqlen_k
         q_base = b.to(tl.int64) * stride_qb
@@ -422,7 +424,7 @@ def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softm
         capacity = block_table.shape[1] * page
     else:
         capacity = k_cache.shape[1]
-    return _forward(q, k_cache, v_cache, mode=2, seqlen_q=Sq, seqlen_k=0, batch=B, causal=causal,
+    return _forward(q, k_cache, v_cache, mode=2, seqlen_q=Sq, seqlen_k=capacity, batch=B, causal=causal,
                     softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
                     lse_shape=(B, Hq, Sq), seqlens_k=seqlens_k.to(torch.int32), block_table=block_table,
                     capacity=capacity, num_splits=num_splits, config=config)  # fmt: skip
