@@ -1,22 +1,28 @@
 """The CUDA kernels (flash-decoding, int4/int8 GEMV), executed on the CPU against the reference (no GPU needed).
 
 csrc/cuda/*_kernels.cuh are CUDA C++ that g++ can compile with tests/cuda_host/cuda_on_cpu.h standing in for
-the CUDA runtime: a block's threads become std::threads, __syncthreads a barrier, __shfl_xor_sync a per-warp
-exchange, and the GEMV's three inline-PTX wrappers get host versions (its mma.sync a warp-collective exchange
-placing fragments by the PTX ISA's m16n8k16 tables). This runs the kernels' own indexing, paging, split-KV and
-split-K slicing, synchronisation, online softmax, LSE merge, bit-level dequantization and fragment placement,
-i.e. everything but the GPU's instruction set and memory system (test_cuda_kernels.py runs the real
-thing where a GPU exists). The shared-memory offsets are real too, and the library is built with
-UndefinedBehaviorSanitizer: a misaligned 16-byte access (a fault on the GPU), an out-of-bounds index into a
-fixed-size array or a signed overflow stops the test run with the sanitizer's report ("runtime error: store to
-misaligned address ... for type 'struct uint4'" is what the decode kernel as it was before this harness gave:
-it placed its K/V tile 12 bytes off 16-byte alignment for G = 4).
+the CUDA runtime: a block's threads become std::threads, __syncthreads a barrier, warp shuffles per-warp
+exchanges, and the three inline-PTX wrappers of csrc/cuda/ptx.cuh get host versions (mma.sync a warp-collective
+exchange placing fragments by the PTX ISA's m16n8k16 tables). This runs the kernels' own indexing, paging,
+split-KV and split-K slicing, synchronisation, online softmax, LSE merge, bit-level dequantization and fragment
+placement, i.e. everything but the GPU's instruction set and memory system (test_cuda_kernels.py runs the real
+thing where a GPU exists). The shared-memory offsets are real too, and the library is built with sanitizers:
+ * UndefinedBehaviorSanitizer: a misaligned 16-byte access (a fault on the GPU), an out-of-bounds index into a
+   fixed-size array or a signed overflow stops the run with the sanitizer's report ("runtime error: store to
+   misaligned address ... for type 'struct uint4'" is what the decode kernel as it was before this harness
+   gave: it placed its K/V tile 12 bytes off 16-byte alignment for G = 4);
+ * AddressSanitizer (where g++ has libasan; the child process preloads it, so torch's tensor allocations get
+   redzones): a read or write past any input or output tensor, what compute-sanitizer's memcheck reports on
+   a GPU ("heap-buffer-overflow ... READ of size 4 ... in decode_kernel" is what a decode kernel without the
+   capacity clamp gives for a length past the cache).
 """
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,15 +36,32 @@ CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 RUNNER = ROOT / "tests" / "cuda_host" / "run_on_cpu.py"  # imports only torch: a light child process
 
 
+def _libasan() -> str | None:
+    """g++'s AddressSanitizer runtime, to preload into the child (it must come first), or None."""
+    path = subprocess.run(
+        ["g++", "-print-file-name=libasan.so"], capture_output=True, text=True
+    ).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+@dataclasses.dataclass
+class Lib:
+    so: Path
+    env: dict  # the child's environment: the ASan runtime preloaded where there is one
+
+
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+def lib(tmp_path_factory) -> Lib:
     if shutil.which("g++") is None or not (CUDA_INCLUDE / "cuda_fp16.h").is_file():
         pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h) to compile the kernels for the CPU")
     so = tmp_path_factory.mktemp("cuda_on_cpu") / "libkernels_on_cpu.so"
+    asan = _libasan()
+    if asan is None:
+        warnings.warn("g++ has no libasan: the CUDA kernels run on the CPU under UBSan only", stacklevel=1)
     cmd = ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror"]
     cmd += [
         "-Wno-unknown-pragmas",
-        "-fsanitize=undefined",
+        "-fsanitize=address,undefined" if asan else "-fsanitize=undefined",
         "-fno-sanitize-recover=all",
         "-fno-omit-frame-pointer",
     ]
@@ -47,18 +70,22 @@ def lib(tmp_path_factory):
     cmd += [*sources, "-o", str(so)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return so
+    env = dict(os.environ)
+    if asan:  # Python and torch leak by design at exit: report memory errors, not leaks
+        env.update(LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0")
+    return Lib(so, env)
 
 
-def run_in_child(so: Path, tmp_path: Path, fn: str, **inputs) -> torch.Tensor:
-    """fn (decode_on_cpu or gemv_on_cpu) in a child process: undefined behaviour aborts it with the sanitizer's
-    report (on stderr, returned in the assertion message) instead of taking the test session down."""
+def run_in_child(lib: Lib, tmp_path: Path, fn: str, **inputs) -> torch.Tensor:
+    """fn (decode_on_cpu or gemv_on_cpu) in a child process: a sanitizer's finding aborts it with the report (on
+    stderr, returned in the assertion message) instead of taking the test session down."""
     torch.save(inputs, tmp_path / "inputs.pt")
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(so), fn, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, str(RUNNER), str(lib.so), fn, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
         capture_output=True,
         text=True,
         timeout=600,
+        env=lib.env,
     )
     assert proc.returncode == 0, f"kernel run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     return torch.load(tmp_path / "out.pt")
