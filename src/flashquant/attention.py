@@ -518,7 +518,7 @@ def attention_with_kvcache(
             cache_seqlens[b] ... cache_seqlens[b] + Snew - 1 before attending (cache_seqlens is not updated).
         block_table: int32 (B, max_blocks) of cache block indices (paged cache), or None.
         causal: bottom-right aligned over the cache_seqlens[b] + Snew visible keys.
-        num_splits: split-KV parallelism for the Triton kernel (0 = choose from the cache capacity).
+        num_splits: split-KV parallelism of the Triton and CUDA kernels (0 = choose from the cache capacity).
     Returns:
         out (B, Sq, Hq, D), or (out, lse (B, Hq, Sq) fp32).
     On CUDA the capacity bound (cache_seqlens + Snew <= capacity) is not checked on the host (that would
