@@ -466,9 +466,9 @@ def cuda_decode_loops(source: Path, arch: str = "sm_90a") -> list[DecodeLoop]:
         if m is None:
             continue
         head_dim, head_tiles = int(m[2]), int(m[3])
-        issue_budget = (
-            4 * (16 * head_dim * 2 * 2) / H100_HBM_BYTES_PER_CLOCK_PER_SM
-        )  # warp-instructions per step
+        step_bytes = 16 * head_dim * 2 * 2  # 16 keys of K and V in fp16/bf16
+        warp_issue_per_clock = H100_ISSUE_LANES_PER_CLOCK / 32
+        issue_budget = warp_issue_per_clock * step_bytes / H100_HBM_BYTES_PER_CLOCK_PER_SM  # per step
         hmma = sum(op == "HMMA" for op in loop)
         ceiling = round(issue_budget / len(loop), 2) if loop else 0.0
         out.append(DecodeLoop(_DTYPES[m[1]], head_dim, head_tiles, regs, spill, len(loop), hmma, ceiling))
