@@ -174,6 +174,19 @@ def test_cuda_decode_kernel_on_cpu_clamps_lengths_past_the_capacity(lib, tmp_pat
     assert_close(out.float(), ref.float(), dtype, "cuda decode kernel, lengths past the capacity")
 
 
+@pytest.mark.parametrize("batch,hkv,num_splits", [(1, 8, 128), (8192, 8, 2), (65536, 8, 3), (1 << 20, 1, 1)])
+def test_cuda_decode_grid_fits_cuda_launch_limits(lib, tmp_path, batch, hkv, num_splits):
+    """One block per (sequence, KV head, split), on a grid a GPU takes: grid.y and grid.z are capped at 65535,
+    which B * Hkv passes at batch 8192 with 8 KV heads (too many blocks to run on the CPU, so this checks the
+    launch configuration that decode_attention.cu and the harness share, by the CUDA limits the harness enforces
+    on every launch)."""
+    x, y, z, fits = run_in_child(
+        lib, tmp_path, "decode_grid_on_cpu", B=batch, Hkv=hkv, num_splits=num_splits
+    ).tolist()
+    assert x * y * z == batch * hkv * num_splits
+    assert fits == 1, f"grid ({x}, {y}, {z}) exceeds CUDA's launch limits"
+
+
 def test_on_cpu_harness_detects_a_wrong_result(lib, tmp_path):
     """The comparison is not vacuous: scaling the softmax differently must break it."""
     q = torch.randn(1, 8, 128, dtype=torch.float16)

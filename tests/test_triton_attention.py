@@ -173,6 +173,33 @@ def test_kvcache_lengths_past_the_capacity_never_read_past_the_cache(paged):
     assert_close(out, ref, dtype, f"lengths past the capacity, paged={paged}")
 
 
+@pytest.mark.parametrize("batch,hkv,num_splits", [(8192, 8, 3), (65536, 1, 2)])
+def test_kvcache_launch_grid_fits_cuda_limits(monkeypatch, batch, hkv, num_splits):
+    """CUDA caps grid axes 1 and 2 at 65535 programs, which batch * num_kv_heads passes at batch 8192 with 8 KV
+    heads: the launcher must put it on axis 0. Too many programs to interpret, so this records the grid the
+    launcher asks for (the kernel's decoding of its program id is what every other test here runs)."""
+    from flashquant.kernels import attention as tri
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(tri, "_attn_fwd_kernel", Recorder())
+    monkeypatch.setattr(tri, "_combine_kernel", Recorder())
+    dtype = DTYPES[0]
+    # Stride-0 batch views: nothing runs, only the launcher's shapes matter.
+    cache = rand(1, 1024, hkv, 16, dtype=dtype).expand(batch, -1, -1, -1)
+    q = rand(1, 1, 2 * hkv, 16, dtype=dtype).expand(batch, -1, -1, -1)
+    seqlens = torch.full((batch,), 200, dtype=torch.int32, device=DEVICE)
+    tri.attention_kvcache(q, cache, cache, seqlens, None, True, 0.25, (-1, -1), 0.0, False, num_splits)
+    fwd_grid = grids[0]
+    assert all(n <= 65535 for n in fwd_grid[1:]), f"grid {fwd_grid} exceeds CUDA's 65535 on axis 1 or 2"
+    assert torch.tensor(fwd_grid).prod().item() == batch * hkv * num_splits  # one program per (b, hkv, split)
+
+
 def test_non_power_of_two_page_size_is_a_clear_error():
     dtype = DTYPES[0]
     kc = rand(4, 24, 2, 32, dtype=dtype)

@@ -13,7 +13,7 @@ struct Launch {
   cudaError_t operator()() const {
     // At most 33 KB of shared memory (decode::smem_bytes): within the 48 KB a launch gets without opting in.
     const size_t smem = decode::smem_bytes(p.Hq / p.Hkv, D);
-    decode::decode_kernel<T, D, HEAD_TILES><<<dim3(p.num_splits, p.B * p.Hkv), decode::kThreads, smem, stream>>>(p);
+    decode::decode_kernel<T, D, HEAD_TILES><<<decode::grid(p), decode::kThreads, smem, stream>>>(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || p.num_splits == 1) return err;
     decode::combine_kernel<T, D><<<p.B * p.Hq, D, 0, stream>>>(p);

@@ -5,7 +5,7 @@
 // reference on machines without a GPU. So: PTX only through cuda/ptx.cuh, no static __shared__ arrays,
 // warp-uniform shuffles and MMAs.
 //
-// Grid: (num_splits, B * Hkv). A block owns one KV head of one sequence and one slice of its keys, and computes
+// Grid: grid(p), one block per (sequence, KV head, split). A block owns one KV head of one sequence and one slice of its keys, and computes
 // all G = Hq / Hkv query heads of the group together, so each K/V byte is read once per group. Each of its 4
 // warps takes every 4th step of 16 keys and keeps its own online softmax, combined through shared memory at the
 // end; each split writes its normalised partial output and LSE, and combine_kernel merges splits exactly like the
@@ -76,7 +76,14 @@ inline bool supported(const DecodeParams& p) {
   const int G = p.Hkv > 0 ? p.Hq / p.Hkv : 0;
   return G >= 1 && G <= kMaxGroup && p.Hq % p.Hkv == 0 && p.split_len % kTile == 0 && p.num_splits >= 1 &&
          (p.D == 64 || p.D == 128 || (p.D == 256 && G <= 8)) && (!p.block_table || p.block_size % kStep == 0) &&
-         reinterpret_cast<uintptr_t>(p.q) % 16 == 0;
+         reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
+         static_cast<int64_t>(p.num_splits) * p.B * p.Hkv <= INT32_MAX;  // grid(p)
+}
+
+// decode_kernel's grid, flat on x (up to 2^31 - 1 blocks, split fastest): B * Hkv on grid.y would be capped at
+// 65535, which batch 8192 with 8 KV heads already passes.
+inline dim3 grid(const DecodeParams& p) {
+  return dim3(static_cast<unsigned>(p.num_splits) * static_cast<unsigned>(p.B) * static_cast<unsigned>(p.Hkv));
 }
 
 // launch.template operator()<T, D, HEAD_TILES>() for p (supported()): the one place that maps runtime parameters
@@ -118,8 +125,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
   constexpr int kQkChunks = D / 32;  // 16-byte chunks of a Q/K row per lane (32 dims per chunk across 4 lanes)
   constexpr int kPvChunks = D / 64;  // 16-byte chunks of a V row per lane (64 dims per chunk across 8 lanes)
   constexpr int kMTiles = D / 16;    // M-tiles of O^T
-  const int split = blockIdx.x;
-  const int b = blockIdx.y / p.Hkv, hkv = blockIdx.y % p.Hkv;
+  const int split = blockIdx.x % p.num_splits;
+  const int bh = blockIdx.x / p.num_splits;
+  const int b = bh / p.Hkv, hkv = bh % p.Hkv;
   const int G = p.Hq / p.Hkv;
   const int seqlen = min(p.seqlens_k[b], p.capacity);
   const int start = split * p.split_len;

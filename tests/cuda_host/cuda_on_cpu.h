@@ -20,6 +20,8 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -54,9 +56,22 @@ inline std::unique_ptr<std::barrier<>> block_barrier;
 inline std::unique_ptr<std::barrier<>> warp_barrier[kMaxWarps];
 inline float warp_exchange[kMaxWarps][32];
 
-// Runs kernel(args...) over the grid: every block with block.x threads (block.y = block.z = 1, a multiple of 32).
+// Whether a GPU would take this launch configuration: CUDA caps grid.y and grid.z at 65535 blocks (grid.x at
+// 2^31 - 1) and a block at 1024 threads; the emulator takes block.x threads only, a multiple of 32.
+inline bool launch_fits(dim3 grid, dim3 block) {
+  return grid.x >= 1 && grid.x <= 0x7FFFFFFFu && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 && grid.z <= 65535 &&
+         block.x >= 32 && block.x <= 1024 && block.x % 32 == 0 && block.y == 1 && block.z == 1;
+}
+
+// Runs kernel(args...) over the grid, one block after another; aborts (as a GPU would fail the launch) where
+// !launch_fits(grid, block).
 template <typename Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
+  if (!launch_fits(grid, block)) {
+    std::fprintf(stderr, "cuda_on_cpu: invalid launch: grid (%u, %u, %u), block (%u, %u, %u)\n", grid.x, grid.y,
+                 grid.z, block.x, block.y, block.z);
+    std::abort();
+  }
   const unsigned n = block.x;
   block_barrier = std::make_unique<std::barrier<>>(n);
   for (unsigned w = 0; w < n / 32; ++w) warp_barrier[w] = std::make_unique<std::barrier<>>(32);

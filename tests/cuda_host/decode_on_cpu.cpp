@@ -17,7 +17,7 @@ struct Run {  // decode_attention.cu's Launch, launching on the CPU
   template <typename T, int D, int HEAD_TILES>
   int operator()() const {
     if (decode::smem_bytes(p.Hq / p.Hkv, D) > sizeof(decode::smem)) return 2;
-    cuda_on_cpu::launch(dim3(p.num_splits, p.B * p.Hkv), dim3(decode::kThreads), decode::decode_kernel<T, D, HEAD_TILES>, p);
+    cuda_on_cpu::launch(decode::grid(p), dim3(decode::kThreads), decode::decode_kernel<T, D, HEAD_TILES>, p);
     if (p.num_splits > 1) cuda_on_cpu::launch(dim3(p.B * p.Hq), dim3(D), decode::combine_kernel<T, D>, p);
     return 0;
   }
@@ -35,4 +35,18 @@ extern "C" int fq_decode_on_cpu(int is_bf16, const void* q, const void* k_cache,
                  is_bf16 ? DType::kBFloat16 : DType::kHalf};
   if (!decode::supported(p)) return 1;
   return p.B == 0 ? 0 : decode::dispatch(p, Run{p});
+}
+
+// decode_attention.cu's launch configuration for B sequences, Hkv KV heads and num_splits splits: writes the
+// kernel's grid to grid_xyz and returns whether a GPU would take it.
+extern "C" int fq_decode_grid_on_cpu(int B, int Hkv, int num_splits, unsigned* grid_xyz) {
+  DecodeParams p{};
+  p.B = B;
+  p.Hkv = Hkv;
+  p.num_splits = num_splits;
+  const dim3 g = decode::grid(p);
+  grid_xyz[0] = g.x;
+  grid_xyz[1] = g.y;
+  grid_xyz[2] = g.z;
+  return cuda_on_cpu::launch_fits(g, dim3(decode::kThreads));
 }

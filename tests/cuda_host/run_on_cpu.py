@@ -50,6 +50,13 @@ def decode_on_cpu(lib: ctypes.CDLL, q, k_cache, v_cache, seqlens, block_table, s
     return out
 
 
+def decode_grid_on_cpu(lib: ctypes.CDLL, B, Hkv, num_splits):
+    """decode_attention.cu's grid for these sizes and whether a GPU would take it: tensor [x, y, z, fits]."""
+    grid = (ctypes.c_uint * 3)()
+    fits = lib.fq_decode_grid_on_cpu(ctypes.c_int(B), ctypes.c_int(Hkv), ctypes.c_int(num_splits), grid)
+    return torch.tensor([*grid, fits], dtype=torch.int64)
+
+
 def gemv_on_cpu(lib: ctypes.CDLL, x, qdata, scales, zeros, bits, group_size, split_k):
     """quant_matmul_cuda (csrc/cuda/ops_cuda.cpp) for a given split_k, launching on the CPU."""
     M, K = x.shape

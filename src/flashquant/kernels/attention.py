@@ -5,7 +5,7 @@ Layout of the work: one program owns BLOCK_M *rows*, where a row is a (query pos
 KV group) pair, so the Hq/Hkv query heads that share a KV head are rows of the same tile and every K/V byte is
 read once per group (GQA/MQA never repeat K/V). Programs loop over BLOCK_N keys with an online softmax in
 base 2 and fp32 accumulators. The key loop is clipped to the causal / sliding-window band of the tile, so
-fully masked key blocks are skipped, not computed. With split-KV, program (m, bh, s) covers keys
+fully masked key blocks are skipped, not computed. With split-KV, program (m, bh, s) (one flat grid axis) covers keys
 [s * split_size, (s + 1) * split_size) and writes an fp32 partial output + its LSE; `_combine_kernel` merges.
 
 Semantics (masks, empty rows -> 0 with lse -inf) are those of flashquant.reference.attention.
@@ -72,9 +72,14 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    # One flat grid axis, m fastest, then (b, hkv), then split: the order a (m, bh, s) grid would run in, without
+    # CUDA's 65535 limit on grid axes 1 and 2 (batch * num_kv_heads passes it at batch 8192 with 8 KV heads).
+    num_m = tl.cdiv(seqlen_q * GROUP, BLOCK_M)
+    num_bh = batch * num_kv_heads
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = (pid // num_m) % num_bh
+    pid_s = pid // (num_m * num_bh)
     b = pid_bh // num_kv_heads
     hkv = pid_bh % num_kv_heads
     num_heads = num_kv_heads * GROUP
@@ -370,7 +375,7 @@ def _forward(
     q_s, k_s, v_s, o_s = ([0, *t.stride()[:2]] if mode == 1 else list(t.stride()[:3]) for t in (q, k, v, out))
     l_s = ([0, lse.stride(0)] if mode == 1 else list(lse.stride()[:2])) if lse is not None else [0, 0]
     dummy = out
-    _attn_fwd_kernel[(grid_m, batch * hkv, num_splits)](
+    _attn_fwd_kernel[(grid_m * batch * hkv * num_splits,)](
         q, k, v, out, lse if lse is not None else dummy, out_part, lse_part,
         cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
         seqlens_k if seqlens_k is not None else dummy, block_table if block_table is not None else dummy,
