@@ -2,8 +2,10 @@
 CPU through the real harness, and check the report/compare plumbing. (Speed is never asserted.)"""
 
 import importlib.util
+import itertools
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -109,3 +111,58 @@ def test_gpu_crossover_preset_measures_both_auto_boundaries():
         assert {(group, "flashquant cuda"), (group, "flashquant triton")} <= decode
     qmm_impls = {c.impl for c in cases if c.op == "quant_matmul"}
     assert any("cuda" in i for i in qmm_impls) and any("triton" in i for i in qmm_impls)
+
+
+def test_a_run_cut_short_keeps_what_it_measured_and_says_what_it_did_not():
+    """A lent GPU's calls have hard time limits: past max_seconds, or on SIGINT (KeyboardInterrupt, what
+    `timeout -s INT` sends), run_cases stops starting cases and records the rest as not run, so the JSON of
+    what was measured is still written."""
+    from flashquant.bench import Case
+
+    made = []
+
+    def case(name, interrupt=False):
+        def make():
+            made.append(name)
+            if interrupt:
+                raise KeyboardInterrupt
+            return (lambda: None), [()]
+
+        return Case("decode", "g", name, name == "anchor", {}, "float16", 1, 1, make)
+
+    cases = [case("anchor"), case("ours"), case("cut", interrupt=True), case("after")]
+    run = run_cases(cases, "cpu", reps=2)
+    assert made == ["anchor", "ours", "cut"]  # nothing started after the interrupt
+    assert [("median_ms" in r) for r in run["results"]] == [True, True, False, False]
+    assert run["stopped_early"] == "not run: interrupted"
+    assert [r.get("unavailable") for r in run["results"][2:]] == ["not run: interrupted"] * 2
+    assert "stopped early: 2 of 4 cases not run: interrupted" in table(run)
+
+    made.clear()
+    run = run_cases(cases[:2], "cpu", reps=2, max_seconds=0)
+    assert made == [] and run["stopped_early"].startswith("not run: the time budget")
+    assert all(r["unavailable"] == run["stopped_early"] for r in run["results"])
+
+
+def test_llama_presets_interleave_the_op_families_group_by_group():
+    """So that a run cut short by its time budget has measured some of every family, not only quant_matmul;
+    each group stays contiguous (its anchors are timed in the same stretch) and no case is lost."""
+    cases = preset("llama3-8b", "cuda")  # building cases allocates nothing
+    groups = [g for g, _ in itertools.groupby(cases, key=lambda c: c.group)]
+    assert len(groups) == len({c.group for c in cases})  # every group contiguous
+    ops = {c.group: c.op for c in cases}
+    assert [ops[g] for g in groups[:3]] == ["quant_matmul", "prefill", "decode"]
+    by_op = {
+        op: [(c.group, c.impl) for c in cases if c.op == op] for op in ("quant_matmul", "prefill", "decode")
+    }
+    assert len(by_op["quant_matmul"]) == 240 and len(by_op["prefill"]) == 120 and len(by_op["decode"]) == 90
+
+
+def test_gpu_session_script_parses_and_names_existing_test_files():
+    """scripts/gpu_session.sh only ever runs on a lent GPU, whose time is scarce: a syntax error or a renamed test
+    file would cost a device call."""
+    script = ROOT / "scripts" / "gpu_session.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in set(re.findall(r"tests/test_\w+\.py", script.read_text())):
+        assert (ROOT / name).is_file(), f"gpu_session.sh names {name}, which does not exist"

@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--reps", type=int, help="repetitions per case (default 100 on CUDA, 30 on CPU)")
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        help="start no case after this long; the rest are recorded as not run (as after Ctrl-C / SIGINT)",
+    )
     ap.add_argument("--out", help="output directory (default bench/results/<device>)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
@@ -64,10 +69,11 @@ def main(argv=None) -> int:
         cases = [c for c in cases if c.op in args.ops]
     if args.impl:
         cases = [c for c in cases if c.anchor or args.impl in c.impl]
-    run = run_cases(cases, args.device, reps=args.reps, graph=args.graph)
+    max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
+    run = run_cases(cases, args.device, reps=args.reps, graph=args.graph, max_seconds=max_seconds)
     print(table(run))
     out = args.out or os.path.join("bench", "results", _slug(run["environment"]["device"]))
-    name = f"{args.preset or 'quick'}{'-graph' if args.graph else ''}"
+    name = f"{args.preset or 'quick'}{'-graph' if args.graph else ''}{''.join('-' + op for op in args.ops or ())}"
     write_json(run, os.path.join(out, f"{name}.json"))
     written = [] if args.no_plots else plots(run, out)
     print(f"\nwrote {os.path.join(out, name + '.json')}" + "".join(f", {p}" for p in written))

@@ -4,6 +4,7 @@ measured in the same run. An implementation that cannot run here is kept with it
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -428,6 +429,13 @@ LLAMA3_70B_LINEARS = [(8192, 8192), (28672, 8192), (8192, 28672)]
 GPU_MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096]
 
 
+def interleave_groups(*families: list[Case]) -> list[Case]:
+    """The families' groups round-robin (each group's cases, anchors included, stay together): a run cut short
+    by its time budget (run_cases' max_seconds) has then measured some groups of every family."""
+    queues = [[list(g) for _, g in itertools.groupby(f, key=lambda c: c.group)] for f in families]
+    return [c for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q) for c in q[i]]
+
+
 def preset(name: str, device: str) -> list[Case]:
     if name == "smoke":  # tiny shapes: keeps every family importable and runnable (CI, on the CPU)
         return (
@@ -447,8 +455,8 @@ def preset(name: str, device: str) -> list[Case]:
             + decode_cases(device, [1, 16], [8192])
         )
     linears = LLAMA3_8B_LINEARS if name == "llama3-8b" else LLAMA3_70B_LINEARS
-    return (
-        quant_matmul_cases(device, linears, GPU_MS)
-        + prefill_cases(device, [512, 1024, 2048, 4096, 8192, 16384], [64, 128])
-        + decode_cases(device, [1, 8, 32, 64], [1024, 8192, 32768, 131072])
+    return interleave_groups(
+        quant_matmul_cases(device, linears, GPU_MS),
+        prefill_cases(device, [512, 1024, 2048, 4096, 8192, 16384], [64, 128]),
+        decode_cases(device, [1, 8, 32, 64], [1024, 8192, 32768, 131072]),
     )

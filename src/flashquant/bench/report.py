@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 from .cases import Case
@@ -20,12 +21,25 @@ def _progress(cases):
         return cases
 
 
-def run_cases(cases: list[Case], device: str, reps: int | None = None, graph: bool = False) -> dict:
+def run_cases(
+    cases: list[Case],
+    device: str,
+    reps: int | None = None,
+    graph: bool = False,
+    max_seconds: float | None = None,
+) -> dict:
+    """Time every case (its anchors in the same run). Past `max_seconds`, or after Ctrl-C / SIGINT (what
+    `timeout -s INT` sends), the remaining cases are recorded as not run, so a cut-short run still returns
+    everything it measured."""
     env = environment(device)
     peak_bw = env.get("peak_bandwidth_gbs") or env["measured_bandwidth_gbs"]
     peak_tf = env.get("peak_bf16_tflops")
+    start = time.monotonic()
+    stopped = None  # why the remaining cases are not run
     results = []
     for case in _progress(cases):
+        if stopped is None and max_seconds is not None and time.monotonic() - start > max_seconds:
+            stopped = f"not run: the time budget ({max_seconds:.0f} s) was spent"
         r = {
             "op": case.op,
             "group": case.group,
@@ -36,7 +50,9 @@ def run_cases(cases: list[Case], device: str, reps: int | None = None, graph: bo
             "bytes": case.bytes,
             "flops": case.flops,
         }
-        if case.unavailable:
+        if stopped:
+            r["unavailable"] = stopped
+        elif case.unavailable:
             r["unavailable"] = case.unavailable
         else:
             try:
@@ -56,6 +72,9 @@ def run_cases(cases: list[Case], device: str, reps: int | None = None, graph: bo
                 if peak_tf:
                     r["pct_peak_tflops"] = 100 * r["tflops"] / peak_tf
                 del fn, inputs
+            except KeyboardInterrupt:
+                stopped = "not run: interrupted"
+                r["unavailable"] = stopped
             except Exception as e:  # an anchor that fails here is reported, never silently dropped
                 r["unavailable"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 if os.environ.get("FLASHQUANT_BENCH_DEBUG"):
@@ -66,7 +85,10 @@ def run_cases(cases: list[Case], device: str, reps: int | None = None, graph: bo
 
             torch.cuda.empty_cache()
     _speedups(results)
-    return {"environment": env, "bandwidth_bound_gbs": peak_bw, "graph": graph, "results": results}
+    run = {"environment": env, "bandwidth_bound_gbs": peak_bw, "graph": graph, "results": results}
+    if stopped:
+        run["stopped_early"] = stopped
+    return run
 
 
 def _speedups(results):
@@ -97,6 +119,8 @@ def table(run: dict) -> str:
     hdr = f"{'impl':44s} {'median ms':>10s} {'p10-p90':>15s} {'GB/s':>8s} {'%bw':>5s} {'TFLOP/s':>8s}  vs anchors"
     group = None
     for r in run["results"]:
+        if r.get("unavailable", "").startswith("not run"):  # counted once below
+            continue
         if r["group"] != group:
             group = r["group"]
             lines += ["", f"== {group} ({r['dtype']})", hdr]
@@ -113,6 +137,9 @@ def table(run: dict) -> str:
             f"{r['impl']:44s} {r['median_ms']:10.4f} {r['p10_ms']:7.4f}-{r['p90_ms']:<7.4f} "
             f"{r['gbs']:8.1f} {r['pct_peak_bw']:5.1f} {r['tflops']:8.3f}  {vs}"
         )
+    if "stopped_early" in run:
+        not_run = sum(r.get("unavailable") == run["stopped_early"] for r in run["results"])
+        lines += ["", f"stopped early: {not_run} of {len(run['results'])} cases {run['stopped_early']}"]
     return "\n".join(lines)
 
 
