@@ -161,6 +161,25 @@ def test_tune_quick_run_writes_a_table_the_launchers_load(table_dirs):
     assert sorted(table["configs"]) == sorted([*keys, "attention.decode.d128"])
 
 
+def test_tune_stopped_from_outside_keeps_the_keys_it_finished(table_dirs, monkeypatch):
+    """On a lent GPU the tune stage runs under `timeout -s INT`: a key interrupted there must not lose the keys
+    tuned before it (the table is written after every key)."""
+    _, env = table_dirs
+    real, calls = tune.tune_task, []
+
+    def interrupt_second(task, *args, **kwargs):
+        calls.append(task.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(task, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "tune_task", interrupt_second)
+    keys = ["quant_matmul.int4.m16", "quant_matmul.int8.m16"]
+    assert tune.main(["--quick", "--out", str(env), "--keys", *keys]) == 130
+    table = json.loads((env / f"{configs.INTERPRETER_KEY}.json").read_text())
+    assert sorted(table["configs"]) == [calls[0]] and table["triton"]
+
+
 def test_tune_cli_errors(tmp_path):
     assert tune.main(["--out", str(tmp_path), "--keys", "attention.nope*"]) == 2
     if not torch.cuda.is_available():  # without a GPU, writing a table for real use needs an explicit --out

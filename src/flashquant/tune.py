@@ -276,13 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     path = out_dir / f"{key}.json"
     table = json.loads(path.read_text()) if path.is_file() else {"configs": {}}
     print(f"tuning on {key} ({dtype}), writing {path}")
-    for build in builders:
-        for task in build(device, dtype, args.quick, wanted):
-            table["configs"][task.key] = tune_task(task, device, dtype, args.quick)
-    table.update(_environment(device, dtype, args.quick))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    configs.clear_cache()
+
+    def save() -> None:  # after every key: a run stopped from outside keeps the keys it finished
+        table.update(_environment(device, dtype, args.quick))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        configs.clear_cache()
+
+    try:
+        for build in builders:
+            for task in build(device, dtype, args.quick, wanted):
+                table["configs"][task.key] = tune_task(task, device, dtype, args.quick)
+                save()
+    except KeyboardInterrupt:
+        print(f"interrupted; {path} keeps the keys finished so far")
+        return 130
+    save()
     if skipped:
         print(
             f"out of time (--max-minutes {args.max_minutes}); not tuned, still default: {', '.join(skipped)}"
