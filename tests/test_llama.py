@@ -126,6 +126,32 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "pytorch fp32 (SDPA)" in text and "flashquant int4" in text and out.exists()
 
 
+def test_demo_stopped_from_outside_keeps_the_variants_it_finished(tmp_path, monkeypatch, capsys):
+    """On a lent GPU the demo runs under `timeout -s INT`: the variants measured before the interrupt are printed
+    and written (the JSON after every variant), marked as stopped early, and the exit code says so."""
+    import json
+
+    from flashquant import demo
+
+    real, calls = demo.measure, []
+
+    def interrupt_third_variant(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # two measurements (warm-up, timed) per variant on the CPU
+            raise KeyboardInterrupt
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "measure", interrupt_third_variant)
+    out = tmp_path / "demo.json"
+    assert (
+        demo.main(["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--json", str(out)]) == 130
+    )
+    run = json.loads(out.read_text())
+    assert [r["name"] for r in run["results"]] == ["pytorch fp32 (SDPA)", "pytorch bf16 (SDPA)"]
+    assert run["stopped_early"] == "interrupted after 2 of 4 variants"
+    assert "pytorch bf16 (SDPA)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("quant", [None, (4, 32)])
 def test_decode_step_compiles_fullgraph_once_and_matches_eager(quant, paged):

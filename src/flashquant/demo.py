@@ -139,40 +139,76 @@ def main(argv=None) -> int:
     )
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g).to(device)
-    rows, ref = [], None
-    for name, dtype, backend, quant in variants:
-        print(f"- {name}: building", flush=True)
-        # The fp32 reference is built on the CPU when on a GPU would not fit it; every variant starts from the
-        # same seeded weights (same device => same numbers), then is cast and/or quantized.
-        model = Llama.random(cfg, seed=args.seed, dtype=dtype, device=device, attn_backend=backend)
-        if quant:  # every linear, lm_head included (it is the largest matrix of small Llamas)
-            model.quantize(*quant, skip=())
-        measure(model, prompt[:, : min(8, args.prompt_len)], 2, device, False)  # warm-up (kernels, allocator)
-        r = measure(model, prompt, args.new_tokens, device, progress=True)
-        if cuda and not args.no_graph:  # the same decode replayed from a CUDA graph: no launch overhead
-            r["decode_tok_s_graph"] = measure(model, prompt, args.new_tokens, device, False, graph=True)[
-                "decode_tok_s"
-            ]
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        if ref is None:
-            ref = r
-            r["top1_agree"], r["sqnr_db"], r["same_tokens"] = 1.0, float("inf"), args.new_tokens
-        else:
-            r["sqnr_db"] = sqnr_db(ref["first_logits"], r["first_logits"])
-            r["top1_agree"] = float(
-                (ref["first_logits"].argmax(-1) == r["first_logits"].argmax(-1)).float().mean()
-            )
-            same = 0
-            for a, b in zip(ref["tokens"][0], r["tokens"][0]):
-                if a != b:
-                    break
-                same += 1
-            r["same_tokens"] = same
-        r["name"] = name
-        rows.append(r)
+    rows, ref, stopped = [], None, None
+    env = None
+    if args.json:
+        from flashquant.bench.harness import environment
 
+        env = environment(device)
+    try:
+        for variant in variants:
+            ref = _run_variant(variant, cfg, prompt, args, device, rows, ref)
+            if args.json:  # after every variant: a run stopped from outside keeps what it measured
+                _write_json(args.json, env, args, rows, None)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGINT from a time limit: report the variants that finished
+        stopped = f"interrupted after {len(rows)} of {len(variants)} variants"
+        print(f"\n{stopped}")
+    _print_table(rows, args.new_tokens)
+    if args.json:
+        _write_json(args.json, env, args, rows, stopped)
+        print(f"wrote {args.json}")
+    return 130 if stopped else 0
+
+
+def _write_json(path, env, args, rows, stopped) -> None:
+    keep = [{k: v for k, v in r.items() if k not in ("first_logits", "tokens")} for r in rows]
+    run = {"environment": env, "args": vars(args), "results": keep}
+    if stopped:
+        run["stopped_early"] = stopped
+    with open(path, "w") as f:
+        json.dump(run, f, indent=1)
+
+
+def _run_variant(variant, cfg, prompt, args, device, rows, ref):
+    """Build, measure and append one variant's row to `rows`; returns the reference row (the first variant's)."""
+    name, dtype, backend, quant = variant
+    print(f"- {name}: building", flush=True)
+    # Every variant starts from the same seeded weights (same device => same numbers), then is cast and/or
+    # quantized.
+    model = Llama.random(cfg, seed=args.seed, dtype=dtype, device=device, attn_backend=backend)
+    if quant:  # every linear, lm_head included (it is the largest matrix of small Llamas)
+        model.quantize(*quant, skip=())
+    measure(model, prompt[:, : min(8, args.prompt_len)], 2, device, False)  # warm-up (kernels, allocator)
+    r = measure(model, prompt, args.new_tokens, device, progress=True)
+    if (
+        device == "cuda" and not args.no_graph
+    ):  # the same decode replayed from a CUDA graph: no launch overhead
+        r["decode_tok_s_graph"] = measure(model, prompt, args.new_tokens, device, False, graph=True)[
+            "decode_tok_s"
+        ]
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if ref is None:
+        ref = r
+        r["top1_agree"], r["sqnr_db"], r["same_tokens"] = 1.0, float("inf"), args.new_tokens
+    else:
+        r["sqnr_db"] = sqnr_db(ref["first_logits"], r["first_logits"])
+        r["top1_agree"] = float(
+            (ref["first_logits"].argmax(-1) == r["first_logits"].argmax(-1)).float().mean()
+        )
+        same = 0
+        for a, b in zip(ref["tokens"][0], r["tokens"][0]):
+            if a != b:
+                break
+            same += 1
+        r["same_tokens"] = same
+    r["name"] = name
+    rows.append(r)
+    return ref
+
+
+def _print_table(rows, new_tokens) -> None:
     print(
         f"\n{'variant':36s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'graphed':>8s} {'ms/token':>9s} "
         f"{'weights GB':>10s} "
@@ -184,18 +220,10 @@ def main(argv=None) -> int:
         print(
             f"{r['name']:36s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {graphed:>8s} "
             f"{r['ms_per_token']:9.2f} "
-            f"{r['weight_gb']:10.3f} {peak:>8s} {r['sqnr_db']:13.1f} {r['same_tokens']:>6d}/{args.new_tokens}"
+            f"{r['weight_gb']:10.3f} {peak:>8s} {r['sqnr_db']:13.1f} {r['same_tokens']:>6d}/{new_tokens}"
         )
     print(
         "\nlogit SQNR: first generated position vs the fp32 reference; 'greedy = fp32': leading greedy tokens that"
         " match the fp32 model's.\nQuantized variants quantize every linear incl. lm_head (round-to-nearest, no"
         " calibration); random Gaussian weights are a hard case for int4, so expect low int4 SQNR here."
     )
-    if args.json:
-        from flashquant.bench.harness import environment
-
-        keep = [{k: v for k, v in r.items() if k not in ("first_logits", "tokens")} for r in rows]
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(device), "args": vars(args), "results": keep}, f, indent=1)
-        print(f"wrote {args.json}")
-    return 0
