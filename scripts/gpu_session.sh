@@ -59,8 +59,10 @@ for stage in $stages; do
       mkdir -p build && echo "$stamp" > build/cuda-stamp
     ;;
   tests)  # the test files with GPU variants (fp16/bf16, long sequences, CUDA kernels, graph capture, the
-    # model's graphed decode); not -x: one call reports every failure, listed at the end (-rfE)
-    timed tests "$(limit 260)" $PY -m pytest -q --maxfail=25 -rfE tests/test_cuda_kernels.py \
+    # model's graphed decode); not -x: one call reports every failure, listed at the end (-rfE). Most of the
+    # time is Triton's JIT (~200 specializations), so 8 pytest-xdist workers (the image has it) share the GPU.
+    workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+    timed tests "$(limit 260)" $PY -m pytest -q $workers --maxfail=25 -rfE tests/test_cuda_kernels.py \
       tests/test_triton_attention.py tests/test_triton_quant.py tests/test_dispatch.py tests/test_llama.py \
       -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
     ;;
