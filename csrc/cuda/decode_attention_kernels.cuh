@@ -5,11 +5,11 @@
 // reference on machines without a GPU. So: PTX only through cuda/ptx.cuh, no static __shared__ arrays,
 // warp-uniform shuffles and MMAs.
 //
-// Grid: grid(p), one block per (sequence, KV head, split). A block owns one KV head of one sequence and one slice of its keys, and computes
-// all G = Hq / Hkv query heads of the group together, so each K/V byte is read once per group. Each of its 4
-// warps takes every 4th step of 16 keys and keeps its own online softmax, combined through shared memory at the
-// end; each split writes its normalised partial output and LSE, and combine_kernel merges splits exactly like the
-// Triton path (weights exp(lse_i - max)).
+// Grid: grid(p), one block per (sequence, KV head, split of its keys). A block computes all G = Hq / Hkv query
+// heads of the group together, so each K/V byte is read once per group. Each of its 4 warps takes every 4th step
+// of 16 keys and keeps its own online softmax, combined through shared memory at the end; each split writes its
+// normalised partial output and LSE, and combine_kernel merges splits exactly like the Triton path (weights
+// exp(lse_i - max)).
 //
 // Per step, with mma.sync.m16n8k16 (fp32 accumulators) and K/V straight from global memory into registers:
 //  * S (16 heads x 8 keys, twice) = Q . K^T: Q (the group's heads, zero rows past G) is the A operand, loaded

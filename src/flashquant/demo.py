@@ -139,15 +139,14 @@ def main(argv=None) -> int:
     )
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g).to(device)
-    rows, ref, stopped = [], None, None
-    env = None
+    rows, stopped, env = [], None, None
     if args.json:
         from flashquant.bench.harness import environment
 
         env = environment(device)
     try:
         for variant in variants:
-            ref = _run_variant(variant, cfg, prompt, args, device, rows, ref)
+            rows.append(_run_variant(variant, cfg, prompt, args, device, ref=rows[0] if rows else None))
             if args.json:  # after every variant: a run stopped from outside keeps what it measured
                 _write_json(args.json, env, args, rows, None)
     except KeyboardInterrupt:  # Ctrl-C, or SIGINT from a time limit: report the variants that finished
@@ -169,8 +168,8 @@ def _write_json(path, env, args, rows, stopped) -> None:
         json.dump(run, f, indent=1)
 
 
-def _run_variant(variant, cfg, prompt, args, device, rows, ref):
-    """Build, measure and append one variant's row to `rows`; returns the reference row (the first variant's)."""
+def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
+    """Build and measure one variant; its row compares it with `ref` (the first variant's row, None for that one)."""
     name, dtype, backend, quant = variant
     print(f"- {name}: building", flush=True)
     # Every variant starts from the same seeded weights (same device => same numbers), then is cast and/or
@@ -180,9 +179,8 @@ def _run_variant(variant, cfg, prompt, args, device, rows, ref):
         model.quantize(*quant, skip=())
     measure(model, prompt[:, : min(8, args.prompt_len)], 2, device, False)  # warm-up (kernels, allocator)
     r = measure(model, prompt, args.new_tokens, device, progress=True)
-    if (
-        device == "cuda" and not args.no_graph
-    ):  # the same decode replayed from a CUDA graph: no launch overhead
+    # On CUDA, the same decode replayed from a CUDA graph too: no launch overhead.
+    if device == "cuda" and not args.no_graph:
         r["decode_tok_s_graph"] = measure(model, prompt, args.new_tokens, device, False, graph=True)[
             "decode_tok_s"
         ]
@@ -190,7 +188,6 @@ def _run_variant(variant, cfg, prompt, args, device, rows, ref):
     if device == "cuda":
         torch.cuda.empty_cache()
     if ref is None:
-        ref = r
         r["top1_agree"], r["sqnr_db"], r["same_tokens"] = 1.0, float("inf"), args.new_tokens
     else:
         r["sqnr_db"] = sqnr_db(ref["first_logits"], r["first_logits"])
@@ -204,8 +201,7 @@ def _run_variant(variant, cfg, prompt, args, device, rows, ref):
             same += 1
         r["same_tokens"] = same
     r["name"] = name
-    rows.append(r)
-    return ref
+    return r
 
 
 def _print_table(rows, new_tokens) -> None:
