@@ -77,8 +77,8 @@ def lib(tmp_path_factory) -> Lib:
 
 
 def run_in_child(lib: Lib, tmp_path: Path, fn: str, **inputs) -> torch.Tensor:
-    """fn (decode_on_cpu or gemv_on_cpu) in a child process: a sanitizer's finding aborts it with the report (on
-    stderr, returned in the assertion message) instead of taking the test session down."""
+    """fn (a function of tests/cuda_host/run_on_cpu.py) in a child process: a sanitizer's finding aborts it with
+    the report (on stderr, returned in the assertion message) instead of taking the test session down."""
     torch.save(inputs, tmp_path / "inputs.pt")
     proc = subprocess.run(
         [sys.executable, str(RUNNER), str(lib.so), fn, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
