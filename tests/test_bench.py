@@ -111,6 +111,12 @@ def test_gpu_crossover_preset_measures_both_auto_boundaries():
         assert {(group, "flashquant cuda"), (group, "flashquant triton")} <= decode
     qmm_impls = {c.impl for c in cases if c.op == "quant_matmul"}
     assert any("cuda" in i for i in qmm_impls) and any("triton" in i for i in qmm_impls)
+    # The Triton launcher's fused and dequantize-then-cuBLAS strategies, both forced, on both sides of its switch.
+    from flashquant.kernels.quant_matmul import DEQUANT_GEMM_MIN_M
+
+    forced = {(c.shape["M"], c.impl.split()[1]) for c in cases if "triton-" in c.impl}
+    for m in (DEQUANT_GEMM_MIN_M // 2, DEQUANT_GEMM_MIN_M, 2048):
+        assert {(m, "triton-fused"), (m, "triton-dequant")} <= forced
 
 
 def test_a_run_cut_short_keeps_what_it_measured_and_says_what_it_did_not():

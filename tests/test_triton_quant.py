@@ -10,7 +10,11 @@ pytest.importorskip("triton")
 if not fq.backends()["triton"].available:
     pytest.skip("triton backend unavailable: " + fq.backends()["triton"].reason, allow_module_level=True)
 
-from flashquant.kernels.quant_matmul import quant_matmul_triton  # noqa: E402
+from flashquant.kernels import quant_matmul as qmm_module  # noqa: E402
+from flashquant.kernels.dequantize import dequantize_triton  # noqa: E402
+from flashquant.kernels.quant_matmul import DEQUANT_GEMM_MIN_M, quant_matmul_triton  # noqa: E402
+from flashquant.quant import unpack  # noqa: E402
+from flashquant.reference.quant import dequantize_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16, torch.float32]
@@ -53,15 +57,53 @@ def test_large_m_tile_config():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 16, 512])
-def test_gpu_llama_mlp_shapes(dtype, m):
+@pytest.mark.parametrize("m, strategy", [(1, None), (16, None), (512, None), (512, "fused")])
+def test_gpu_llama_mlp_shapes(dtype, m, strategy):
     for n, k in ((14336, 4096), (4096, 14336)):
         w = torch.randn(n, k, device="cuda", dtype=dtype)
         qw = fq.quantize(w, 4, 128)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        assert_qmm_close(
-            fq.quant_matmul(x, qw, backend="triton"), fq.quant_matmul(x, qw, backend="reference")
-        )
+        out = quant_matmul_triton(x, qw.qdata, qw.scales, qw.zeros, 4, 128, strategy=strategy)
+        assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), f"{n}x{k} m={m} {strategy}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantize_kernel_is_bit_for_bit_the_reference(dtype, bits, group_size, symmetric):
+    """Odd N (a partial row tile), K = 640 / 2080 (a partial 256-column tile; per channel a group size that is
+    not a power of two), group 32 (eight groups in one tile): exactly dequantize_ref rounded to the dtype."""
+    n, k = 67, 640 if group_size != -1 else 2080
+    qw = fq.quantize(torch.randn(n, k, device=DEVICE).to(dtype), bits, group_size, symmetric)
+    gs = qw.effective_group_size
+    out = dequantize_triton(qw.qdata, qw.scales, qw.zeros, bits, gs, dtype)
+    expected = dequantize_ref(unpack(qw.qdata, bits), qw.scales, qw.zeros, bits, gs).to(dtype)
+    assert out.dtype == dtype and out.shape == (n, k)
+    assert torch.equal(out, expected), (out.float() - expected.float()).abs().max()
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 16])  # 16 rows: four chunks of the dequantized weight + a tail
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, -1)])
+def test_prefill_sized_m_dequantizes_once_then_matmuls(monkeypatch, chunk_rows, bits, group_size):
+    """From DEQUANT_GEMM_MIN_M on, backend="triton" dequantizes (in row chunks when the weight is large) and
+    calls F.linear: checked to be the path taken, and against the reference."""
+    dtype = DTYPES[0]
+    n, k = 67, 256
+    if chunk_rows:
+        monkeypatch.setattr(qmm_module, "DEQUANT_CHUNK_ELEMENTS", chunk_rows * k)
+    calls = []
+    real = qmm_module.dequantize_triton
+    monkeypatch.setattr(qmm_module, "dequantize_triton", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    qw = fq.quantize(torch.randn(n, k, device=DEVICE).to(dtype), bits, group_size, symmetric=False)
+    x = torch.randn(DEQUANT_GEMM_MIN_M, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    out = fq.quant_matmul(x, qw, bias, backend="triton")
+    assert calls == ([16, 16, 16, 16, 3] if chunk_rows else [n])
+    assert_qmm_close(out, fq.quant_matmul(x, qw, bias, backend="reference"), f"chunks of {chunk_rows}")
+    calls.clear()
+    fq.quant_matmul(x[: DEQUANT_GEMM_MIN_M - 1], qw, backend="triton")
+    assert calls == []  # one row fewer: the fused kernel
 
 
 def test_split_k_tail_never_reads_past_the_last_group():
@@ -91,11 +133,12 @@ def test_dequant_is_exact_for_every_code_and_zero_point(dtype, bits):
     scales = torch.ones(levels, 1, dtype=dtype)
     x = torch.eye(k, dtype=dtype)
     to = {"device": DEVICE}
-    out = quant_matmul_triton(
-        x.to(**to), fq.quant.pack(codes, bits).to(**to), scales.to(**to), zeros.to(**to), bits, k
-    )
+    args = (fq.quant.pack(codes, bits).to(**to), scales.to(**to), zeros.to(**to), bits, k)
     expected = (codes.int() - zeros.int()).T.to(dtype)
+    # M = k >= DEQUANT_GEMM_MIN_M: the fused kernel is forced, then the dequantize kernel checked on its own.
+    out = quant_matmul_triton(x.to(**to), *args, strategy="fused")
     assert torch.equal(out.cpu(), expected), (out.cpu() - expected).abs().max()
+    assert torch.equal(dequantize_triton(*args, dtype).cpu(), expected.T)
 
 
 def test_int4_group_sizes_the_kernel_cannot_tile_raise_and_auto_avoids_them():

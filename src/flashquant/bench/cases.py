@@ -54,7 +54,19 @@ def _rotated(device, make_one: Callable[[], tuple], bytes_per_copy: int) -> list
     return [make_one() for _ in range(n)]
 
 
-def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype):
+def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype, strategy=None):
+    """flashquant.quant_matmul with `backend`; with `strategy` ("fused" / "dequant") the Triton launcher instead,
+    forced to that strategy (the crossover preset times both around DEQUANT_GEMM_MIN_M)."""
+
+    def run(x, qw):
+        if strategy is None:
+            return fq.quant_matmul(x, qw, backend=backend)
+        from flashquant.kernels.quant_matmul import quant_matmul_triton
+
+        return quant_matmul_triton(
+            x, qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size, strategy=strategy
+        )
+
     def make():
         w = torch.randn(n, k, device=device, dtype=dtype)
         x = torch.randn(m, k, device=device, dtype=dtype)
@@ -69,15 +81,14 @@ def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype):
             ),
             qw0.nbytes,
         )
-        return (lambda x, qw: fq.quant_matmul(x, qw, backend=backend)), inputs
+        return run, inputs
 
     nbytes = (
         n * k * bits // 8 + n * (k // (k if group == -1 else group)) * 2 + (m * k + m * n) * dtype.itemsize
     )
     gname = "per-channel" if group == -1 else f"g{group}"
-    return Case(
-        "quant_matmul", "", f"flashquant {backend} int{bits} {gname}", False, {}, _dt(dtype), nbytes, 0, make
-    )
+    name = f"flashquant {backend}{'-' + strategy if strategy else ''} int{bits} {gname}"
+    return Case("quant_matmul", "", name, False, {}, _dt(dtype), nbytes, 0, make)
 
 
 def _qmm_linear(device, n, k, m, dtype):
@@ -210,7 +221,11 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
     if device == "cpu":
         backends, ms, dtypes = ("cpu", "auto"), [16, 64, 256, 512, 1024], (torch.float32, torch.bfloat16)
     else:
-        backends, ms, dtypes = ("cuda", "triton", "auto"), [1, 4, 16, 32, 64, 128], (torch.bfloat16,)
+        backends, ms, dtypes = (
+            ("cuda", "triton", "auto"),
+            [1, 4, 16, 32, 64, 128, 256, 512, 2048],
+            (torch.bfloat16,),
+        )
     out = []
     n, k = 4096, 4096
     for dtype in dtypes:
@@ -222,6 +237,11 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
                     c.unavailable = None if be in ("torch", "auto") else _why_not(be, device)
                     if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
+                    out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
+                # Around DEQUANT_GEMM_MIN_M: the Triton launcher's two strategies, each forced.
+                for strategy in ("fused", "dequant") if device != "cpu" and m >= 64 else ():
+                    c = _qmm_flashquant(device, n, k, m, bits, group, "triton", dtype, strategy)
+                    c.unavailable = _why_not("triton", device)
                     out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
     if device != "cpu":
         for hq in (32, 64):  # G = 4 (Llama-3-8B) and G = 8 (Llama-3-70B)

@@ -4,7 +4,9 @@ One kernel, two regimes chosen by the launch config:
 * small M (decode, M <= 16): one BLOCK_M=16 row tile covers all of x, the grid runs over N tiles and SPLIT_K
   slices of K, so a batch-1 GEMV still fills the GPU; every packed weight byte is read exactly once. Split-K
   partials go to an fp32 workspace reduced by a deterministic sum (no bf16 atomics).
-* large M (prefill): classic tiled GEMM, weight tiles dequantized on the fly into tensor-core operands.
+* mid-sized M: classic tiled GEMM, weight tiles dequantized on the fly into tensor-core operands.
+From M = DEQUANT_GEMM_MIN_M (prefill) the launcher instead dequantizes the weight once (kernels/dequantize.py)
+and calls F.linear (cuBLAS on a GPU): bit for bit the torch path's dequantized weight, made in one pass.
 
 The dot runs on (code - zero), an integer in [-255, 255] and exact in fp16/bf16, so acc_group =
 x @ (code - zero)^T is computed on the tensor cores and multiplied by the group scale in fp32 once per output
@@ -17,10 +19,12 @@ Packed format: flashquant.quant.QuantizedWeight.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import configs, min_group_size, num_sms
+from .dequantize import dequantize_triton
 
 
 @triton.jit
@@ -125,15 +129,50 @@ def _qmm_kernel(
 
 # ---- launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bits and M bucket, from configs.py
 # (built-in defaults or this device's tuned table).
+#
+# From this M on, the weight is dequantized once (kernels/dequantize.py) and multiplied by cuBLAS instead: at
+# prefill sizes the matmul is compute-bound and this kernel, which re-dequantizes each weight tile for every M
+# tile, ran at 0.2-0.3x cuBLAS on an H100 (M = 512 and 4096, Llama-3-8B shapes; bench/NOTES.md), while the extra
+# pass costs ~2.5 bytes per weight of memory traffic (int4 -> bf16), ~50 us for a 14336 x 4096 weight.
+DEQUANT_GEMM_MIN_M = 256
+# The dequantized weight is made in row chunks of at most this many elements (128 MB in fp16/bf16), so a large
+# lm_head (128256 x 4096) does not need a 1 GB temporary.
+DEQUANT_CHUNK_ELEMENTS = 1 << 26
+
+
+def _dequant_then_matmul(x, qdata, scales, zeros, bits, group_size):
+    N, K = qdata.shape[0], x.shape[1]
+    rows = max(1, DEQUANT_CHUNK_ELEMENTS // max(K, 1))
+    if rows >= N:
+        return F.linear(x, dequantize_triton(qdata, scales, zeros, bits, group_size, x.dtype))
+    out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        z = zeros[n0:n1] if zeros is not None else None
+        out[:, n0:n1] = F.linear(
+            x, dequantize_triton(qdata[n0:n1], scales[n0:n1], z, bits, group_size, x.dtype)
+        )
+    return out
 
 
 def quant_matmul_triton(
-    x, qdata, scales, zeros, bits, group_size, split_k: int | None = None, config: tuple | None = None
+    x,
+    qdata,
+    scales,
+    zeros,
+    bits,
+    group_size,
+    split_k: int | None = None,
+    config: tuple | None = None,
+    strategy: str | None = None,
 ):
     """x (M, K) fp16/bf16/fp32 -> (M, N) in x.dtype. `split_k` / `config` override the heuristics (tests,
-    benchmarks)."""
+    benchmarks). `strategy`: "fused" (this file's kernel), "dequant" (dequantize, then cuBLAS / F.linear) or
+    None: "dequant" from M = DEQUANT_GEMM_MIN_M on."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         raise TypeError("bf16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32")
+    if strategy not in (None, "fused", "dequant"):
+        raise ValueError(f"strategy must be None, 'fused' or 'dequant', got {strategy!r}")
     x = x.contiguous()
     M, K = x.shape
     N = qdata.shape[0]
@@ -150,6 +189,8 @@ def quant_matmul_triton(
         raise ValueError(
             f"the Triton int{bits} kernel needs group_size divisible by {min_block_k} (or -1), got {group_size}"
         )
+    if strategy == "dequant" or (strategy is None and M >= DEQUANT_GEMM_MIN_M):
+        return _dequant_then_matmul(x, qdata, scales, zeros, bits, group_size)
     k_tiles = triton.cdiv(K, block_k)
     grid_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if split_k is None:  # fill ~2 waves of SMs for decode-sized M
