@@ -86,7 +86,7 @@ def test_dequantize_kernel_is_bit_for_bit_the_reference(dtype, bits, group_size,
 @pytest.mark.parametrize("chunk_rows", [None, 16])  # 16 rows: four chunks of the dequantized weight + a tail
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (8, -1)])
 def test_prefill_sized_m_dequantizes_once_then_matmuls(monkeypatch, chunk_rows, bits, group_size):
-    """From DEQUANT_GEMM_MIN_M on, backend="triton" dequantizes (in row chunks when the weight is large) and
+    """From DEQUANT_GEMM_MIN_M[bits] on, backend="triton" dequantizes (in row chunks when the weight is large) and
     calls F.linear: checked to be the path taken, and against the reference."""
     dtype = DTYPES[0]
     n, k = 67, 256
@@ -96,13 +96,13 @@ def test_prefill_sized_m_dequantizes_once_then_matmuls(monkeypatch, chunk_rows, 
     real = qmm_module.dequantize_triton
     monkeypatch.setattr(qmm_module, "dequantize_triton", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     qw = fq.quantize(torch.randn(n, k, device=DEVICE).to(dtype), bits, group_size, symmetric=False)
-    x = torch.randn(DEQUANT_GEMM_MIN_M, k, device=DEVICE).to(dtype)
+    x = torch.randn(DEQUANT_GEMM_MIN_M[bits], k, device=DEVICE).to(dtype)
     bias = torch.randn(n, device=DEVICE).to(dtype)
     out = fq.quant_matmul(x, qw, bias, backend="triton")
     assert calls == ([16, 16, 16, 16, 3] if chunk_rows else [n])
     assert_qmm_close(out, fq.quant_matmul(x, qw, bias, backend="reference"), f"chunks of {chunk_rows}")
     calls.clear()
-    fq.quant_matmul(x[: DEQUANT_GEMM_MIN_M - 1], qw, backend="triton")
+    fq.quant_matmul(x[:-1], qw, backend="triton")
     assert calls == []  # one row fewer: the fused kernel
 
 
@@ -135,7 +135,7 @@ def test_dequant_is_exact_for_every_code_and_zero_point(dtype, bits):
     to = {"device": DEVICE}
     args = (fq.quant.pack(codes, bits).to(**to), scales.to(**to), zeros.to(**to), bits, k)
     expected = (codes.int() - zeros.int()).T.to(dtype)
-    # M = k >= DEQUANT_GEMM_MIN_M: the fused kernel is forced, then the dequantize kernel checked on its own.
+    # M = k >= DEQUANT_GEMM_MIN_M[bits]: the fused kernel is forced, then the dequantize kernel checked on its own.
     out = quant_matmul_triton(x.to(**to), *args, strategy="fused")
     assert torch.equal(out.cpu(), expected), (out.cpu() - expected).abs().max()
     assert torch.equal(dequantize_triton(*args, dtype).cpu(), expected.T)

@@ -152,10 +152,11 @@ def _auto_order(
     device: torch.device, m: int, dtype: torch.dtype, bits: int, cuda_ok: bool = True, triton_ok: bool = True
 ) -> tuple[str, ...]:
     if device.type == "cuda":
-        # M <= 16 tries the CUDA tensor-core GEMV first. On an H100 (graph-replayed, fp16, bench/NOTES.md) it beat
-        # the Triton kernel for int4 at M = 1 (0.014 vs 0.017 ms at 4096 x 4096, 0.022 vs 0.033 at 14336 x 4096)
-        # and tied at M = 16; int8 tied (+-10%). Eager, it also skips Triton's Python launch path.
-        # From M = 256 the Triton backend dequantizes once and calls cuBLAS (kernels/quant_matmul.py).
+        # M <= 16 tries the CUDA tensor-core GEMV first. On an H100 (graph replays, bench/NOTES.md) it beat the
+        # Triton kernel at every M <= 16 in bf16 (4096 x 4096: int4 0.017-0.020 vs 0.025-0.027 ms, int8 0.017-0.019
+        # vs 0.030-0.032) and in fp16 for int4 at M = 1 (0.022 vs 0.033 ms at 14336 x 4096); fp16 M = 16 tied.
+        # Eager, it also skips Triton's Python launch path. From M = 512 (int4) / 128 (int8) the Triton backend
+        # dequantizes once and calls cuBLAS (kernels/quant_matmul.py).
         order = ("cuda", "triton", "torch") if m <= 16 and cuda_ok else ("triton", "torch")
         return order if triton_ok else tuple(b for b in order if b != "triton")
     if dtype == torch.float32 and m > CPU_KERNEL_MAX_M_FP32[bits]:

@@ -56,7 +56,7 @@ def _rotated(device, make_one: Callable[[], tuple], bytes_per_copy: int) -> list
 
 def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype, strategy=None):
     """flashquant.quant_matmul with `backend`; with `strategy` ("fused" / "dequant") the Triton launcher instead,
-    forced to that strategy (the crossover preset times both around DEQUANT_GEMM_MIN_M)."""
+    forced to that strategy (the crossover preset times both around DEQUANT_GEMM_MIN_M[bits])."""
 
     def run(x, qw):
         if strategy is None:
@@ -238,7 +238,7 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
                     if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
                     out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
-                # Around DEQUANT_GEMM_MIN_M: the Triton launcher's two strategies, each forced.
+                # Around DEQUANT_GEMM_MIN_M[bits]: the Triton launcher's two strategies, each forced.
                 for strategy in ("fused", "dequant") if device != "cpu" and m >= 64 else ():
                     c = _qmm_flashquant(device, n, k, m, bits, group, "triton", dtype, strategy)
                     c.unavailable = _why_not("triton", device)

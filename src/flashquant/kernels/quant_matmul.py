@@ -5,7 +5,7 @@ One kernel, two regimes chosen by the launch config:
   slices of K, so a batch-1 GEMV still fills the GPU; every packed weight byte is read exactly once. Split-K
   partials go to an fp32 workspace reduced by a deterministic sum (no bf16 atomics).
 * mid-sized M: classic tiled GEMM, weight tiles dequantized on the fly into tensor-core operands.
-From M = DEQUANT_GEMM_MIN_M (prefill) the launcher instead dequantizes the weight once (kernels/dequantize.py)
+From M = DEQUANT_GEMM_MIN_M[bits] (prefill) the launcher instead dequantizes the weight once (kernels/dequantize.py)
 and calls F.linear (cuBLAS on a GPU): bit for bit the torch path's dequantized weight, made in one pass.
 
 The dot runs on (code - zero), an integer in [-255, 255] and exact in fp16/bf16, so acc_group =
@@ -130,11 +130,12 @@ def _qmm_kernel(
 # ---- launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bits and M bucket, from configs.py
 # (built-in defaults or this device's tuned table).
 #
-# From this M on, the weight is dequantized once (kernels/dequantize.py) and multiplied by cuBLAS instead: at
-# prefill sizes the matmul is compute-bound and this kernel, which re-dequantizes each weight tile for every M
-# tile, ran at 0.2-0.3x cuBLAS on an H100 (M = 512 and 4096, Llama-3-8B shapes; bench/NOTES.md), while the extra
-# pass costs ~2.5 bytes per weight of memory traffic (int4 -> bf16), ~50 us for a 14336 x 4096 weight.
-DEQUANT_GEMM_MIN_M = 256
+# From this M on (per bit width), the weight is dequantized once (kernels/dequantize.py) and multiplied by cuBLAS
+# instead: at prefill sizes the matmul is compute-bound and this kernel re-dequantizes each weight tile for every M
+# tile. Measured on an H100 (graph replays, bf16, 4096 x 4096; bench/NOTES.md): int8 switches at M = 128 (0.036 vs
+# 0.052 ms; at 64 the fused kernel wins, 0.028 vs 0.034); int4 at M = 512 (0.072 vs 0.082 ms; at 256 the fused
+# kernel wins, 0.059 vs 0.068). At M = 2048 the switch is 2.3x (int4) / 2.5x (int8) faster than the fused kernel.
+DEQUANT_GEMM_MIN_M = {4: 512, 8: 128}
 # The dequantized weight is made in row chunks of at most this many elements (128 MB in fp16/bf16), so a large
 # lm_head (128256 x 4096) does not need a 1 GB temporary.
 DEQUANT_CHUNK_ELEMENTS = 1 << 26
@@ -168,7 +169,7 @@ def quant_matmul_triton(
 ):
     """x (M, K) fp16/bf16/fp32 -> (M, N) in x.dtype. `split_k` / `config` override the heuristics (tests,
     benchmarks). `strategy`: "fused" (this file's kernel), "dequant" (dequantize, then cuBLAS / F.linear) or
-    None: "dequant" from M = DEQUANT_GEMM_MIN_M on."""
+    None: "dequant" from M = DEQUANT_GEMM_MIN_M[bits] on."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         raise TypeError("bf16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32")
     if strategy not in (None, "fused", "dequant"):
@@ -189,7 +190,7 @@ def quant_matmul_triton(
         raise ValueError(
             f"the Triton int{bits} kernel needs group_size divisible by {min_block_k} (or -1), got {group_size}"
         )
-    if strategy == "dequant" or (strategy is None and M >= DEQUANT_GEMM_MIN_M):
+    if strategy == "dequant" or (strategy is None and M >= DEQUANT_GEMM_MIN_M[bits]):
         return _dequant_then_matmul(x, qdata, scales, zeros, bits, group_size)
     k_tiles = triton.cdiv(K, block_k)
     grid_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
