@@ -177,7 +177,10 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
     model = Llama.random(cfg, seed=args.seed, dtype=dtype, device=device, attn_backend=backend)
     if quant:  # every linear, lm_head included (it is the largest matrix of small Llamas)
         model.quantize(*quant, skip=())
-    measure(model, prompt[:, : min(8, args.prompt_len)], 2, device, False)  # warm-up (kernels, allocator)
+    # Warm-up at the timed prompt length: prefill-sized shapes have their own kernel specializations (Triton JIT,
+    # the quantized linears' prefill path, cuBLAS's lazily loaded kernels), which an 8-token warm-up left to the
+    # timed prefill (on the H100 the first variants then showed ~1.8k prefill tok/s instead of ~15-30k).
+    measure(model, prompt, 2, device, False)
     r = measure(model, prompt, args.new_tokens, device, progress=True)
     # On CUDA, the same decode replayed from a CUDA graph too: no launch overhead.
     if device == "cuda" and not args.no_graph:
