@@ -176,3 +176,45 @@ def test_gpu_session_script_parses_and_names_existing_test_files():
     assert proc.returncode == 0, proc.stderr
     for name in set(re.findall(r"tests/test_\w+\.py", script.read_text())):
         assert (ROOT / name).is_file(), f"gpu_session.sh names {name}, which does not exist"
+
+
+def test_source_digest_identifies_the_code_whatever_git_says(tmp_path):
+    """A lent GPU's copy of the tree kept a stale .git (every result file of the first H100 session names the
+    session's first commit): the digest of the sources is what ties a result to its code."""
+    from flashquant.bench.harness import source_digest
+
+    pkg = tmp_path / "src" / "flashquant"
+    (pkg / "kernels").mkdir(parents=True)
+    (pkg / "kernels" / "k.py").write_text("x = 1\n")
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "k.cu").write_text("// kernel\n")
+    first = source_digest(str(pkg))
+    assert first == source_digest(str(pkg))
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "k.cpython.py").write_text("cache")
+    (pkg / "notes.txt").write_text("not source")
+    assert source_digest(str(pkg)) == first  # caches and non-source files do not count
+    (tmp_path / "csrc" / "k.cu").write_text("// kernel, changed\n")
+    changed = source_digest(str(pkg))
+    assert changed != first
+    (pkg / "kernels" / "k.py").rename(pkg / "kernels" / "j.py")
+    assert source_digest(str(pkg)) != changed  # a renamed file is a different tree
+    env_keys = run_cases([], "cpu", reps=1)["environment"]
+    assert re.fullmatch(r"[0-9a-f]{12}", env_keys["source_digest"])
+
+
+def test_profile_script_runs_every_kernel_it_names(capsys):
+    """scripts/profile_kernels.py runs under ncu on a lent GPU; here it runs at --small shapes through the Triton
+    interpreter (and refuses full shapes without a GPU), so a broken script never costs a device call."""
+    spec = importlib.util.spec_from_file_location("profile_kernels", ROOT / "scripts" / "profile_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not torch.cuda.is_available():
+        assert module.main([]) == 2
+    assert module.main(["--small"]) == 0
+    profiled = re.findall(r"profiled: (.*)", capsys.readouterr().out)
+    expected = ["quant_matmul int4 g128", "quant_matmul int8 per-channel", "dequantize int4", "decode B=1"]
+    for what in expected:
+        assert any(
+            p.startswith(what) and (what == "dequantize int4" or p.endswith("triton")) for p in profiled
+        )

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 def _environment(device, dtype, quick: bool) -> dict:
     import triton
 
-    from .bench.harness import _git_commit
+    from .bench.harness import _git_commit, source_digest
 
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "Triton interpreter (CPU)",
@@ -313,6 +313,7 @@ def _environment(device, dtype, quick: bool) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "quick": quick,
         "git_commit": _git_commit(),
+        "source_digest": source_digest(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import platform
 import statistics
@@ -131,6 +132,7 @@ def environment(device: str) -> dict:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
+        "source_digest": source_digest(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "measured_bandwidth_gbs": round(measured_bandwidth_gbs(device), 1),
     }
@@ -151,20 +153,45 @@ def environment(device: str) -> dict:
     return env
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, timeout=5, cwd=os.path.dirname(__file__)
+    ).stdout.strip()
+
+
 def _git_commit() -> str | None:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it. A copy of the tree whose .git is stale
+    (a lent GPU's copy of a checkout) then says so; source_digest() identifies the code exactly."""
     try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                cwd=os.path.dirname(__file__),
-            ).stdout.strip()
-            or None
-        )
+        head = _git("rev-parse", "--short", "HEAD")
+        if not head:
+            return None
+        return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+SOURCE_SUFFIXES = (".py", ".json", ".cpp", ".cu", ".cuh", ".h")
+
+
+def source_digest(package_dir: str | None = None) -> str:
+    """sha256 (first 12 hex digits) of flashquant's sources: the package's .py/.json files and, in a source
+    checkout, csrc/. Recomputed on any checkout (`python -c "from flashquant.bench.harness import source_digest;
+    print(source_digest())"`), it says which commit a result file's code was, whatever its git_commit field says."""
+    root = package_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dirs = [root, os.path.join(root, "..", "..", "csrc")]
+    h = hashlib.sha256()
+    for base in dirs:
+        if not os.path.isdir(base):
+            continue
+        for dirpath, dirnames, filenames in os.walk(base):  # top-down: pruning and sorting dirnames in place
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")  # fixes the order of the walk
+            for name in sorted(f for f in filenames if f.endswith(SOURCE_SUFFIXES)):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, base).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()[:12]
 
 
 def _cpu_model() -> str:
