@@ -40,7 +40,9 @@ def test_every_default_launch_compiles_and_fits_every_arch(report):
     cases = set(aot._cases(torch.float16))
     seen = {
         (r["case"], r["arch"], r["dtype"])
-        for r in _rows(report, "_attn_fwd_kernel") + _rows(report, "_qmm_kernel")
+        for r in _rows(report, "_attn_fwd_kernel")
+        + _rows(report, "_qmm_kernel")
+        + _rows(report, "_dequant_kernel")
     }
     assert seen == {(c, a, d) for c in cases for a in aot.ARCHS for d in ("bfloat16", "float16")}
     for r in data["results"]:

@@ -102,9 +102,10 @@ class Result:
 # ---- the cases: launchers called on meta tensors ----------------------------------------------------------
 
 
-def _cases(dtype: torch.dtype) -> dict[str, tuple[str, Callable]]:
-    """name -> (the config key it exercises, launch(config))."""
+def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
+    """name -> (the config key it exercises, or None for a fixed launch config; launch(config))."""
     from .kernels import attention as tri
+    from .kernels.dequantize import dequantize_triton
     from .kernels.quant_matmul import quant_matmul_triton
 
     def t(*shape, dt=dtype):
@@ -164,7 +165,8 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str, Callable]]:
         scales = t(N_MLP, K_MLP // group)
         zeros = t(N_MLP, K_MLP // group, dt=torch.uint8) if asym else None
         x = t(m, K_MLP)
-        return lambda cfg: quant_matmul_triton(x, w, scales, zeros, bits, group, config=cfg)
+        # The fused kernel at every M (from DEQUANT_GEMM_MIN_M auto dequantizes instead: the cases below).
+        return lambda cfg: quant_matmul_triton(x, w, scales, zeros, bits, group, config=cfg, strategy="fused")
 
     for bits, m in ((4, 1), (4, 16), (4, 64), (4, 4096), (8, 1), (8, 64), (8, 4096)):
         group = 128 if bits == 4 else K_MLP
@@ -172,6 +174,13 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str, Callable]]:
         bucket = "m16" if m <= 16 else "m64" if m <= 64 else "mbig"
         cases[name] = (f"quant_matmul.int{bits}.{bucket}", qmm(m, bits, group, False))
     cases[f"qmm int4 g128 asym M=1 {N_MLP}x{K_MLP}"] = ("quant_matmul.int4.m16", qmm(1, 4, 128, True))
+    for bits, group in ((4, 128), (8, K_MLP)):  # one fixed launch config: key None
+        w, scales = t(N_MLP, K_MLP * bits // 8, dt=torch.uint8), t(N_MLP, K_MLP // group)
+        name = f"dequantize int{bits} {'g128' if bits == 4 else 'per-channel'} {N_MLP}x{K_MLP}"
+        cases[name] = (
+            None,
+            lambda cfg, w=w, s=scales, b=bits, g=group: dequantize_triton(w, s, None, b, g, dtype),
+        )
     return cases
 
 
@@ -187,7 +196,7 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(arch: Arch, sink: list, case: str):
-    from .kernels import attention, quant_matmul
+    from .kernels import attention, dequantize, quant_matmul
 
     def sms(device, interpreter_sms):  # size split-K / split-KV grids for the target chip, not the stand-in
         return arch.sms
@@ -196,6 +205,7 @@ def _recording(arch: Arch, sink: list, case: str):
         (attention, "_attn_fwd_kernel"),
         (attention, "_combine_kernel"),
         (quant_matmul, "_qmm_kernel"),
+        (dequantize, "_dequant_kernel"),
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
     saved += [(mod, "num_sms", mod.num_sms) for mod in (attention, quant_matmul)]
@@ -475,10 +485,11 @@ def cuda_decode_loops(source: Path, arch: str = "sm_90a") -> list[DecodeLoop]:
     return sorted(out, key=lambda r: (r.dtype, r.head_dim, r.head_tiles))
 
 
-def default_config(key: str, arch: Arch) -> list[tuple[int, ...]]:
+def default_config(key: str | None, arch: Arch) -> list[tuple[int, ...] | None]:
+    """The built-in default for `key`; None (a kernel with one fixed launch config) -> [None]."""
     from .kernels import configs
 
-    return [configs.defaults(arch.smem_per_block)[key]]
+    return [None] if key is None else [configs.defaults(arch.smem_per_block)[key]]
 
 
 def check_launches(cases, archs, dtypes, config_of=default_config, log=print) -> list[Result]:
@@ -579,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidates:
 
         def config_of(key, arch):
-            return candidates(key, smem_per_block=arch.smem_per_block)
+            return [None] if key is None else candidates(key, smem_per_block=arch.smem_per_block)
 
     else:
         config_of = default_config
