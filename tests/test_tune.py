@@ -185,3 +185,25 @@ def test_tune_cli_errors(tmp_path):
     if not torch.cuda.is_available():  # without a GPU, writing a table for real use needs an explicit --out
         r = subprocess.run([sys.executable, "-m", "flashquant", "tune"], capture_output=True, text=True)
         assert r.returncode == 2 and "--out" in r.stdout
+
+
+def test_quant_matmul_tuning_times_the_fused_kernel_its_configs_belong_to(monkeypatch):
+    """From DEQUANT_GEMM_MIN_M the launcher dequantizes and calls cuBLAS, which takes no launch config: tune must
+    force the fused kernel, or every candidate would time the same thing and the 'winner' would be noise."""
+    from flashquant import tune
+    from flashquant.kernels import quant_matmul as qmm_module
+
+    seen = []
+    real = qmm_module.quant_matmul_triton
+
+    def spy(x, *args, **kwargs):
+        seen.append((x.shape[0], kwargs.get("strategy")))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(qmm_module, "quant_matmul_triton", spy)
+    dtype = torch.float16
+    tasks = list(tune._quant_matmul_tasks(torch.device("cpu"), dtype, True, lambda key: key.endswith("mbig")))
+    assert [t.key for t in tasks] == ["quant_matmul.int4.mbig", "quant_matmul.int8.mbig"]
+    for task in tasks:
+        task.run(task.candidates[0])
+    assert seen and all(strategy == "fused" for _, strategy in seen)

@@ -100,10 +100,12 @@ def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
     from .reference.quant import quant_matmul_ref
 
     n, k, group = (72, 256, 128) if quick else (14336, 4096, 128)
+    # mbig: the M the fused kernel's big-tile bucket still serves. From DEQUANT_GEMM_MIN_M (int4 512, int8 128) the
+    # launcher dequantizes and calls cuBLAS instead; the first H100 table's mbig entries were tuned at 512 / 4096.
     ms = (
         {"m16": (3,), "m64": (40,), "mbig": (80,)}
         if quick
-        else {"m16": (1, 16), "m64": (32, 64), "mbig": (512, 4096)}
+        else {"m16": (1, 16), "m64": (32, 64), "mbig": (128, 256)}
     )
     for bits in (4, 8):
         qw = None  # built for the first wanted bucket of this bit width, shared by the others
@@ -122,8 +124,10 @@ def _quant_matmul_tasks(device, dtype, quick: bool, wanted) -> Iterator[Task]:
                 codes = qw.codes()
             xs = [torch.randn(m, k, device=device, dtype=dtype) for m in ms[bucket]]
 
-            def launch(x, w, cfg, bits=bits):
-                return quant_matmul_triton(x, w.qdata, w.scales, None, bits, group, config=cfg)
+            def launch(x, w, cfg, bits=bits):  # the fused kernel: the configs being tuned are its own
+                return quant_matmul_triton(
+                    x, w.qdata, w.scales, None, bits, group, config=cfg, strategy="fused"
+                )
 
             yield Task(
                 f"quant_matmul.int{bits}.{bucket}",
