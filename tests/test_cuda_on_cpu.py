@@ -203,6 +203,9 @@ def test_on_cpu_harness_detects_a_wrong_result(lib, tmp_path):
 # (bits, dtype, group_size, symmetric, M, N, K, split_k): N not a multiple of 16 (clamped rows) and N < 16; K not
 # a multiple of the 128-code int4 step (a guarded last step); split-K with a short last slice; group sizes that
 # are and are not powers of two, and per channel; M = 1..8 (one n8 tile of activation rows) and 9..16 (two).
+# The last rows run more steps than the kernel's ring of prefetched steps (kStepsAhead + 1 = 4) per slice, with
+# a partial last step, and N = 100 leaves a dead warp (rows 112..127) in a block whose slices are summed by the
+# kernel (split-K barriers with warps that have no rows).
 GEMV_CASES = [
     (4, torch.float16, 32, True, 1, 20, 160, 1),
     (4, torch.float16, 64, False, 5, 17, 192, 2),
@@ -213,6 +216,9 @@ GEMV_CASES = [
     (8, torch.float16, -1, True, 9, 16, 64, 1),
     (8, torch.bfloat16, 64, True, 4, 21, 128, 3),
     (8, torch.bfloat16, 32, False, 16, 16, 160, 2),
+    (4, torch.float16, 96, True, 1, 40, 1056, 1),
+    (4, torch.bfloat16, 160, False, 9, 100, 1440, 3),
+    (8, torch.float16, 64, True, 3, 100, 1088, 2),
 ]
 
 
@@ -239,3 +245,16 @@ def test_cuda_gemv_kernel_on_cpu_matches_reference(
     same_rounding = (x.float() @ qw.dequantize().to(dtype).float().t()).to(dtype)
     assert_qmm_same_rounding(out, same_rounding, "cuda gemv on the CPU vs the same-rounding model")
     assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), "cuda gemv on the CPU vs reference")
+
+
+@pytest.mark.parametrize(
+    "group_size", [32, 64, 96, 128, 160, 224, 256, 4096, 4128, 14336, 1 << 20, (1 << 31) - 1]
+)
+def test_cuda_gemv_group_index_division_is_exact(lib, tmp_path, group_size):
+    """The GEMV kernel's k // group_size by multiply-high (no division instruction, no branch on powers of two)
+    against Python's //, at k near every multiple of the group size up to 2^20, and near 2^31."""
+    multiples = torch.arange(0, (1 << 20) // group_size + 2, dtype=torch.int64) * group_size
+    k = torch.cat([multiples - 1, multiples, multiples + 1, torch.arange((1 << 31) - 4096, 1 << 31)])
+    k = k[(k >= 0) & (k < (1 << 31))]
+    got = run_in_child(lib, tmp_path, "group_of_on_cpu", k=k, group_size=group_size)
+    assert torch.equal(got.long(), k // group_size)

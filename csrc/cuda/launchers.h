@@ -14,13 +14,15 @@ struct QuantGemvParams {
   const uint8_t* qdata;   // (N, K * bits / 8) packed codes (QuantizedWeight layout), 16-byte aligned rows
   const void* scales;     // (N, G) in dtype
   const uint8_t* zeros;   // (N, G) or nullptr => 2^(bits-1)
-  void* out;              // split_k == 1: (M, N) dtype; else fp32 workspace (split_k, M, N)
+  void* out;              // (M, N) dtype
+  float* partials;        // split_k > 1: fp32 workspace (split_k, M, N), else unused
+  int* tile_counters;     // split_k > 1: (ceil(N / 64),) int32 workspace, zeroed by quant_gemv, else unused
   int M, N, K, G, group_size, bits, split_k;
   DType dtype;
 };
 
-// Requirements (checked by the caller): 1 <= M <= 16, K % 32 == 0, group_size % 32 == 0, split_k divides
-// the K range into chunks that are multiples of 32.
+// Requirements (checked by the caller): 1 <= M <= 16, K % 32 == 0, group_size % 32 == 0, K < 2^31, split_k >= 1.
+// One kernel launch (after a memset of tile_counters when split_k > 1): the split-K sum happens in the kernel.
 cudaError_t quant_gemv(const QuantGemvParams& p, cudaStream_t stream);
 
 struct DecodeParams {

@@ -42,20 +42,35 @@ at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qdata, const
   const at::Tensor& qc = qdata;
   const at::Tensor sc = scales.to(x.scalar_type()).contiguous();
   const std::optional<at::Tensor> zc = zeros ? std::optional<at::Tensor>(zeros->contiguous()) : std::nullopt;
-  // A block covers 64 output channels (4 warps x 16). Split K until there are ~4 blocks per SM (16 warps:
-  // enough 16-byte loads in flight to cover DRAM latency), keeping >= 512 codes of K per slice.
+  // A block covers 64 output channels (4 warps x 16). Split K until there are ~4 blocks per SM (16 warps, each
+  // with kStepsAhead steps of loads in flight), keeping >= 512 codes of K per slice. The kernel sums the slices
+  // itself (the last block of each tile), so a split costs a memset of the tile counters, not two more kernels.
   const int64_t blocks = (N + 63) / 64;
   const int64_t split_k =
       std::max<int64_t>(1, std::min<int64_t>((4 * num_sms() + blocks - 1) / blocks, K / 512));
-  at::Tensor out = split_k == 1 ? at::empty({M, N}, x.options())
-                                : at::empty({split_k, M, N}, x.options().dtype(at::kFloat));
-  flashquant::cuda::QuantGemvParams p{xc.data_ptr(), qc.data_ptr<uint8_t>(), sc.data_ptr(),
-                                      zc ? zc->data_ptr<uint8_t>() : nullptr, out.data_ptr(),
-                                      static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                                      static_cast<int>(K / group_size), static_cast<int>(group_size),
-                                      static_cast<int>(bits), static_cast<int>(split_k), dtype_of(x, "x")};
+  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor partials, tile_counters;
+  if (split_k > 1) {
+    partials = at::empty({split_k, M, N}, x.options().dtype(at::kFloat));
+    tile_counters = at::empty({blocks}, x.options().dtype(at::kInt));
+  }
+  flashquant::cuda::QuantGemvParams p{xc.data_ptr(),
+                                      qc.data_ptr<uint8_t>(),
+                                      sc.data_ptr(),
+                                      zc ? zc->data_ptr<uint8_t>() : nullptr,
+                                      out.data_ptr(),
+                                      split_k > 1 ? partials.data_ptr<float>() : nullptr,
+                                      split_k > 1 ? tile_counters.data_ptr<int>() : nullptr,
+                                      static_cast<int>(M),
+                                      static_cast<int>(N),
+                                      static_cast<int>(K),
+                                      static_cast<int>(K / group_size),
+                                      static_cast<int>(group_size),
+                                      static_cast<int>(bits),
+                                      static_cast<int>(split_k),
+                                      dtype_of(x, "x")};
   check(flashquant::cuda::quant_gemv(p, at::cuda::getCurrentCUDAStream()), "quant_gemv");
-  return split_k == 1 ? out : out.sum(0).to(x.scalar_type());  // deterministic split-K reduction
+  return out;
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

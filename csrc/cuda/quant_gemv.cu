@@ -12,10 +12,13 @@ struct Launch {
   template <typename T, int BITS, int M_TILES, bool ASYM>
   cudaError_t operator()() const {
     const gemv::LaunchConfig c = gemv::launch_config<BITS>(p);
-    gemv::quant_gemv_kernel<T, BITS, M_TILES, ASYM>
-        <<<dim3(c.blocks_n, p.split_k), gemv::kWarpsPerBlock * 32, 0, stream>>>(
-            static_cast<const T*>(p.x), p.qdata, static_cast<const T*>(p.scales), p.zeros, p.out, p.M, p.N, p.K,
-            p.G, p.group_size, c.group_shift, c.k_per_split);
+    if (p.split_k > 1) {  // the kernel counts the slices of each 64-channel tile that have finished
+      const cudaError_t err = cudaMemsetAsync(p.tile_counters, 0, c.blocks_n * sizeof(int), stream);
+      if (err != cudaSuccess) return err;
+    }
+    gemv::quant_gemv_kernel<T, BITS, M_TILES, ASYM><<<dim3(c.blocks_n, p.split_k), gemv::kWarpsPerBlock * 32, 0, stream>>>(
+        static_cast<const T*>(p.x), p.qdata, static_cast<const T*>(p.scales), p.zeros, static_cast<T*>(p.out),
+        p.partials, p.tile_counters, p.M, p.N, p.K, p.G, c.group_div, c.k_per_split);
     return cudaGetLastError();
   }
 };

@@ -22,8 +22,9 @@
 // (code - zero) is then multiplied by the group scale in the activation dtype: one rounding per weight, the
 // rounding dequantize() + F.linear makes too. A lane's 16-byte chunk never straddles a group (group_size is a
 // multiple of 32 and chunks start at multiples of 16 or 32 codes), so a lane needs one scale per row per step.
-// With split_k > 1, grid.y slices of K write fp32 partials (split_k, M, N) that the caller sums (no atomics);
-// every slice writes its partial, even an empty one.
+// With split_k > 1, grid.y slices of K write fp32 partials (split_k, M, N), and the last block of each column
+// of slices to finish sums them in slice order into the output (deterministic; no second kernel).
+// Weight loads run kStepsAhead steps ahead of the math, in a ring of registers (see the main loop).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,7 +40,12 @@ namespace flashquant::cuda::gemv {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kRowsPerWarp = 16;  // output channels per warp: the MMA's M dimension
+constexpr int kRowsPerBlock = kWarpsPerBlock * kRowsPerWarp;
 constexpr int kMaxM = 16;
+// Steps whose weight loads are in flight while a warp computes one (1 KB of weights each per warp): with ~16
+// warps per SM (the split-K target of ops_cuda.cpp), ~48 KB in flight per SM, about what ~3 TB/s needs at
+// ~1-2 us of loaded DRAM latency (Little's law, METHOD.md).
+constexpr int kStepsAhead = 3;
 
 template <typename T>
 struct Types;
@@ -105,19 +111,54 @@ __device__ __forceinline__ void dequant_chunk(const uint4& packed, int zero, T s
   }
 }
 
+// Exact k / d for 0 <= k < 2^31 and 2 <= d < 2^31 with one multiply-high instead of a division (Granlund and
+// Montgomery 1994, theorem 4.2 with N = 31): l = ceil(log2 d), magic = floor(2^(31 + l) / d) + 1 < 2^32, and
+// k / d = umulhi(k, magic) >> (l - 1). So group sizes that are not powers of two cost no branch or division.
+struct GroupDivisor {
+  uint32_t magic;
+  int shift;
+};
+__host__ __device__ inline GroupDivisor group_divisor(int d) {
+  int l = 0;
+  while ((int64_t{1} << l) < d) ++l;
+  return {static_cast<uint32_t>((uint64_t{1} << (31 + l)) / static_cast<uint64_t>(d) + 1), l - 1};
+}
+__host__ __device__ inline int group_of(int k, GroupDivisor div) {
+  return static_cast<int>((static_cast<uint64_t>(static_cast<uint32_t>(k)) * div.magic >> 32) >> div.shift);
+}
+
+// A warp step's loads from DRAM: the lane's 16-byte chunks of rows g and g + 8, and each row's scale (its bits
+// in the low half) and zero point (the high half) in one register: 4 stages of 2 rows are in flight.
+struct Stage {
+  uint4 packed[2];
+  uint32_t scale_zero[2];
+};
+template <typename T>
+__device__ __forceinline__ T from_bits16(uint32_t v) {
+  const uint16_t b = static_cast<uint16_t>(v);
+  T out;
+  __builtin_memcpy(static_cast<void*>(&out), &b, sizeof(out));
+  return out;
+}
+
 template <typename T, int BITS, int M_TILES, bool ASYM>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     quant_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qdata, const T* __restrict__ scales,
-                      const uint8_t* __restrict__ zeros, void* __restrict__ out, int m_rows, int N, int K,
-                      int G, int group_size, int group_shift, int k_per_split) {
+                      const uint8_t* __restrict__ zeros, T* __restrict__ out, float* __restrict__ partials,
+                      int* __restrict__ tile_counters, int m_rows, int N, int K, int G, GroupDivisor group_div,
+                      int k_per_split) {
   constexpr int kCodes = BITS == 4 ? 32 : 16;  // codes per lane per row: one 16-byte load
   constexpr int kPairs = kCodes / 2;
   constexpr int kStep = 4 * kCodes;  // k per warp step: the 4 lanes of a row group cover it
+  constexpr int kRing = kStepsAhead + 1;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int n0 = (blockIdx.x * kWarpsPerBlock + threadIdx.x / 32) * kRowsPerWarp;
-  if (n0 >= N) return;  // warp-uniform, so every lane of a live warp reaches each mma.sync
+  // Warps past N compute nothing but stay for the split-K barriers below; live is warp-uniform, so every lane of
+  // a live warp reaches each mma.sync.
+  const bool live = n0 < N;
   const int k_begin = blockIdx.y * k_per_split;
   const int k_end = min(K, k_begin + k_per_split);
+  const int steps = live && k_end > k_begin ? (k_end - k_begin + kStep - 1) / kStep : 0;
   // Rows past N are clamped (their results are never stored); so are B columns past M (activation rows).
   const int64_t rows[2] = {min(n0 + g, N - 1), min(n0 + g + 8, N - 1)};
   const uint8_t* wrow[2];
@@ -134,25 +175,30 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   for (int mt = 0; mt < M_TILES; ++mt) xrow[mt] = x + static_cast<int64_t>(min(mt * 8 + g, m_rows - 1)) * K + t * kCodes;
   float acc[M_TILES][4] = {};
 
-  // One warp step at k0. GUARD: the step may run past k_end (only the last step of a slice can), so a lane
-  // whose chunk lies past it loads nothing and contributes exact zeros: scale 0 makes its weights 0, and x is 0.
-  auto step = [&](int k0, auto guard) {
-    constexpr bool GUARD = decltype(guard)::value;
-    const int k = k0 + t * kCodes;  // k_begin, k_end and k are multiples of kCodes: chunks are whole
-    const bool active = !GUARD || k < k_end;
-    const int group = group_shift >= 0 ? k >> group_shift : k / group_size;
+  // Step j's weights, scales and zero points. A lane whose chunk lies at or past k_end (the last step of a slice
+  // can end mid-step; steps past the last one are prefetched for nothing) loads nothing and gets scale 0, so its
+  // weights are exact zeros. k_begin, k_end and k are multiples of kCodes: chunks are whole.
+  auto load = [&](Stage& s, int j) {
+    const int k0 = k_begin + j * kStep, k = k0 + t * kCodes;  // wrow[r] already points at the lane's chunk
+    const bool active = k < k_end;
+    const int group = group_of(k, group_div);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      s.packed[r] = active ? load_streaming(wrow[r] + static_cast<int64_t>(k0) * BITS / 8) : make_uint4(0, 0, 0, 0);
+      const uint32_t scale_bits = active ? reinterpret_cast<const uint16_t*>(srow[r])[group] : 0u;  // 0: +0.0
+      const uint32_t zero = ASYM ? (active ? zrow[r][group] : 0u) : 1u << (BITS - 1);
+      s.scale_zero[r] = scale_bits | zero << 16;
+    }
+  };
+  // Step j on tensor cores, from its loaded stage. x is 0 past k_end too (0 * an inf in x past the slice would
+  // be NaN); it is re-read by every warp of the block, so it comes from L1, not DRAM.
+  auto compute = [&](const Stage& s, int j) {
+    const int k0 = k_begin + j * kStep;
+    const bool active = k0 + t * kCodes < k_end;
     uint32_t a[2][kPairs];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      uint4 packed = make_uint4(0, 0, 0, 0);
-      T scale = Types<T>::from_float(0.f);
-      int zero = 1 << (BITS - 1);
-      if (active) {
-        packed = load_streaming(wrow[r] + static_cast<int64_t>(k0) * BITS / 8);
-        scale = srow[r][group];
-        if constexpr (ASYM) zero = zrow[r][group];
-      }
-      dequant_chunk<T, BITS>(packed, zero, scale, a[r]);
+      dequant_chunk<T, BITS>(s.packed[r], static_cast<int>(s.scale_zero[r] >> 16), from_bits16<T>(s.scale_zero[r]), a[r]);
     }
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt) {
@@ -185,50 +231,83 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       }
     }
   };
-  int k0 = k_begin;
-#pragma unroll 2
-  for (; k0 + kStep <= k_end; k0 += kStep) step(k0, std::false_type{});
-  if (k0 < k_end) step(k0, std::true_type{});
 
-  // C fragment: acc[mt] = {C[g][2t], C[g][2t + 1], C[g + 8][2t], C[g + 8][2t + 1]}, C[n][m] = out[m][n0 + n].
+  // Software pipeline in registers: while a warp dequantizes and multiplies step j, the loads of steps
+  // j + 1 .. j + kStepsAhead are in flight (a ring of kRing stages, indexed by compile-time constants so that it
+  // stays in registers). One step's loads alone (1 KB per warp) left DRAM latency exposed on every step.
+  Stage ring[kRing];
 #pragma unroll
-  for (int mt = 0; mt < M_TILES; ++mt) {
+  for (int s = 0; s < kStepsAhead; ++s) load(ring[s], s);
+  for (int j0 = 0; j0 < steps; j0 += kRing) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int n = n0 + g + (i / 2) * 8, m = mt * 8 + 2 * t + i % 2;
-      if (n >= N || m >= m_rows) continue;
-      if (gridDim.y == 1) {
-        static_cast<T*>(out)[static_cast<int64_t>(m) * N + n] = Types<T>::from_float(acc[mt][i]);
-      } else {
-        static_cast<float*>(out)[(static_cast<int64_t>(blockIdx.y) * m_rows + m) * N + n] = acc[mt][i];
+    for (int s = 0; s < kRing; ++s) {
+      if (j0 + s < steps) {
+        load(ring[(s + kStepsAhead) % kRing], j0 + s + kStepsAhead);
+        compute(ring[s], j0 + s);
       }
     }
+  }
+
+  // C fragment: acc[mt] = {C[g][2t], C[g][2t + 1], C[g + 8][2t], C[g + 8][2t + 1]}, C[n][m] = out[m][n0 + n].
+  // Split K: every slice writes its fp32 partial (even an empty one); the block that finishes a column of
+  // slices last (tile_counters, zeroed before the launch) sums them in slice order, so the result does not
+  // depend on which block that is, and writes the output: no second kernel, no atomics on the data.
+  const bool split = gridDim.y > 1;
+  if (live) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = n0 + g + (i / 2) * 8, m = mt * 8 + 2 * t + i % 2;
+        if (n >= N || m >= m_rows) continue;
+        if (split) {
+          partials[(static_cast<int64_t>(blockIdx.y) * m_rows + m) * N + n] = acc[mt][i];
+        } else {
+          out[static_cast<int64_t>(m) * N + n] = Types<T>::from_float(acc[mt][i]);
+        }
+      }
+    }
+  }
+  if (!split) return;
+  __threadfence();  // this block's partials are visible device-wide before its arrival is counted
+  __syncthreads();
+  const bool last = __syncthreads_or(threadIdx.x == 0 &&
+                                     atomicAdd(tile_counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1);
+  if (!last) return;
+  const int n_base = blockIdx.x * kRowsPerBlock;
+  for (int i = threadIdx.x; i < kRowsPerBlock * m_rows; i += kWarpsPerBlock * 32) {
+    const int n = n_base + i % kRowsPerBlock, m = i / kRowsPerBlock;
+    if (n >= N) continue;
+    float sum = 0.f;
+    for (int slice = 0; slice < static_cast<int>(gridDim.y); ++slice) {
+      sum += __ldcg(partials + (static_cast<int64_t>(slice) * m_rows + m) * N + n);  // L2: other SMs wrote them
+    }
+    out[static_cast<int64_t>(m) * N + n] = Types<T>::from_float(sum);
   }
 }
 
 // Grid, K slicing and group indexing of one launch: shared by quant_gemv.cu and the CPU test harness.
 struct LaunchConfig {
   unsigned blocks_n;
-  int k_per_split, group_shift;
+  int k_per_split;
+  GroupDivisor group_div;
 };
 template <int BITS>
 __host__ __device__ inline LaunchConfig launch_config(const QuantGemvParams& p) {
   constexpr int kStep = BITS == 4 ? 128 : 64;  // k per warp step
-  const int rows_per_block = kWarpsPerBlock * kRowsPerWarp;
   LaunchConfig c{};
-  c.blocks_n = static_cast<unsigned>((p.N + rows_per_block - 1) / rows_per_block);
+  c.blocks_n = static_cast<unsigned>((p.N + kRowsPerBlock - 1) / kRowsPerBlock);
   // Whole steps per slice, so that only the last slice of K can end mid-step.
   c.k_per_split = ((p.K + p.split_k - 1) / p.split_k + kStep - 1) / kStep * kStep;
-  int shift = 0;
-  while ((1 << shift) < p.group_size) ++shift;
-  c.group_shift = (1 << shift) == p.group_size ? shift : -1;  // -1: not a power of two, divide
+  c.group_div = group_divisor(p.group_size);
   return c;
 }
 
 // Whether the kernel takes these parameters (quant_gemv returns cudaErrorInvalidValue otherwise).
 inline bool supported(const QuantGemvParams& p) {
   return p.M >= 1 && p.M <= kMaxM && p.K % 32 == 0 && p.group_size % 32 == 0 && (p.bits == 4 || p.bits == 8) &&
-         p.split_k >= 1 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.qdata) % 16 == 0;
+         p.split_k >= 1 && (p.split_k == 1 || (p.partials && p.tile_counters)) &&
+         reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.qdata) % 16 == 0;
 }
 
 // launch.template operator()<T, BITS, M_TILES, ASYM>() for p (supported()): the one place that maps runtime

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cfloat>
 #include <cmath>
@@ -97,6 +98,27 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
 }  // namespace cuda_on_cpu
 
 inline void __syncthreads() { cuda_on_cpu::block_barrier->arrive_and_wait(); }
+
+namespace cuda_on_cpu {
+inline std::atomic<int> sync_or_flag{0};
+}
+// Non-zero if pred is non-zero on any thread of the block; a barrier like __syncthreads. The flag is cleared
+// between two more barriers, so that no thread can set it for the next call before every thread has read it.
+inline int __syncthreads_or(int pred) {
+  if (pred) cuda_on_cpu::sync_or_flag.store(1);
+  cuda_on_cpu::block_barrier->arrive_and_wait();
+  const int any = cuda_on_cpu::sync_or_flag.load();
+  cuda_on_cpu::block_barrier->arrive_and_wait();
+  if (threadIdx.x == 0) cuda_on_cpu::sync_or_flag.store(0);
+  cuda_on_cpu::block_barrier->arrive_and_wait();
+  return any;
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
 
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
   const uint64_t pool = (static_cast<uint64_t>(y) << 32) | x;

@@ -61,7 +61,10 @@ def gemv_on_cpu(lib: ctypes.CDLL, x, qdata, scales, zeros, bits, group_size, spl
     """quant_matmul_cuda (csrc/cuda/ops_cuda.cpp) for a given split_k, launching on the CPU."""
     M, K = x.shape
     N = qdata.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype) if split_k == 1 else torch.empty(split_k, M, N)
+    out = torch.empty(M, N, dtype=x.dtype)
+    # The split-K workspace, filled with garbage: the kernel must write every partial it sums.
+    partials = torch.full((split_k, M, N), float("nan")) if split_k > 1 else None
+    tile_counters = torch.full((math.ceil(N / 64),), 12345, dtype=torch.int32) if split_k > 1 else None
     scales = scales.to(x.dtype).contiguous()
     rc = lib.fq_gemv_on_cpu(
         ctypes.c_int(x.dtype == torch.bfloat16),
@@ -71,10 +74,20 @@ def gemv_on_cpu(lib: ctypes.CDLL, x, qdata, scales, zeros, bits, group_size, spl
         _ptr(scales),
         _ptr(zeros),
         _ptr(out),
+        _ptr(partials),
+        _ptr(tile_counters),
         *(ctypes.c_int(v) for v in (M, N, K, K // group_size, group_size, split_k)),
     )
     assert rc == 0, f"fq_gemv_on_cpu returned {rc}"
-    return out if split_k == 1 else out.sum(0).to(x.dtype)  # ops_cuda.cpp's deterministic split-K reduction
+    return out
+
+
+def group_of_on_cpu(lib: ctypes.CDLL, k, group_size):
+    """The GEMV kernel's multiply-high k // group_size for an int32 tensor of k."""
+    k = k.to(torch.int32).contiguous()
+    out = torch.empty_like(k)
+    lib.fq_group_of_on_cpu(_ptr(k), ctypes.c_int(k.numel()), ctypes.c_int(group_size), _ptr(out))
+    return out
 
 
 if __name__ == "__main__":
