@@ -26,6 +26,10 @@ OPS: dict[str, tuple[str, ...]] = {
     "attention_varlen": ("reference", "torch", "triton"),
     "attention_with_kvcache": ("reference", "torch", "triton", "cuda"),
     "quant_matmul": ("reference", "torch", "triton", "cuda", "cpu"),
+    # "torch" and "reference" are the same fp32 PyTorch composite for these (reference/layers.py).
+    "rms_norm": ("reference", "torch", "triton"),
+    "rotary_embedding": ("reference", "torch", "triton"),
+    "silu_mul": ("reference", "torch", "triton"),
 }
 
 

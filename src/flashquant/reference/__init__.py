@@ -2,6 +2,7 @@
 and import nothing from the kernels."""
 
 from .attention import attention_kvcache_ref, attention_ref, attention_varlen_ref
+from .layers import rms_norm_ref, rotary_ref, silu_mul_ref
 from .quant import dequantize_ref, quant_matmul_ref, quantize_ref
 
 __all__ = [
@@ -11,4 +12,7 @@ __all__ = [
     "quantize_ref",
     "dequantize_ref",
     "quant_matmul_ref",
+    "rms_norm_ref",
+    "rotary_ref",
+    "silu_mul_ref",
 ]

@@ -1,0 +1,172 @@
+"""rms_norm, rotary_embedding and silu_mul: the Triton kernels (under TRITON_INTERPRET=1 on the CPU, fp16/fp32;
+on a GPU also bf16) against the fp32 references, input validation, dispatch and the custom-op registration.
+Tolerances: tests/tolerances.py (each output is one rounding of an fp32 result, so the dtype's ATOL)."""
+
+import pytest
+import torch
+
+import flashquant as fq
+from flashquant import reference as ref
+from tolerances import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+# ---- rms_norm ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 5, 128), (1, 1000), (4, 4096)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_triton_rms_norm_matches_reference(dtype, shape, with_residual):
+    x = torch.randn(shape, device=DEVICE, dtype=dtype) * 3
+    weight = (1 + 0.1 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    residual = torch.randn(shape, device=DEVICE, dtype=dtype) if with_residual else None
+    got = fq.rms_norm(x, weight, 1e-5, residual, backend="triton")
+    want_out, want_h = ref.rms_norm_ref(x, weight, 1e-5, residual)
+    if with_residual:
+        out, h = got
+        assert torch.equal(h, x + residual), (
+            "the new residual stream is x + residual, rounded as PyTorch's add"
+        )
+        assert_close(out, want_out, dtype, "rms_norm(x + residual)")
+    else:
+        assert isinstance(got, torch.Tensor)
+        assert_close(got, want_out, dtype, "rms_norm")
+
+
+def test_triton_rms_norm_reads_strided_rows():
+    """A (rows, H) view with a row stride larger than H (e.g. a slice of a wider activation) is read in place."""
+    base = torch.randn(6, 96, device=DEVICE, dtype=torch.float16)
+    x = base[:, 16:80]
+    weight = torch.randn(64, device=DEVICE, dtype=torch.float16)
+    assert_close(
+        fq.rms_norm(x, weight, backend="triton"), ref.rms_norm_ref(x, weight, 1e-5)[0], torch.float16
+    )
+
+
+def test_rms_norm_torch_backend_is_the_reference_and_auto_on_cpu_takes_it():
+    x, w = torch.randn(3, 32), torch.randn(32)
+    want = ref.rms_norm_ref(x, w, 1e-6)[0]
+    assert torch.equal(fq.rms_norm(x, w, 1e-6, backend="torch"), want)
+    if DEVICE == "cpu":
+        assert torch.equal(fq.rms_norm(x, w, 1e-6), want)
+
+
+def test_rms_norm_errors_name_the_argument():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fq.rms_norm(x, torch.ones(7))
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        fq.rms_norm(x, torch.ones(8), residual=x.half())
+    with pytest.raises(ValueError, match="residual must have shape"):
+        fq.rms_norm(x, torch.ones(8), residual=torch.randn(3, 8))
+    with pytest.raises(ValueError, match="eps must be"):
+        fq.rms_norm(x, torch.ones(8), eps=-1.0)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fq.rms_norm(torch.ones(2, 8, dtype=torch.int32), torch.ones(8))
+    with pytest.raises(ValueError, match="does not implement"):
+        fq.rms_norm(x, torch.ones(8), backend="cuda")
+
+
+# ---- rotary_embedding -------------------------------------------------------------------------------------
+# (B, S, Hq, Hk, D): Llama-3 heads at decode (S = 1); MQA; Hq = Hk; D = 10 (D/2 = 5, not a power of two);
+# 32/8 heads over two q head tiles of 16.
+ROTARY_SHAPES = [(1, 1, 8, 2, 128), (2, 5, 6, 1, 64), (1, 3, 4, 4, 10), (2, 3, 32, 8, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,S,hq,hk,D", ROTARY_SHAPES)
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
+def test_triton_rotary_matches_reference(dtype, B, S, hq, hk, D, pos_dtype):
+    q = torch.randn(B, S, hq, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, S, hk, D, device=DEVICE, dtype=dtype)
+    positions = torch.randint(0, 100_000, (B, S), device=DEVICE, dtype=pos_dtype)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D))
+    q_rot, k_rot = fq.rotary_embedding(q, k, positions, inv_freq, backend="triton")
+    assert_close(q_rot, ref.rotary_ref(q, positions, inv_freq), dtype, "rotary q")
+    assert_close(k_rot, ref.rotary_ref(k, positions, inv_freq), dtype, "rotary k")
+
+
+def test_triton_rotary_reads_q_and_k_as_views_of_a_packed_projection():
+    """q and k sliced out of one (B, S, Hq + 2 Hk, D) qkv tensor: strided heads, read in place."""
+    B, S, hq, hk, D = 2, 3, 4, 2, 32
+    qkv = torch.randn(B, S, hq + 2 * hk, D, device=DEVICE, dtype=torch.float16)
+    q, k = qkv[:, :, :hq], qkv[:, :, hq : hq + hk]
+    positions = torch.arange(S, device=DEVICE).expand(B, S)  # stride 0 over the batch
+    inv_freq = torch.rand(D // 2, device=DEVICE)
+    q_rot, k_rot = fq.rotary_embedding(q, k, positions, inv_freq, backend="triton")
+    assert_close(q_rot, ref.rotary_ref(q, positions, inv_freq), torch.float16, "rotary q view")
+    assert_close(k_rot, ref.rotary_ref(k, positions, inv_freq), torch.float16, "rotary k view")
+
+
+def test_rotary_at_position_zero_is_the_identity():
+    q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 8)
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    for backend in ("torch", "triton"):
+        q_rot, k_rot = fq.rotary_embedding(q, k, pos, torch.rand(4), backend=backend)
+        assert torch.equal(q_rot, q) and torch.equal(k_rot, k)
+
+
+def test_rotary_errors_name_the_argument():
+    q, k, pos, f = (
+        torch.randn(1, 2, 4, 8),
+        torch.randn(1, 2, 2, 8),
+        torch.zeros(1, 2, dtype=torch.long),
+        torch.rand(4),
+    )
+    with pytest.raises(ValueError, match="must be even"):
+        fq.rotary_embedding(torch.randn(1, 2, 4, 7), torch.randn(1, 2, 2, 7), pos, torch.rand(3))
+    with pytest.raises(ValueError, match="k must have shape"):
+        fq.rotary_embedding(q, torch.randn(1, 3, 2, 8), pos, f)
+    with pytest.raises(TypeError, match="positions must have dtype"):
+        fq.rotary_embedding(q, k, pos.float(), f)
+    with pytest.raises(ValueError, match="inv_freq must have shape"):
+        fq.rotary_embedding(q, k, pos, torch.rand(8))
+    with pytest.raises(TypeError, match="k must have dtype"):
+        fq.rotary_embedding(q, k.half(), pos, f)
+    if DEVICE == "cpu":
+        with pytest.raises(TypeError, match="bf16 is not supported by the Triton interpreter"):
+            fq.rotary_embedding(q.bfloat16(), k.bfloat16(), pos, f, backend="triton")
+
+
+# ---- silu_mul ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 1000), (2, 3, 1029), (1, 14336)])
+def test_triton_silu_mul_matches_reference(dtype, shape):
+    gate = torch.randn(shape, device=DEVICE, dtype=dtype) * 4
+    up = torch.randn(shape, device=DEVICE, dtype=dtype)
+    assert_close(fq.silu_mul(gate, up, backend="triton"), ref.silu_mul_ref(gate, up), dtype, "silu_mul")
+
+
+def test_silu_mul_errors_name_the_argument():
+    with pytest.raises(ValueError, match="up must have shape"):
+        fq.silu_mul(torch.randn(2, 3), torch.randn(3, 2))
+    with pytest.raises(TypeError, match="up must have dtype"):
+        fq.silu_mul(torch.randn(2, 3), torch.randn(2, 3).half())
+
+
+# ---- custom ops -------------------------------------------------------------------------------------------
+def test_layer_ops_are_custom_ops_that_pass_opcheck():
+    x, w, r = torch.randn(3, 16), torch.randn(16), torch.randn(3, 16)
+    torch.library.opcheck(torch.ops.flashquant.rms_norm.default, (x, w, r, 1e-5, "torch"))
+    torch.library.opcheck(torch.ops.flashquant.rms_norm.default, (x, w, None, 1e-5, "torch"))
+    q, k, pos = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.arange(2)[None]
+    torch.library.opcheck(torch.ops.flashquant.rotary_embedding.default, (q, k, pos, torch.rand(4), "torch"))
+    torch.library.opcheck(torch.ops.flashquant.silu_mul.default, (x, r, "torch"))
+
+
+def test_layer_ops_trace_under_torch_compile_fullgraph():
+    def f(x, w, r, q, k, pos, freq):
+        n, h = fq.rms_norm(x, w, residual=r)
+        q2, k2 = fq.rotary_embedding(q, k, pos, freq)
+        return fq.silu_mul(n, h).sum() + q2.sum() + k2.sum()
+
+    args = (
+        torch.randn(3, 16),
+        torch.randn(16),
+        torch.randn(3, 16),
+        torch.randn(1, 2, 4, 8),
+        torch.randn(1, 2, 2, 8),
+    )
+    args += (torch.arange(2)[None], torch.rand(4))
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(*args), f(*args))
