@@ -1,13 +1,14 @@
 """rms_norm, rotary_embedding and silu_mul: the Triton kernels (under TRITON_INTERPRET=1 on the CPU, fp16/fp32;
 on a GPU also bf16) against the fp32 references, input validation, dispatch and the custom-op registration.
-Tolerances: tests/tolerances.py (each output is one rounding of an fp32 result, so the dtype's ATOL)."""
+Tolerances: tests/tolerances.py (kernels: one rounding of the fp32 result; the "torch" backend: Hugging Face's
+forms, rounded up to three times in the dtype)."""
 
 import pytest
 import torch
 
 import flashquant as fq
 from flashquant import reference as ref
-from tolerances import assert_close
+from tolerances import assert_one_rounding, assert_torch_layer_op_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -28,10 +29,10 @@ def test_triton_rms_norm_matches_reference(dtype, shape, with_residual):
         assert torch.equal(h, x + residual), (
             "the new residual stream is x + residual, rounded as PyTorch's add"
         )
-        assert_close(out, want_out, dtype, "rms_norm(x + residual)")
+        assert_one_rounding(out, want_out, "rms_norm(x + residual)")
     else:
         assert isinstance(got, torch.Tensor)
-        assert_close(got, want_out, dtype, "rms_norm")
+        assert_one_rounding(got, want_out, "rms_norm")
 
 
 def test_triton_rms_norm_reads_strided_rows():
@@ -39,17 +40,31 @@ def test_triton_rms_norm_reads_strided_rows():
     base = torch.randn(6, 96, device=DEVICE, dtype=torch.float16)
     x = base[:, 16:80]
     weight = torch.randn(64, device=DEVICE, dtype=torch.float16)
-    assert_close(
-        fq.rms_norm(x, weight, backend="triton"), ref.rms_norm_ref(x, weight, 1e-5)[0], torch.float16
+    assert_one_rounding(
+        fq.rms_norm(x, weight, backend="triton"), ref.rms_norm_ref(x, weight, 1e-5)[0], "strided"
     )
 
 
-def test_rms_norm_torch_backend_is_the_reference_and_auto_on_cpu_takes_it():
-    x, w = torch.randn(3, 32), torch.randn(32)
-    want = ref.rms_norm_ref(x, w, 1e-6)[0]
-    assert torch.equal(fq.rms_norm(x, w, 1e-6, backend="torch"), want)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_backend_layer_ops_are_close_to_the_references_and_auto_on_cpu_takes_them(dtype):
+    x, r = torch.randn(3, 32, device=DEVICE, dtype=dtype), torch.randn(3, 32, device=DEVICE, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(32, device=DEVICE)).to(dtype)
+    out, h = fq.rms_norm(x, w, 1e-6, r, backend="torch")
+    want, want_h = ref.rms_norm_ref(x, w, 1e-6, r)
+    assert torch.equal(h, want_h)
+    assert_torch_layer_op_close(out, want, float(want.abs().max()), "rms_norm torch")
+    q, k = (
+        torch.randn(2, 3, 4, 16, device=DEVICE, dtype=dtype),
+        torch.randn(2, 3, 2, 16, device=DEVICE, dtype=dtype),
+    )
+    pos, freq = torch.randint(0, 5000, (2, 3), device=DEVICE), torch.rand(8, device=DEVICE)
+    q_rot, k_rot = fq.rotary_embedding(q, k, pos, freq, backend="torch")
+    assert_torch_layer_op_close(q_rot, ref.rotary_ref(q, pos, freq), float(q.abs().max()), "rotary torch q")
+    assert_torch_layer_op_close(k_rot, ref.rotary_ref(k, pos, freq), float(k.abs().max()), "rotary torch k")
+    want = ref.silu_mul_ref(x, r)
+    assert_torch_layer_op_close(fq.silu_mul(x, r, backend="torch"), want, float(want.abs().max()), "silu_mul")
     if DEVICE == "cpu":
-        assert torch.equal(fq.rms_norm(x, w, 1e-6), want)
+        assert torch.equal(fq.rms_norm(x, w, 1e-6), fq.rms_norm(x, w, 1e-6, backend="torch"))
 
 
 def test_rms_norm_errors_name_the_argument():
@@ -83,8 +98,8 @@ def test_triton_rotary_matches_reference(dtype, B, S, hq, hk, D, pos_dtype):
     positions = torch.randint(0, 100_000, (B, S), device=DEVICE, dtype=pos_dtype)
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D))
     q_rot, k_rot = fq.rotary_embedding(q, k, positions, inv_freq, backend="triton")
-    assert_close(q_rot, ref.rotary_ref(q, positions, inv_freq), dtype, "rotary q")
-    assert_close(k_rot, ref.rotary_ref(k, positions, inv_freq), dtype, "rotary k")
+    assert_one_rounding(q_rot, ref.rotary_ref(q, positions, inv_freq), "rotary q")
+    assert_one_rounding(k_rot, ref.rotary_ref(k, positions, inv_freq), "rotary k")
 
 
 def test_triton_rotary_reads_q_and_k_as_views_of_a_packed_projection():
@@ -95,8 +110,8 @@ def test_triton_rotary_reads_q_and_k_as_views_of_a_packed_projection():
     positions = torch.arange(S, device=DEVICE).expand(B, S)  # stride 0 over the batch
     inv_freq = torch.rand(D // 2, device=DEVICE)
     q_rot, k_rot = fq.rotary_embedding(q, k, positions, inv_freq, backend="triton")
-    assert_close(q_rot, ref.rotary_ref(q, positions, inv_freq), torch.float16, "rotary q view")
-    assert_close(k_rot, ref.rotary_ref(k, positions, inv_freq), torch.float16, "rotary k view")
+    assert_one_rounding(q_rot, ref.rotary_ref(q, positions, inv_freq), "rotary q view")
+    assert_one_rounding(k_rot, ref.rotary_ref(k, positions, inv_freq), "rotary k view")
 
 
 def test_rotary_at_position_zero_is_the_identity():
@@ -135,7 +150,7 @@ def test_rotary_errors_name_the_argument():
 def test_triton_silu_mul_matches_reference(dtype, shape):
     gate = torch.randn(shape, device=DEVICE, dtype=dtype) * 4
     up = torch.randn(shape, device=DEVICE, dtype=dtype)
-    assert_close(fq.silu_mul(gate, up, backend="triton"), ref.silu_mul_ref(gate, up), dtype, "silu_mul")
+    assert_one_rounding(fq.silu_mul(gate, up, backend="triton"), ref.silu_mul_ref(gate, up), "silu_mul")
 
 
 def test_silu_mul_errors_name_the_argument():

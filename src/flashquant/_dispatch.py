@@ -26,7 +26,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "attention_varlen": ("reference", "torch", "triton"),
     "attention_with_kvcache": ("reference", "torch", "triton", "cuda"),
     "quant_matmul": ("reference", "torch", "triton", "cuda", "cpu"),
-    # "torch" and "reference" are the same fp32 PyTorch composite for these (reference/layers.py).
+    # "reference": fp32, one rounding; "torch": the PyTorch ops a user would write (layer_ops.py).
     "rms_norm": ("reference", "torch", "triton"),
     "rotary_embedding": ("reference", "torch", "triton"),
     "silu_mul": ("reference", "torch", "triton"),

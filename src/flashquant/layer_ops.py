@@ -2,14 +2,17 @@
 residual add before it), :func:`rotary_embedding` (q and k in one launch) and :func:`silu_mul` (SwiGLU).
 
 At decode sizes these ops move a few KB each, so their cost is the number of kernels: written in PyTorch ops,
-one decoder layer's norms, rotary and gating take ~40 launches; fused, 4. Backends: "triton" (CUDA, or the
-interpreter), "torch" / "reference" (the same fp32 PyTorch composite, reference/layers.py). "auto" takes Triton
-for CUDA tensors and PyTorch on the CPU. Every output is computed in fp32 and rounded once to the input dtype.
+one decoder layer's norms, rotary and gating take ~30 launches; fused, 4. Backends: "triton" (CUDA, or the
+interpreter) and "reference" compute in fp32 and round once to the input dtype; "torch" is the PyTorch a user
+would write (Hugging Face Llama's forms: the weight multiply, the rotation and the gating in the input dtype,
+so up to three roundings), the baseline the fused kernels replace. "auto" takes Triton for CUDA tensors and
+PyTorch on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _dispatch
 from . import reference as ref
@@ -83,6 +86,10 @@ def _rms_norm_impl(
         from .kernels.rms_norm import rms_norm_triton
 
         out, h = rms_norm_triton(x, weight, eps, residual)
+    elif backend == "torch":  # Hugging Face's LlamaRMSNorm, after the residual add
+        h = x + residual if residual is not None else None
+        hf = (h if h is not None else x).float()
+        out = weight.to(x.dtype) * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     else:
         out, h = ref.rms_norm_ref(x, weight, eps, residual)
     return out, h if h is not None else out.new_empty(0)
@@ -146,6 +153,18 @@ def _rotary_impl(
         from .kernels.rotary import rotary_triton
 
         return rotary_triton(q, k, positions, inv_freq)
+    if (
+        backend == "torch"
+    ):  # Hugging Face's apply_rotary_pos_emb: cos/sin once for q and k, rotation in the dtype
+        angles = positions[..., None].float() * inv_freq
+        emb = torch.cat([angles, angles], -1)[:, :, None]  # (B, S, 1, D)
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+
+        def rotate(x):
+            x1, x2 = x.chunk(2, -1)
+            return x * cos + torch.cat([-x2, x1], -1) * sin
+
+        return rotate(q), rotate(k)
     return ref.rotary_ref(q, positions, inv_freq), ref.rotary_ref(k, positions, inv_freq)
 
 
@@ -180,6 +199,8 @@ def _silu_mul_impl(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.
         from .kernels.silu_mul import silu_mul_triton
 
         return silu_mul_triton(gate, up)
+    if backend == "torch":
+        return F.silu(gate) * up
     return ref.silu_mul_ref(gate, up)
 
 

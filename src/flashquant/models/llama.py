@@ -11,7 +11,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import flashquant as fq
@@ -81,28 +80,23 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return scaled.float()
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, D), positions (B, S) -> rotated x ("rotate half" convention, computed in fp32)."""
-    angles = positions[..., None].float() * inv_freq  # (B, S, D/2)
-    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, :, None]
-    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, :, None]
-    xf = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], -1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
 class RMSNorm(nn.Module):
+    """RMSNorm through flashquant.rms_norm: one fused kernel on CUDA; `residual` fuses the add before it."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(
-            x.dtype
-        )
+    def forward(self, x, residual=None, backend: str = "auto"):
+        return fq.rms_norm(x, self.weight, self.eps, residual, backend=backend)
+
+
+def layer_ops_backend(attn_backend: str) -> str:
+    """The backend of the norms, rotary and gating: the plain-PyTorch model ("torch"/"reference" attention) keeps
+    them in PyTorch ops, so that it stays the baseline a user would write; "triton" forces the fused Triton
+    kernels (tests run them under the interpreter); otherwise "auto" (fused kernels on CUDA)."""
+    return attn_backend if attn_backend in ("torch", "reference", "triton") else "auto"
 
 
 class KVCache:
@@ -165,7 +159,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, S, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).view(B, S, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, S, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
+        q, k = fq.rotary_embedding(q, k, positions, inv_freq, backend=layer_ops_backend(backend))
         if cache is None:
             out = fq.attention(q, k, v, causal=True, backend=backend)
         elif S > 1 and max(cache.host_seqlens) == 0:
@@ -197,8 +191,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, backend: str = "auto"):
+        return self.down_proj(
+            fq.silu_mul(self.gate_proj(x), self.up_proj(x), backend=layer_ops_backend(backend))
+        )
 
 
 class Block(nn.Module):
@@ -210,8 +206,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, positions, inv_freq, cache, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ops = layer_ops_backend(backend)
+        attn_out = self.self_attn(self.input_layernorm(x, backend=ops), positions, inv_freq, cache, backend)
+        # h = x + attn_out and its norm in one kernel
+        normed, h = self.post_attention_layernorm(attn_out, residual=x, backend=ops)
+        return h + self.mlp(normed, backend)
 
 
 class Llama(nn.Module):
@@ -273,7 +272,7 @@ class Llama(nn.Module):
             x = layer(x, positions, self.inv_freq, cache, self.attn_backend)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm(x, backend=layer_ops_backend(self.attn_backend))).float()
 
     @property
     def weight_bytes(self) -> int:
