@@ -43,11 +43,14 @@ def test_every_default_launch_compiles_and_fits_every_arch(report):
         for r in _rows(report, "_attn_fwd_kernel")
         + _rows(report, "_qmm_kernel")
         + _rows(report, "_dequant_kernel")
+        + _rows(report, "_rms_norm_kernel")
+        + _rows(report, "_rotary_kernel")
+        + _rows(report, "_silu_mul_kernel")
     }
     assert seen == {(c, a, d) for c in cases for a in aot.ARCHS for d in ("bfloat16", "float16")}
     for r in data["results"]:
         assert not r["error"], r
-        assert 0 < r["shared"] <= aot.ARCHS[r["arch"]].smem_per_block, r
+        assert 0 <= r["shared"] <= aot.ARCHS[r["arch"]].smem_per_block, r  # elementwise kernels use none
         assert r["regs"] > 0 and r["programs_per_sm"] >= 1, r
 
 

@@ -107,6 +107,9 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
     from .kernels import attention as tri
     from .kernels.dequantize import dequantize_triton
     from .kernels.quant_matmul import quant_matmul_triton
+    from .kernels.rms_norm import rms_norm_triton
+    from .kernels.rotary import rotary_triton
+    from .kernels.silu_mul import silu_mul_triton
 
     def t(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt, device="meta")
@@ -131,7 +134,7 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
     q, k = t(1, 4096, HQ, 128), t(1, 4096, HKV, 128)
     cases["prefill window=256 softcap lse d128"] = (
         "attention.prefill.d128",
-        lambda cfg: tri.attention_dense(q, k, k, False, 0.088, (256, 0), 30.0, True, cfg),
+        lambda cfg, q=q, k=k: tri.attention_dense(q, k, k, False, 0.088, (256, 0), 30.0, True, cfg),
     )
     qv, kv, cu = t(4096, HQ, 128), t(4096, HKV, 128), i32(5)
     cases["varlen 4x1024 causal d128"] = (
@@ -181,6 +184,17 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
             None,
             lambda cfg, w=w, s=scales, b=bits, g=group: dequantize_triton(w, s, None, b, g, dtype),
         )
+    # The layer ops at one decode step of Llama-3-8B (fixed launch configs: key None).
+    h, f = t(1, 4096), t(4096)
+    cases["rms_norm H=4096"] = (None, lambda cfg: rms_norm_triton(h, f, 1e-5))
+    cases["rms_norm + residual H=4096"] = (None, lambda cfg: rms_norm_triton(h, f, 1e-5, t(1, 4096)))
+    rq, rk, pos = t(1, 1, HQ, 128), t(1, 1, HKV, 128), t(1, 1, dt=torch.int64)
+    cases["rotary q+k 32/8 heads d128"] = (
+        None,
+        lambda cfg: rotary_triton(rq, rk, pos, t(64, dt=torch.float32)),
+    )
+    g = t(1, N_MLP)
+    cases[f"silu_mul {N_MLP}"] = (None, lambda cfg: silu_mul_triton(g, g))
     return cases
 
 
@@ -196,7 +210,7 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(arch: Arch, sink: list, case: str):
-    from .kernels import attention, dequantize, quant_matmul
+    from .kernels import attention, dequantize, quant_matmul, rms_norm, rotary, silu_mul
 
     def sms(device, interpreter_sms):  # size split-K / split-KV grids for the target chip, not the stand-in
         return arch.sms
@@ -206,6 +220,9 @@ def _recording(arch: Arch, sink: list, case: str):
         (attention, "_combine_kernel"),
         (quant_matmul, "_qmm_kernel"),
         (dequantize, "_dequant_kernel"),
+        (rms_norm, "_rms_norm_kernel"),
+        (rotary, "_rotary_kernel"),
+        (silu_mul, "_silu_mul_kernel"),
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
     saved += [(mod, "num_sms", mod.num_sms) for mod in (attention, quant_matmul)]
