@@ -66,11 +66,11 @@ for stage in $stages; do
   tests)  # the test files with GPU variants (fp16/bf16, long sequences, CUDA kernels, graph capture, the
     # model's graphed decode); not -x: one call reports every failure, listed at the end (-rfE). Most of the
     # time is Triton's JIT (~200 specializations), so 8 pytest-xdist workers (the image has it) share the GPU:
-    # all five files took 59 s on the H100. --maxfail 200: one wrong tolerance failed 35 tests there.
+    # the five files of then took 59 s on the H100. --maxfail 200: one wrong tolerance failed 35 tests there.
     workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
     timed tests "$(limit 260)" $PY -m pytest -q $workers --maxfail=200 -rfE tests/test_cuda_kernels.py \
-      tests/test_triton_attention.py tests/test_triton_quant.py tests/test_dispatch.py tests/test_llama.py \
-      tests/test_bench.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
+      tests/test_triton_attention.py tests/test_triton_quant.py tests/test_layer_ops.py tests/test_dispatch.py \
+      tests/test_llama.py tests/test_bench.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
     ;;
   memcheck)  # the CUDA kernels' riskiest paths (tail steps, clamped rows, paging, misaligned views, G = 4/8/1/12)
     if command -v compute-sanitizer >/dev/null; then
