@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import flashquant as fq
+from flashquant import layer_ops
 from flashquant import reference as ref
 from tolerances import assert_one_rounding, assert_torch_layer_op_close
 
@@ -151,6 +152,21 @@ def test_triton_silu_mul_matches_reference(dtype, shape):
     gate = torch.randn(shape, device=DEVICE, dtype=dtype) * 4
     up = torch.randn(shape, device=DEVICE, dtype=dtype)
     assert_one_rounding(fq.silu_mul(gate, up, backend="triton"), ref.silu_mul_ref(gate, up), "silu_mul")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_silu_mul_of_strided_views_equals_silu_mul_of_their_copies(backend):
+    """gate/up as the halves of a fused gate_up projection's output (row stride 2F: the kernel reads them in
+    place), and transposed views whose leading dimensions do not flatten (copied first). Elementwise math, so
+    the results must be bit-identical to those of contiguous copies."""
+    gate_up = torch.randn(2, 3, 2 * 1029, device=DEVICE, dtype=torch.float16) * 3
+    gate, up = gate_up.chunk(2, -1)
+    rows = layer_ops._rows(gate, 1029)
+    assert rows.data_ptr() == gate.data_ptr() and rows.stride() == (2 * 1029, 1)  # a view, not a copy
+    for g, u in [(gate, up), (gate.transpose(0, 1), up.transpose(0, 1))]:
+        out = fq.silu_mul(g, u, backend=backend)
+        assert out.shape == g.shape and out.is_contiguous()
+        assert torch.equal(out, fq.silu_mul(g.contiguous(), u.contiguous(), backend=backend))
 
 
 def test_silu_mul_errors_name_the_argument():

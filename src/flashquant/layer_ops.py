@@ -181,9 +181,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     """SwiGLU's gating ``silu(gate) * up``, in fp32, rounded once.
 
     Args:
-        gate, up: same shape and dtype (fp16/bf16/fp32), e.g. (B, S, intermediate_size).
+        gate, up: same shape and dtype (fp16/bf16/fp32), e.g. (B, S, intermediate_size); they may be strided
+            views such as the two halves of a fused projection's output, ``gate_up.chunk(2, -1)`` (read in
+            place on the Triton path).
     Returns:
-        a new tensor of gate's shape and dtype.
+        a new contiguous tensor of gate's shape and dtype.
     """
     check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
     check_tensor("up", up, dtypes=(gate.dtype,))
@@ -191,7 +193,20 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     device = check_same_device(gate=gate, up=up)
     name = _dispatch.resolve("silu_mul", backend, device, _auto_order(device))
     _check_interpreter_dtype(name, gate)
-    return _dispatch.call("silu_mul", _silu_mul_impl, gate.contiguous(), up.contiguous(), name)
+    n_cols = gate.shape[-1] if gate.dim() else 1
+    out = _dispatch.call("silu_mul", _silu_mul_impl, _rows(gate, n_cols), _rows(up, n_cols), name)
+    return out.view(gate.shape)
+
+
+def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """(..., F) -> (rows, F) with stride 1 along F, as a view where one exists (e.g. a half of
+    ``gate_up.chunk(2, -1)``), else a contiguous copy."""
+    rows = t.numel() // n_cols if n_cols else 0
+    try:
+        t2 = t.view(rows, n_cols)
+    except RuntimeError:  # the leading dimensions do not flatten into one stride
+        return t.reshape(rows, n_cols).contiguous()
+    return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
 
 
 def _silu_mul_impl(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
@@ -209,4 +224,4 @@ _silu_mul_op = torch.library.custom_op("flashquant::silu_mul", _silu_mul_impl, m
 
 @_silu_mul_op.register_fake
 def _(gate, up, backend):
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)
