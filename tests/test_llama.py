@@ -62,13 +62,17 @@ def test_fp32_forward_matches_straightforward_reference(model):
     assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
-def test_triton_model_matches_straightforward_reference_prefill_and_decode(model):
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_model_matches_straightforward_reference_prefill_and_decode(fused):
     """Every op through a Triton kernel (attention, rms_norm with the fused residual add, rotary, silu_mul; the
     interpreter on a CPU): the full forward matches the independent reference, and cached decode steps match
-    the full forward."""
+    the full forward. Fused: q/k/v and gate/up as one projection each, whose output slices (strided views)
+    the rotary, attention, cache append and silu_mul kernels read in place."""
     tri = Llama.random(CFG, seed=0, attn_backend="triton")
     tokens = torch.randint(0, CFG.vocab_size, (2, 7))
     ref = straightforward_forward(tri, tokens)
+    if fused:
+        tri.fuse_projections()
     full = tri(tokens)
     assert (full.double() - ref).abs().max() < 1e-4 * ref.abs().max()
     cache = KVCache(CFG, 2, 8, torch.float32, "cpu", paged=False)
@@ -78,6 +82,30 @@ def test_triton_model_matches_straightforward_reference_prefill_and_decode(model
         steps.append(tri(tokens[:, t : t + 1], cache=cache))
         cache.advance([1, 1])
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", [None, (4, 32)])
+def test_fused_projections_give_the_unfused_models_logits(quant):
+    """fuse_projections() on a float or quantized model (either order with quantize(): the same weights): the
+    same logits as the unfused model, prefill and cached decode (paged), up to matmul summation order."""
+    plain = Llama.random(CFG, seed=2)
+    fused = Llama.random(CFG, seed=2).fuse_projections()
+    if quant:
+        plain.quantize(*quant, skip=())
+        fused.quantize(*quant, skip=())
+        other = Llama.random(CFG, seed=2).quantize(*quant, skip=()).fuse_projections()
+        sd_a, sd_b = fused.state_dict(), other.state_dict()
+        assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert "layers.0.self_attn.qkv_proj" in dict(fused.named_modules())
+    assert not any(n.endswith(("q_proj", "gate_proj")) for n, _ in fused.named_modules())
+    tokens = torch.randint(0, CFG.vocab_size, (2, 9))
+    caches = [KVCache(CFG, 2, 16, torch.float32, "cpu", paged=True, shuffle_blocks=True) for _ in range(2)]
+    with torch.inference_mode():
+        for t0, t1 in [(0, 6), (6, 7), (7, 8), (8, 9)]:
+            a, b = plain(tokens[:, t0:t1], cache=caches[0]), fused(tokens[:, t0:t1], cache=caches[1])
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+            for c in caches:
+                c.advance([t1 - t0] * 2)
 
 
 @pytest.mark.parametrize("paged", [False, True])
@@ -174,8 +202,8 @@ def test_demo_stopped_from_outside_keeps_the_variants_it_finished(tmp_path, monk
 
 
 @pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("quant", [None, (4, 32)])
-def test_decode_step_compiles_fullgraph_once_and_matches_eager(quant, paged):
+@pytest.mark.parametrize("quant,fused", [(None, False), ((4, 32), False), ((4, 32), True)])
+def test_decode_step_compiles_fullgraph_once_and_matches_eager(quant, fused, paged):
     """torch.compile(fullgraph=True) of a decode step: no graph break (so no host sync or data-dependent Python
     in the step, which CUDA-graph capture and mode="reduce-overhead" also need), one compilation for several
     steps as the cache grows, and the same logits and cache contents as eager."""
@@ -184,6 +212,8 @@ def test_decode_step_compiles_fullgraph_once_and_matches_eager(quant, paged):
     m = Llama.random(CFG, seed=0)
     if quant:
         m.quantize(*quant, skip=())
+    if fused:
+        m.fuse_projections()
     cache = KVCache(CFG, 2, 48, torch.float32, "cpu", paged=paged, shuffle_blocks=paged)
     compiles = []
 
@@ -208,14 +238,17 @@ def test_decode_step_compiles_fullgraph_once_and_matches_eager(quant, paged):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("quant", [None, (4, 128)])
-def test_gpu_cuda_graph_decode_matches_eager(quant):
+def test_gpu_cuda_graph_decode_matches_eager(quant, fused):
     from flashquant.models.llama import CUDAGraphDecoder
 
     cfg = config_from_preset("tiny")
     model = Llama.random(cfg, seed=0, dtype=torch.float16, device="cuda")
     if quant:
         model.quantize(*quant)
+    if fused:
+        model.fuse_projections()
     prompt = torch.randint(0, cfg.vocab_size, (2, 12), device="cuda")
     caches = [KVCache(cfg, 2, 32, torch.float16, "cuda") for _ in range(2)]
     for c in caches:

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import flashquant as fq
-from flashquant.nn import QuantLinear, quantize_model
+from flashquant.nn import QuantLinear, fuse_linears, quantize_model
 from tolerances import assert_qmm_close
 
 
@@ -51,3 +51,50 @@ def test_quantlinear_rejects_bad_config():
         QuantLinear(60, 8, group_size=32)
     with pytest.raises(TypeError, match="nn.Linear"):
         QuantLinear.from_linear(nn.Conv1d(1, 1, 1))
+
+
+# ---- fuse_linears -----------------------------------------------------------------------------------------
+def _three_linears(biases=(True, False, True), in_features=128, outs=(48, 16, 16)):
+    torch.manual_seed(0)
+    return [nn.Linear(in_features, n, bias=b) for n, b in zip(outs, biases)]
+
+
+def test_fused_float_linear_equals_concatenated_outputs():
+    """The fused weight is the stacked weights; a missing bias becomes zeros in its slice."""
+    mods = _three_linears()
+    fused = fuse_linears(mods)
+    assert type(fused) is nn.Linear and (fused.in_features, fused.out_features) == (128, 80)
+    x = torch.randn(5, 128)
+    want = torch.cat([m(x) for m in mods], -1)
+    torch.testing.assert_close(fused(x), want, rtol=1e-6, atol=1e-6)  # fp32 GEMMs of different N: sum order
+    assert torch.equal(fused.bias[48:64], torch.zeros(16))
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, False), (8, -1, True)])
+def test_fused_quantlinear_stores_what_quantizing_the_fused_float_linear_stores(bits, group_size, symmetric):
+    """Quantization is per output row, so fuse(quantize each) == quantize(fuse): the same codes, scales and
+    zero points, bit for bit; and its outputs are the concatenated outputs of the parts."""
+    mods = _three_linears()
+    fused_q = fuse_linears([QuantLinear.from_linear(m, bits, group_size, symmetric) for m in mods])
+    q_fused = QuantLinear.from_linear(fuse_linears(mods), bits, group_size, symmetric)
+    assert type(fused_q) is QuantLinear and fused_q.out_features == 80
+    sd_a, sd_b = fused_q.state_dict(), q_fused.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    x = torch.randn(3, 128)
+    parts = [QuantLinear.from_linear(m, bits, group_size, symmetric) for m in mods]
+    want = torch.cat([fq.quant_matmul(x, p.qweight, p.bias, backend="reference") for p in parts], -1)
+    assert_qmm_close(fused_q(x), want, backend="cpu")
+
+
+def test_fuse_linears_rejects_what_it_cannot_fuse():
+    a, b = nn.Linear(64, 8), nn.Linear(32, 8)
+    with pytest.raises(ValueError, match="at least two"):
+        fuse_linears([a])
+    with pytest.raises(ValueError, match=r"in_features .*\[64, 32\]"):
+        fuse_linears([a, b])
+    with pytest.raises(TypeError, match="all torch.nn.Linear or all"):
+        fuse_linears([a, QuantLinear.from_linear(nn.Linear(64, 8), 4, 32)])
+    with pytest.raises(ValueError, match="bits"):
+        fuse_linears([QuantLinear.from_linear(a, 4, 32), QuantLinear.from_linear(nn.Linear(64, 8), 8, 32)])
+    with pytest.raises(ValueError, match="dtype and device"):
+        fuse_linears([a, nn.Linear(64, 8).half()])

@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     device = "cuda" if cuda else "cpu"
     cfg = config_from_preset(args.preset, num_layers=args.layers)
     half = torch.bfloat16
-    # (name, activation/weight dtype, attention backend, quantization (bits, group) or None)
+    # (name, activation/weight dtype, ops backend, quantization (bits, group) or None). The PyTorch variants are
+    # the model as Hugging Face writes it (separate q/k/v and gate/up linears, PyTorch ops); the flashquant ones
+    # fuse those projections (Llama.fuse_projections) and run flashquant's kernels.
     variants = [("pytorch fp32 (SDPA)", torch.float32, "torch", None)]
     variants += [("pytorch bf16 (SDPA)", half, "torch", None)]
     if cuda:
@@ -177,6 +179,8 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
     model = Llama.random(cfg, seed=args.seed, dtype=dtype, device=device, attn_backend=backend)
     if quant:  # every linear, lm_head included (it is the largest matrix of small Llamas)
         model.quantize(*quant, skip=())
+    if backend != "torch":
+        model.fuse_projections()
     # Warm-up at the timed prompt length: prefill-sized shapes have their own kernel specializations (Triton JIT,
     # the quantized linears' prefill path, cuBLAS's lazily loaded kernels), which an 8-token warm-up left to the
     # timed prefill (on the H100 the first variants then showed ~1.8k prefill tok/s instead of ~15-30k).
@@ -203,7 +207,7 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
                 break
             same += 1
         r["same_tokens"] = same
-    r["name"] = name
+    r["name"], r["fused_projections"] = name, backend != "torch"
     return r
 
 
@@ -224,5 +228,7 @@ def _print_table(rows, new_tokens) -> None:
     print(
         "\nlogit SQNR: first generated position vs the fp32 reference; 'greedy = fp32': leading greedy tokens that"
         " match the fp32 model's.\nQuantized variants quantize every linear incl. lm_head (round-to-nearest, no"
-        " calibration); random Gaussian weights are a hard case for int4, so expect low int4 SQNR here."
+        " calibration); random Gaussian weights are a hard case for int4, so expect low int4 SQNR here.\nThe"
+        " flashquant variants fuse q/k/v and gate/up into one projection each; the PyTorch variants keep Hugging"
+        " Face's separate linears."
     )

@@ -1,16 +1,18 @@
-"""``QuantLinear`` and ``quantize_model``: drop-in int4/int8 weight-only replacements for ``nn.Linear``."""
+"""``QuantLinear`` and ``quantize_model``: drop-in int4/int8 weight-only replacements for ``nn.Linear``;
+``fuse_linears``: one linear (float or quantized) for several that read the same input."""
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .quant import QuantizedWeight, quant_matmul, quantize
 
-__all__ = ["QuantLinear", "quantize_model"]
+__all__ = ["QuantLinear", "fuse_linears", "quantize_model"]
 log = logging.getLogger("flashquant")
 
 
@@ -150,3 +152,75 @@ def quantize_model(
             parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), bits, group_size, symmetric, backend)
         )
     return model
+
+
+def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
+    """One linear that computes several linears of the same input at once, their outputs concatenated:
+    ``fuse_linears([a, b])(x) == torch.cat([a(x), b(x)], -1)`` (up to the matmul's summation order).
+
+    For a decoder layer's q/k/v or gate/up projections: at decode every matmul is a memory-bound GEMV, so one
+    launch over the stacked weight replaces several smaller ones (less launch overhead, longer streams).
+    Split the output with ``y.split([a.out_features, b.out_features], -1)``.
+
+    Args:
+        linears: two or more ``nn.Linear`` (same in_features, dtype and device) or two or more
+            :class:`QuantLinear` (also the same bits, group_size, symmetric and backend). Quantization is per
+            output row, so fusing quantized linears stores exactly what quantizing the fused float linear
+            would. A bias is kept if any input has one (zeros for those without).
+    Returns:
+        a new module of the inputs' type with out_features = their sum; the weights are copied.
+    """
+    mods = list(linears)
+    if len(mods) < 2:
+        raise ValueError(f"linears must hold at least two modules to fuse, got {len(mods)}")
+    kinds = {type(m) for m in mods}
+    if kinds not in ({nn.Linear}, {QuantLinear}):
+        raise TypeError(
+            "linears must be all torch.nn.Linear or all flashquant.nn.QuantLinear, got "
+            f"{[type(m).__name__ for m in mods]}"
+        )
+    quant = kinds == {QuantLinear}
+    first = mods[0]
+    attrs = ("in_features", "bits", "group_size", "symmetric", "weight_dtype", "backend") if quant else ()
+    for name in attrs or ("in_features",):
+        values = [getattr(m, name) for m in mods]
+        if len(set(values)) != 1:
+            raise ValueError(f"linears must share {name} to be fused, got {values}")
+    ref_weight = first.qdata if quant else first.weight
+    for m in mods:
+        w = m.qdata if quant else m.weight
+        if w.dtype != ref_weight.dtype or w.device != ref_weight.device:
+            raise ValueError(
+                f"linears must share their weights' dtype and device, got {w.dtype} on {w.device} and "
+                f"{ref_weight.dtype} on {ref_weight.device}"
+            )
+    out_features = sum(m.out_features for m in mods)
+    has_bias = any(m.bias is not None for m in mods)
+    with torch.no_grad():
+        if quant:
+            fused = QuantLinear(
+                first.in_features,
+                out_features,
+                has_bias,
+                first.bits,
+                first.group_size,
+                first.symmetric,
+                first.weight_dtype,
+                first.qdata.device,
+                first.backend,
+            )
+            fused.qdata.copy_(torch.cat([m.qdata for m in mods]))
+            fused.scales.copy_(torch.cat([m.scales for m in mods]))
+            if not first.symmetric:
+                fused.zeros.copy_(torch.cat([m.zeros for m in mods]))
+        else:
+            w = first.weight
+            fused = nn.Linear(first.in_features, out_features, has_bias, device=w.device, dtype=w.dtype)
+            fused.weight.copy_(torch.cat([m.weight for m in mods]))
+        if has_bias:
+            fused.bias.copy_(
+                torch.cat(
+                    [m.bias if m.bias is not None else fused.bias.new_zeros(m.out_features) for m in mods]
+                )
+            )
+    return fused

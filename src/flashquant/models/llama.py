@@ -15,7 +15,7 @@ from torch import nn
 
 import flashquant as fq
 from flashquant.attention import append_kv
-from flashquant.nn import quantize_model
+from flashquant.nn import fuse_linears, quantize_model
 
 
 @dataclasses.dataclass
@@ -152,13 +152,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.qkv_proj = None  # set by fuse(), which removes q/k/v_proj
+
+    def fuse(self) -> None:
+        """q_proj, k_proj and v_proj -> one qkv_proj (see flashquant.nn.fuse_linears)."""
+        if self.qkv_proj is None:
+            self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, positions, inv_freq, cache: KVCache | None, backend: str):
         B, S, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, S, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, S, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, S, cfg.num_kv_heads, cfg.head_dim)
+        if self.qkv_proj is not None:  # views into one output; the ops below read them in place
+            sizes = [cfg.num_heads * cfg.head_dim] + 2 * [cfg.num_kv_heads * cfg.head_dim]
+            q, k, v = self.qkv_proj(x).split(sizes, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, S, cfg.num_heads, cfg.head_dim)
+        k = k.view(B, S, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(B, S, cfg.num_kv_heads, cfg.head_dim)
         q, k = fq.rotary_embedding(q, k, positions, inv_freq, backend=layer_ops_backend(backend))
         if cache is None:
             out = fq.attention(q, k, v, causal=True, backend=backend)
@@ -190,11 +202,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = None  # set by fuse(), which removes gate/up_proj
+
+    def fuse(self) -> None:
+        """gate_proj and up_proj -> one gate_up_proj (see flashquant.nn.fuse_linears)."""
+        if self.gate_up_proj is None:
+            self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
 
     def forward(self, x, backend: str = "auto"):
-        return self.down_proj(
-            fq.silu_mul(self.gate_proj(x), self.up_proj(x), backend=layer_ops_backend(backend))
-        )
+        if self.gate_up_proj is not None:  # silu_mul reads the two halves in place
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(fq.silu_mul(gate, up, backend=layer_ops_backend(backend)))
 
 
 class Block(nn.Module):
@@ -250,6 +271,17 @@ class Llama(nn.Module):
     def quantize(self, bits: int, group_size: int = 128, symmetric: bool = True, skip=("lm_head",)) -> Llama:
         """Swap every linear (except `skip`) for a QuantLinear, in place."""
         quantize_model(self, bits, group_size, symmetric, skip=skip)
+        return self
+
+    def fuse_projections(self) -> Llama:
+        """Merge each layer's q/k/v projections into one ``qkv_proj`` and gate/up into one ``gate_up_proj``, in
+        place, float or quantized (before or after :meth:`quantize`: quantization is per output row, so either
+        order stores the same weights). At decode this turns 5 of a layer's 7 matmul launches into 2, each
+        over a longer weight. The outputs equal the unfused model's up to summation order; the state_dict
+        keys change accordingly."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
         return self
 
     def forward(
