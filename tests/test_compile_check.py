@@ -46,6 +46,7 @@ def test_every_default_launch_compiles_and_fits_every_arch(report):
         + _rows(report, "_rms_norm_kernel")
         + _rows(report, "_rotary_kernel")
         + _rows(report, "_silu_mul_kernel")
+        + _rows(report, "_append_kv_kernel")
     }
     assert seen == {(c, a, d) for c in cases for a in aot.ARCHS for d in ("bfloat16", "float16")}
     for r in data["results"]:

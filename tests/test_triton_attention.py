@@ -143,6 +143,54 @@ def test_kvcache_decode(dtype, paged, block_size, sq, snew, num_splits, heads):
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), "in-place append differs from the reference"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged,block_size", [(False, 0), (True, 16), (True, 64)])
+@pytest.mark.parametrize("hkv,d,snew", [(3, 80, 1), (8, 64, 5), (1, 32, 20)])
+def test_append_kv_kernel_writes_what_pytorch_indexing_writes(dtype, paged, block_size, hkv, d, snew):
+    """The Triton KV-cache append vs PyTorch indexing: bit-identical caches, with k/v as strided slices of one
+    fused projection output, shuffled pages, appends that cross page boundaries, odd head counts and head_dim."""
+    from flashquant.attention import append_kv
+
+    lens = [15, 47, 0]
+    kc, vc, seqlens, table = make_cache(3, hkv, d, lens, paged, dtype, block_size or 16, capacity=128)
+    kv = rand(3, snew, 2 * hkv + 1, d, dtype=dtype)  # (k heads, v heads, one more): k and v are strided views
+    k, v = kv[:, :, :hkv], kv[:, :, hkv : 2 * hkv]
+    want_k, want_v = kc.clone(), vc.clone()
+    append_kv(want_k, want_v, seqlens, k, v, table, backend="torch")
+    append_kv(kc, vc, seqlens, k, v, table, backend="triton")
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_append_kv_kernel_leaves_positions_past_the_cache_unwritten(paged):
+    """cache_seqlens lives on the device, so on CUDA nothing checks it against the capacity: tokens that fall
+    past the cache are dropped by the kernel instead of overwriting another sequence's cache or pages."""
+    from flashquant.attention import append_kv
+
+    dtype = DTYPES[0]
+    kc, vc, _, table = make_cache(2, 2, 32, [0, 0], paged, dtype, capacity=64)
+    k, v = rand(2, 4, 2, 32, dtype=dtype), rand(2, 4, 2, 32, dtype=dtype)
+    want_k, want_v = kc.clone(), vc.clone()
+    append_kv(kc, vc, torch.tensor([62, 10], dtype=torch.int32, device=DEVICE), k, v, table, backend="triton")
+
+    # Expected: sequence 0 gets its first 2 tokens (positions 62, 63), sequence 1 all 4 (positions 10..13).
+    def lens(*n):
+        return torch.tensor(n, dtype=torch.int32, device=DEVICE)
+
+    append_kv(want_k, want_v, lens(62, 10), k[:, :2], v[:, :2], table, backend="torch")
+    if paged:  # sequence 1 alone: its block_table row over the shared pool
+        append_kv(want_k, want_v, lens(12), k[1:, 2:], v[1:, 2:], table[1:], backend="torch")
+    else:  # sequence 1 alone: its slice of the cache
+        append_kv(want_k[1:], want_v[1:], lens(12), k[1:, 2:], v[1:, 2:], None, backend="torch")
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+def test_append_kv_is_a_custom_op_that_passes_opcheck():
+    kc, vc, lens, table = make_cache(2, 2, 16, [3, 9], True, torch.float32, 16)
+    k, v = torch.randn(2, 2, 2, 16, device=DEVICE), torch.randn(2, 2, 2, 16, device=DEVICE)
+    torch.library.opcheck(torch.ops.flashquant.append_kv.default, (kc, vc, lens, k, v, table, "torch"))
+
+
 @pytest.mark.parametrize("window,softcap", [((8, 0), 0.0), ((-1, -1), 0.7)])
 def test_kvcache_window_softcap_split(window, softcap):
     dtype = DTYPES[0]

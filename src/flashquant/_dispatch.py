@@ -30,6 +30,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("reference", "torch", "triton"),
     "rotary_embedding": ("reference", "torch", "triton"),
     "silu_mul": ("reference", "torch", "triton"),
+    "append_kv": ("torch", "triton"),  # KV-cache writes: PyTorch indexing or one Triton kernel
 }
 
 

@@ -105,6 +105,7 @@ class Result:
 def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
     """name -> (the config key it exercises, or None for a fixed launch config; launch(config))."""
     from .kernels import attention as tri
+    from .kernels.append_kv import append_kv_triton
     from .kernels.dequantize import dequantize_triton
     from .kernels.quant_matmul import quant_matmul_triton
     from .kernels.rms_norm import rms_norm_triton
@@ -193,6 +194,16 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
         None,
         lambda cfg: rotary_triton(rq, rk, pos, t(64, dt=torch.float32)),
     )
+    # KV-cache appends at one decode step, new k/v being slices of a fused projection's output
+    cache_c, cache_p, knew = t(8, 8192, HKV, 128), t(8 * 512, 16, HKV, 128), t(8, 1, 2 * HKV, 128)[:, :, :HKV]
+    cases["append_kv B=8 d128"] = (
+        None,
+        lambda cfg: append_kv_triton(cache_c, cache_c, i32(8), knew, knew, None),
+    )
+    cases["append_kv paged page=16 B=8 d128"] = (
+        None,
+        lambda cfg: append_kv_triton(cache_p, cache_p, i32(8), knew, knew, i32(8, 512)),
+    )
     g = t(1, N_MLP)
     cases[f"silu_mul {N_MLP}"] = (None, lambda cfg: silu_mul_triton(g, g))
     return cases
@@ -210,7 +221,7 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(arch: Arch, sink: list, case: str):
-    from .kernels import attention, dequantize, quant_matmul, rms_norm, rotary, silu_mul
+    from .kernels import append_kv, attention, dequantize, quant_matmul, rms_norm, rotary, silu_mul
 
     def sms(device, interpreter_sms):  # size split-K / split-KV grids for the target chip, not the stand-in
         return arch.sms
@@ -223,6 +234,7 @@ def _recording(arch: Arch, sink: list, case: str):
         (rms_norm, "_rms_norm_kernel"),
         (rotary, "_rotary_kernel"),
         (silu_mul, "_silu_mul_kernel"),
+        (append_kv, "_append_kv_kernel"),
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
     saved += [(mod, "num_sms", mod.num_sms) for mod in (attention, quant_matmul)]

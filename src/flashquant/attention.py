@@ -128,8 +128,30 @@ def _dense_mask(sq, sk, causal, left, right, device):
     return ref.visible(sq, sk, causal, (left, right), device)
 
 
-def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table):
-    """Write new tokens k/v (B, Snew, Hkv, D) at positions cache_seqlens[b] + t, in place. No host sync."""
+def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None, *, backend: str = "auto") -> None:
+    """Write new tokens k/v (B, Snew, Hkv, D) at positions ``cache_seqlens[b] + t`` of the caches, in place,
+    without a host sync. Shapes and dtypes as in :func:`attention_with_kvcache` (which calls this when given
+    k and v; the caller validates). backend: "triton" (one kernel for k and v; "auto" on CUDA) or "torch"
+    (indexing, 6-10 kernels). Positions outside the cache are the caller's error: PyTorch's indexing raises on
+    them, the kernel leaves them unwritten (checking would need a host sync)."""
+    name = _dispatch.resolve("append_kv", backend, k.device, ("triton", "torch") if k.is_cuda else ("torch",))
+    _dispatch.call("append_kv", _append_kv_impl, k_cache, v_cache, cache_seqlens, k, v, block_table, name)
+
+
+def _append_kv_impl(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_table: torch.Tensor | None,
+    backend: str,
+) -> None:
+    if backend == "triton":
+        from .kernels.append_kv import append_kv_triton
+
+        append_kv_triton(k_cache, v_cache, cache_seqlens, k, v, block_table)
+        return
     B, snew = k.shape[:2]
     pos = cache_seqlens.long()[:, None] + torch.arange(snew, device=k.device)  # (B, Snew)
     if block_table is None:
@@ -141,6 +163,16 @@ def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table):
         blocks = block_table.long().gather(1, pos // bs)
         k_cache[blocks, pos % bs] = k
         v_cache[blocks, pos % bs] = v
+
+
+_append_kv_op = torch.library.custom_op(
+    "flashquant::append_kv", _append_kv_impl, mutates_args=("k_cache", "v_cache")
+)
+
+
+@_append_kv_op.register_fake
+def _(k_cache, v_cache, cache_seqlens, k, v, block_table, backend):
+    return None
 
 
 def _kvcache_torch(
@@ -312,8 +344,10 @@ def _attention_kvcache_impl(
             q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, softmax_scale, window, softcap
         )
         return out, _lse_out(lse, return_lse, q)
-    if k is not None:
-        append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+    if k is not None:  # one Triton kernel next to the Triton/CUDA attention kernels, indexing otherwise
+        triton_ok = backend == "triton" or backend == "cuda" and _dispatch._available("triton")
+        writer = "triton" if triton_ok else "torch"
+        _append_kv_impl(k_cache, v_cache, cache_seqlens, k, v, block_table, writer)
     seqlens_k = cache_seqlens if k is None else cache_seqlens + k.shape[1]
     if backend == "triton":
         from .kernels import attention as tri

@@ -178,8 +178,15 @@ class Attention(nn.Module):
             # prefill of a fresh cache: plain causal attention (right-padded prompts never see their padding),
             # then store K/V; padding slots are overwritten by the following decode steps.
             out = fq.attention(q, k, v, causal=True, backend=backend)
+            ops = layer_ops_backend(backend)
             append_kv(
-                cache.k[self.layer_idx], cache.v[self.layer_idx], cache.seqlens, k, v, cache.block_table
+                cache.k[self.layer_idx],
+                cache.v[self.layer_idx],
+                cache.seqlens,
+                k,
+                v,
+                cache.block_table,
+                backend="torch" if ops == "reference" else ops,
             )
         else:  # decode / chunked prefill: append in place and attend to the cache
             out = fq.attention_with_kvcache(
