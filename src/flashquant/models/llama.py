@@ -233,12 +233,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, inv_freq, cache, backend):
+    def forward(self, x, residual, positions, inv_freq, cache, backend):
+        """The residual stream is carried as (x, residual), its value being x + residual (x alone when residual
+        is None: the embeddings), so that each residual add happens inside the next norm's kernel. Returns
+        (mlp_out, residual): the layer's output is their sum, formed by the next layer or the final norm."""
         ops = layer_ops_backend(backend)
-        attn_out = self.self_attn(self.input_layernorm(x, backend=ops), positions, inv_freq, cache, backend)
-        # h = x + attn_out and its norm in one kernel
-        normed, h = self.post_attention_layernorm(attn_out, residual=x, backend=ops)
-        return h + self.mlp(normed, backend)
+        if residual is None:
+            normed, residual = self.input_layernorm(x, backend=ops), x
+        else:  # h = x + residual and its norm in one kernel
+            normed, residual = self.input_layernorm(x, residual=residual, backend=ops)
+        attn_out = self.self_attn(normed, positions, inv_freq, cache, backend)
+        normed, residual = self.post_attention_layernorm(attn_out, residual=residual, backend=ops)
+        return self.mlp(normed, backend), residual
 
 
 class Llama(nn.Module):
@@ -306,12 +312,16 @@ class Llama(nn.Module):
             start = cache.seqlens.long()[:, None] if cache is not None else 0
             positions = start + torch.arange(S, device=tokens.device)[None, :]
             positions = positions.expand(B, S)
-        x = self.embed_tokens(tokens)
+        x, residual = self.embed_tokens(tokens), None
         for layer in self.layers:
-            x = layer(x, positions, self.inv_freq, cache, self.attn_backend)
+            x, residual = layer(x, residual, positions, self.inv_freq, cache, self.attn_backend)
         if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]
-        return self.lm_head(self.norm(x, backend=layer_ops_backend(self.attn_backend))).float()
+            rows = torch.arange(B, device=x.device)
+            x = x[rows, logits_at][:, None]
+            residual = residual[rows, logits_at][:, None] if residual is not None else None
+        ops = layer_ops_backend(self.attn_backend)
+        x = self.norm(x, backend=ops) if residual is None else self.norm(x, residual=residual, backend=ops)[0]
+        return self.lm_head(x).float()
 
     @property
     def weight_bytes(self) -> int:
