@@ -263,3 +263,22 @@ def test_gpu_cuda_graph_decode_matches_eager(quant, fused):
         for c in caches:
             c.advance([1, 1])
         tok = eager[:, -1].argmax(-1, keepdim=True)
+
+
+def test_flashquant_decode_step_launch_budget_per_layer():
+    """At decode a layer's small ops cost their launch count. flashquant's layer (fused projections, Triton
+    layer ops and KV append) launches 4 GEMVs, 2 norms, rotary, the KV append, attention, silu_mul and one add
+    (cache_seqlens + Snew): 11, with no copies and no host syncs (counted by flashquant.bench.launches, whose
+    `python -m` form prints the table). The PyTorch model is counted too, so that the counter is known to see
+    the ATen ops it must (64 on this path)."""
+    from flashquant.bench.launches import decode_launches, llama_builder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ours = decode_launches(llama_builder(True, (4, 32), device=device), torch.float16, device)
+    assert ours["per_layer_total"] <= 11, ours["per_layer"]
+    assert ours["host_syncs_per_layer"] == 0
+    gemvs = sum(n for name, n in ours["per_layer"].items() if name.startswith("flashquant::"))
+    assert gemvs == 4, ours["per_layer"]  # qkv, o, gate_up, down
+    assert not {"aten::to", "aten::contiguous", "aten::copy_", "aten::clone"} & set(ours["per_layer"])
+    baseline = decode_launches(llama_builder(False, None, device=device), torch.float16, device)
+    assert baseline["per_layer_total"] >= 50 and baseline["per_layer"]["aten::linear"] == 7
