@@ -75,3 +75,49 @@ def test_quantized_hf_model_stays_close(models, bits, group, min_sqnr, min_top1)
         a, b = eager(ids).logits, q(ids).logits
     assert sqnr_db(a, b) >= min_sqnr
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= min_top1
+
+
+def _copy_of(eager):
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
+    m.load_state_dict(eager.state_dict())
+    return m
+
+
+@pytest.mark.parametrize("quant", [None, (4, 32)])
+def test_fused_hf_model_matches_unfused(models, quant):
+    """fuse_transformers_model swaps every RMSNorm (2 per layer + the final one) and every SwiGLU MLP; logits and
+    greedy generation stay those of the unfused model (float, or quantized before fusing: the same weights).
+    On the Triton path (the interpreter here) the norms and gating are single kernels rounding once, vs the
+    Hugging Face forms' up to three roundings in the dtype: fp32 here, so both agree to ~1e-6."""
+    eager, _ = models
+    plain, fused = _copy_of(eager), _copy_of(eager)
+    if quant:
+        fqt.quantize_transformers_model(plain, *quant)
+        fqt.quantize_transformers_model(fused, *quant)
+    swapped = fqt.fuse_transformers_model(fused, backend="triton")
+    assert swapped == {"rms_norm": 2 * CFG["num_hidden_layers"] + 1, "mlp": CFG["num_hidden_layers"]}
+    assert isinstance(fused.model.layers[0].mlp, fqt.FusedSwiGLUMLP)
+    assert isinstance(fused.model.norm, fqt.FusedRMSNorm)
+    assert isinstance(fused.model.layers[0].mlp.gate_up_proj, QuantLinear if quant else torch.nn.Linear)
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        a, b = plain(ids).logits, fused(ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(plain.generate(ids[:1], **kw), fused.generate(ids[:1], **kw))
+
+
+def test_fusing_hf_model_cuts_its_launches(models):
+    """One decode-sized forward (1 token) per layer: the fused norms and MLP launch fewer kernels (counted by
+    flashquant.bench.launches, the Triton path under the interpreter)."""
+    from flashquant.bench.launches import count_launches
+
+    eager, _ = models
+    plain, fused = _copy_of(eager), _copy_of(eager)
+    fqt.fuse_transformers_model(fused, backend="triton")
+    ids = torch.randint(0, 256, (1, 1))
+    n_plain = count_launches(lambda: plain(ids)).total
+    n_fused = count_launches(lambda: fused(ids)).total
+    # per layer, each of the 2 norms' >= 5 ops (6 in fp32: pow, mean, add, rsqrt, 2 muls) becomes 1 kernel, and
+    # the MLP's gate + up linears and silu, mul become 1 linear and 1 kernel; the final norm saves more on top
+    assert n_plain - n_fused >= 10 * CFG["num_hidden_layers"], (n_plain, n_fused)

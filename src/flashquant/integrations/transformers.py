@@ -4,6 +4,7 @@
     name = fqt.register()                            # adds attn_implementation="fq"
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=name)
     fqt.quantize_transformers_model(model, bits=4)   # linears -> QuantLinear, lm_head kept
+    fqt.fuse_transformers_model(model)               # RMSNorm, SwiGLU MLP -> flashquant's fused ops
 
 The attention function receives transformers' (B, H, S, D) tensors and calls flashquant.attention with
 bottom-right-aligned causal masking. The mask function registered with it is transformers' SDPA one: it
@@ -23,9 +24,10 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import flashquant as fq
-from flashquant.nn import quantize_model
+from flashquant.nn import fuse_linears, quantize_model
 
 log = logging.getLogger("flashquant")
 NAME = "fq"
@@ -79,3 +81,67 @@ def quantize_transformers_model(
 ):
     """Swap a loaded transformers model's nn.Linear layers for QuantLinear (lm_head kept by default)."""
     return quantize_model(model, bits=bits, group_size=group_size, symmetric=symmetric, skip=skip)
+
+
+# RMSNorm classes that compute Llama's form, weight * (x * rsqrt(mean(x^2) + eps)): Mistral's and Qwen2's are
+# copies of Llama's. (Gemma's scales by 1 + weight, so it is not listed.)
+_LLAMA_FORM_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+class FusedRMSNorm(nn.Module):
+    """A transformers Llama-style RMSNorm as one flashquant.rms_norm kernel (fp32 inside, one rounding)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, backend: str = "auto"):
+        super().__init__()
+        self.weight, self.variance_epsilon, self.backend = weight, eps, backend
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return fq.rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, backend={self.backend!r}"
+
+
+class FusedSwiGLUMLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` as one GEMM/GEMV over the stacked gate and up weights
+    (float or QuantLinear) and one flashquant.silu_mul, which reads the two halves of its output in place."""
+
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.backend = gate_up_proj, down_proj, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(fq.silu_mul(gate, up, backend=self.backend))
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def fuse_transformers_model(model: nn.Module, backend: str = "auto") -> dict[str, int]:
+    """Swap, in place, a transformers model's Llama-form RMSNorms for :class:`FusedRMSNorm` and its SwiGLU MLPs
+    (gate_proj/up_proj/down_proj with a SiLU act_fn, float or already quantized) for :class:`FusedSwiGLUMLP`:
+    on CUDA each norm becomes one kernel instead of ~8 and each MLP one GEMV and one gating kernel fewer.
+    The attention block and the residual adds stay transformers' own. For inference: the fused MLPs' state_dict
+    keys differ from the checkpoint's, so save the model before fusing, not after.
+
+    backend: passed to flashquant.rms_norm / silu_mul ("auto": Triton on CUDA, PyTorch ops on the CPU).
+    Returns {"rms_norm": n, "mlp": m}, the numbers of modules swapped."""
+    swapped = {"rms_norm": 0, "mlp": 0}
+    for name, mod in list(model.named_modules()):
+        parent_name, _, leaf = name.rpartition(".")
+        if not leaf:
+            continue
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if type(mod).__name__ in _LLAMA_FORM_RMSNORMS:
+            setattr(parent, leaf, FusedRMSNorm(mod.weight, float(mod.variance_epsilon), backend))
+            swapped["rms_norm"] += 1
+        elif all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")) and _is_silu(
+            getattr(mod, "act_fn", None)
+        ):
+            gate_up = fuse_linears([mod.gate_proj, mod.up_proj])
+            setattr(parent, leaf, FusedSwiGLUMLP(gate_up, mod.down_proj, backend))
+            swapped["mlp"] += 1
+    log.info("fuse_transformers_model: %s", swapped)
+    return swapped
