@@ -150,6 +150,7 @@ def test_append_kv_kernel_writes_what_pytorch_indexing_writes(dtype, paged, bloc
     """The Triton KV-cache append vs PyTorch indexing: bit-identical caches, with k/v as strided slices of one
     fused projection output, shuffled pages, appends that cross page boundaries, odd head counts and head_dim."""
     from flashquant.attention import append_kv
+    from flashquant.kernels.append_kv import append_kv_triton
 
     lens = [15, 47, 0]
     kc, vc, seqlens, table = make_cache(3, hkv, d, lens, paged, dtype, block_size or 16, capacity=128)
@@ -157,8 +158,10 @@ def test_append_kv_kernel_writes_what_pytorch_indexing_writes(dtype, paged, bloc
     k, v = kv[:, :, :hkv], kv[:, :, hkv : 2 * hkv]
     want_k, want_v = kc.clone(), vc.clone()
     append_kv(want_k, want_v, seqlens, k, v, table, backend="torch")
-    append_kv(kc, vc, seqlens, k, v, table, backend="triton")
+    lens_after = torch.full_like(seqlens, -7)
+    append_kv_triton(kc, vc, seqlens, k, v, table, lens_after)  # also writes the lengths after the append
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    assert torch.equal(lens_after, seqlens + snew)
 
 
 @pytest.mark.parametrize("paged", [False, True])

@@ -198,11 +198,11 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
     cache_c, cache_p, knew = t(8, 8192, HKV, 128), t(8 * 512, 16, HKV, 128), t(8, 1, 2 * HKV, 128)[:, :, :HKV]
     cases["append_kv B=8 d128"] = (
         None,
-        lambda cfg: append_kv_triton(cache_c, cache_c, i32(8), knew, knew, None),
+        lambda cfg: append_kv_triton(cache_c, cache_c, i32(8), knew, knew, None, i32(8)),
     )
     cases["append_kv paged page=16 B=8 d128"] = (
         None,
-        lambda cfg: append_kv_triton(cache_p, cache_p, i32(8), knew, knew, i32(8, 512)),
+        lambda cfg: append_kv_triton(cache_p, cache_p, i32(8), knew, knew, i32(8, 512), i32(8)),
     )
     g = t(1, N_MLP)
     cases[f"silu_mul {N_MLP}"] = (None, lambda cfg: silu_mul_triton(g, g))

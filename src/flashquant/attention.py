@@ -344,11 +344,18 @@ def _attention_kvcache_impl(
             q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, softmax_scale, window, softcap
         )
         return out, _lse_out(lse, return_lse, q)
-    if k is not None:  # one Triton kernel next to the Triton/CUDA attention kernels, indexing otherwise
-        triton_ok = backend == "triton" or backend == "cuda" and _dispatch._available("triton")
-        writer = "triton" if triton_ok else "torch"
-        _append_kv_impl(k_cache, v_cache, cache_seqlens, k, v, block_table, writer)
-    seqlens_k = cache_seqlens if k is None else cache_seqlens + k.shape[1]
+    seqlens_k = cache_seqlens
+    if k is not None and k.shape[1] > 0 and k.shape[2] > 0:
+        # Next to the Triton/CUDA attention kernels the append is one Triton kernel, which also writes the new
+        # lengths (no separate add launch); PyTorch indexing otherwise.
+        if backend == "triton" or backend == "cuda" and _dispatch._available("triton"):
+            from .kernels.append_kv import append_kv_triton
+
+            seqlens_k = torch.empty(cache_seqlens.shape, dtype=torch.int32, device=cache_seqlens.device)
+            append_kv_triton(k_cache, v_cache, cache_seqlens, k, v, block_table, seqlens_k)
+        else:
+            _append_kv_impl(k_cache, v_cache, cache_seqlens, k, v, block_table, "torch")
+            seqlens_k = cache_seqlens + k.shape[1]
     if backend == "triton":
         from .kernels import attention as tri
 

@@ -1,6 +1,8 @@
 """Triton KV-cache append: new k and v tokens (B, Snew, Hkv, D) written at positions cache_seqlens[b] + t of a
 contiguous (B, S_max, Hkv, D) or paged (num_blocks, block_size, Hkv, D) cache, in place, in one launch for both
 (PyTorch indexing takes 6-10 kernels: positions, page lookup, two index_puts). Program (b * Snew + t, head tile).
+Optionally it also writes the lengths after the append, cache_seqlens + Snew, which the attention that follows
+needs: one launch fewer than a separate add.
 Tokens whose position falls outside the cache are not written: the position lives on the device, so the host
 cannot check it without a sync, and an unchecked write would corrupt other memory. Reference semantics:
 flashquant.attention.append_kv's PyTorch form."""
@@ -14,10 +16,11 @@ import triton.language as tl
 
 @triton.jit
 def _append_kv_kernel(
-    KCache, VCache, SeqLens, K, V, BlockTable,
+    KCache, VCache, SeqLens, K, V, BlockTable, SeqLensOut,
     snew, n_heads, head_dim, capacity,
     skcb, skcs, skch, svcb, svcs, svch, skb, sks, skh, svb, svs, svh, sbt,
     PAGED: tl.constexpr,
+    WRITE_LENS: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -25,7 +28,11 @@ def _append_kv_kernel(
     pid = tl.program_id(0)
     b = (pid // snew).to(tl.int64)
     t = pid % snew
-    pos = tl.load(SeqLens + b).to(tl.int64) + t
+    seqlen = tl.load(SeqLens + b)
+    if WRITE_LENS:
+        if (t == 0) & (tl.program_id(1) == 0):
+            tl.store(SeqLensOut + b, (seqlen + snew).to(tl.int32))
+    pos = seqlen.to(tl.int64) + t
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     pos_h = pos + tl.zeros([BLOCK_H], dtype=tl.int64)  # per head: the interpreter cannot mask with scalars
@@ -52,9 +59,11 @@ def append_kv_triton(
     k: torch.Tensor,
     v: torch.Tensor,
     block_table: torch.Tensor | None,
+    seqlens_out: torch.Tensor | None = None,
 ) -> None:
     """Shapes as in flashquant.attention.append_kv (validated there); every tensor has stride 1 in its last
-    dimension (k and v may be views, e.g. slices of a fused qkv projection's output)."""
+    dimension (k and v may be views, e.g. slices of a fused qkv projection's output). seqlens_out: optional int32
+    (B,), receives cache_seqlens + Snew; needs Snew >= 1 and Hkv >= 1 (else nothing is launched)."""
     B, snew, n_heads, head_dim = k.shape
     if B * snew == 0 or n_heads == 0:
         return
@@ -66,10 +75,10 @@ def append_kv_triton(
     table = block_table if paged else cache_seqlens  # any tensor: unused when not paged
     grid = (B * snew, triton.cdiv(n_heads, block_h))
     _append_kv_kernel[grid](
-        k_cache, v_cache, cache_seqlens, k, v, table,
+        k_cache, v_cache, cache_seqlens, k, v, table, seqlens_out if seqlens_out is not None else cache_seqlens,
         snew, n_heads, head_dim, capacity,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         table.stride(0) if paged else 0,
-        PAGED=paged, PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_D=block_d,
+        PAGED=paged, WRITE_LENS=seqlens_out is not None, PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4,
     )  # fmt: skip
