@@ -188,6 +188,29 @@ def test_append_kv_kernel_leaves_positions_past_the_cache_unwritten(paged):
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
 
 
+def test_append_kv_validates_its_arguments_and_copies_a_strided_head_dim():
+    from flashquant.attention import append_kv
+
+    kc, vc, lens, _ = make_cache(2, 2, 16, [3, 9], False, torch.float32, capacity=32)
+    k = v = torch.randn(2, 1, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k_cache must have shape \(B, \*, Hkv, D\)"):
+        append_kv(kc[:1], vc[:1], lens, k, v)
+    with pytest.raises(TypeError, match="v_cache must have dtype"):
+        append_kv(kc, vc.half(), lens, k, v)
+    with pytest.raises(ValueError, match="cache_seqlens must have shape"):
+        append_kv(kc, vc, lens[:1], k, v)
+    with pytest.raises(ValueError, match="v must have shape"):
+        append_kv(kc, vc, lens, k, v[:, :, :1])
+    # head_dim strided (every other element of a wider tensor): the kernel reads a contiguous copy
+    wide = torch.randn(2, 1, 2, 32, device=DEVICE)
+    want_k, want_v = kc.clone(), vc.clone()
+    append_kv(
+        want_k, want_v, lens, wide[..., ::2].contiguous(), wide[..., 1::2].contiguous(), backend="torch"
+    )
+    append_kv(kc, vc, lens, wide[..., ::2], wide[..., 1::2], backend="triton")
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
 def test_append_kv_is_a_custom_op_that_passes_opcheck():
     kc, vc, lens, table = make_cache(2, 2, 16, [3, 9], True, torch.float32, 16)
     k, v = torch.randn(2, 2, 2, 16, device=DEVICE), torch.randn(2, 2, 2, 16, device=DEVICE)

@@ -130,11 +130,34 @@ def _dense_mask(sq, sk, causal, left, right, device):
 
 def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None, *, backend: str = "auto") -> None:
     """Write new tokens k/v (B, Snew, Hkv, D) at positions ``cache_seqlens[b] + t`` of the caches, in place,
-    without a host sync. Shapes and dtypes as in :func:`attention_with_kvcache` (which calls this when given
-    k and v; the caller validates). backend: "triton" (one kernel for k and v; "auto" on CUDA) or "torch"
-    (indexing, 6-10 kernels). Positions outside the cache are the caller's error: PyTorch's indexing raises on
-    them, the kernel leaves them unwritten (checking would need a host sync)."""
-    name = _dispatch.resolve("append_kv", backend, k.device, ("triton", "torch") if k.is_cuda else ("torch",))
+    without a host sync. Caches: contiguous (B, S_max, Hkv, D) or, with block_table (B, max_blocks) int32, paged
+    (num_blocks, block_size, Hkv, D), in k's dtype; cache_seqlens (B,) int32. :func:`attention_with_kvcache`
+    does this itself when given k and v. backend: "triton" (one kernel for k and v; "auto" on CUDA) or "torch"
+    (indexing, 6-10 kernels). Positions past the cache are the caller's error, unchecked on CUDA (a host sync):
+    PyTorch's indexing raises on them, the kernel leaves them unwritten."""
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    B, _, hkv, D = k.shape
+    check_tensor("v", v, ndim=4, dtypes=(k.dtype,))
+    check_shape("v", v, tuple(k.shape), "like k")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, cache, ndim=4, dtypes=(k.dtype,))
+        rows = None if block_table is not None else B  # paged: (num_blocks, block_size, Hkv, D)
+        check_shape(
+            name, cache, (rows, None, hkv, D), f"({'num_blocks' if rows is None else 'B'}, *, Hkv, D)"
+        )
+        check_last_dim_contiguous(name, cache)
+    check_shape("v_cache", v_cache, tuple(k_cache.shape), "like k_cache")
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=INDEX_DTYPES)
+    check_shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
+    if block_table is not None:
+        check_tensor("block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
+        check_shape("block_table", block_table, (B, None), "(B, max_blocks)")
+    device = check_same_device(
+        k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v, block_table=block_table
+    )
+    name = _dispatch.resolve(
+        "append_kv", backend, device, ("triton", "torch") if device.type == "cuda" else ("torch",)
+    )
     _dispatch.call("append_kv", _append_kv_impl, k_cache, v_cache, cache_seqlens, k, v, block_table, name)
 
 
@@ -565,7 +588,8 @@ def attention_with_kvcache(
         out (B, Sq, Hq, D), or (out, lse (B, Hq, Sq) fp32).
     On CUDA the capacity bound (cache_seqlens + Snew <= capacity) is not checked on the host (that would
     need a sync): the kernels clamp each length to the capacity, so they never read past a sequence's cache,
-    and an append past it fails in PyTorch's indexing (a device-side assert).
+    and the append kernel drops tokens that fall past it (PyTorch's indexing, on the "torch" backend, fails
+    with a device-side assert instead).
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)

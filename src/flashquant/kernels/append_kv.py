@@ -61,12 +61,15 @@ def append_kv_triton(
     block_table: torch.Tensor | None,
     seqlens_out: torch.Tensor | None = None,
 ) -> None:
-    """Shapes as in flashquant.attention.append_kv (validated there); every tensor has stride 1 in its last
-    dimension (k and v may be views, e.g. slices of a fused qkv projection's output). seqlens_out: optional int32
-    (B,), receives cache_seqlens + Snew; needs Snew >= 1 and Hkv >= 1 (else nothing is launched)."""
+    """Shapes as in flashquant.attention.append_kv (validated there); the caches have stride 1 in their last
+    dimension; k and v may be any views (e.g. slices of a fused qkv projection's output; copied first only if
+    their last dimension is strided). seqlens_out: optional int32 (B,), receives cache_seqlens + Snew; needs
+    Snew >= 1 and Hkv >= 1 (else nothing is launched)."""
     B, snew, n_heads, head_dim = k.shape
     if B * snew == 0 or n_heads == 0:
         return
+    k = k if k.stride(-1) == 1 else k.contiguous()  # the kernel reads rows of head_dim contiguous elements
+    v = v if v.stride(-1) == 1 else v.contiguous()
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(n_heads), max(1, 4096 // block_d))  # <= 4K elements per tile
     paged = block_table is not None
