@@ -168,24 +168,37 @@ def llama_builder(
     return build
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    import json
     import os
     import sys
 
+    ap = argparse.ArgumentParser(
+        description="Kernel launches per decoder layer at decode, counted on the CPU."
+    )
+    ap.add_argument("--json", help="also write the counts, with the environment and commit, to this file")
+    args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":  # Triton reads it at import, which has happened: re-exec
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "flashquant.bench.launches"], env)
+        os.execve(sys.executable, [sys.executable, "-m", "flashquant.bench.launches", *sys.argv[1:]], env)
     print("Kernel launches per decoder layer, one decode step (tiny Llama config, fp16, batch 2; CPU).")
     print("flashquant's GEMV is one launch here; on CUDA add its split-K counter memset (+1 per linear).\n")
+    rows = {}
     for title, build in [
         ("PyTorch model (Hugging Face forms, separate linears), fp16", llama_builder(False, None)),
         ("flashquant model (fused projections and layer ops, Triton), int4", llama_builder(True, (4, 32))),
     ]:
-        r = decode_launches(build, torch.float16)
+        r = rows[title] = decode_launches(build, torch.float16)
         print(f"{title}: {r['per_layer_total']} per layer, {r['outside_layers_total']} outside the layers, "
               f"{r['host_syncs_per_layer']} host syncs per layer")  # fmt: skip
         for name, n in r["per_layer"].items():
             print(f"  {n:3d}  {name}")
+    if args.json:
+        from .harness import environment
+
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment("cpu"), "models": rows}, f, indent=1)
     return 0
 
 
