@@ -87,7 +87,7 @@ for stage in $stages; do
         --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
         $PY scripts/profile_kernels.py > "$OUT/ncu.txt" 2>&1
       grep -E "profiled:|^  [a-zA-Z_].*\(|Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy" \
-        "$OUT/ncu.txt" | head -60
+        "$OUT/ncu.txt" | head -100
     else
       echo "== profile: ncu not found" | tee "$OUT/ncu.txt"
     fi

@@ -1,6 +1,7 @@
 """One launch of each kernel the next GPU session should speed up, for Nsight Compute (bench/NOTES.md, "H100: what
-to do next"): the int4/int8 GEMVs at M = 1 (CUDA and Triton), the one-pass dequantize, and batch-1 decode attention
-over an 8k cache (CUDA and Triton), at Llama-3-8B shapes in bf16.
+to do next"): the int4/int8 GEMVs at M = 1 (CUDA and Triton), the one-pass dequantize, batch-1 decode attention
+over an 8k cache (CUDA and Triton), and the decode step's small kernels (rms_norm with the residual, rotary, the
+KV append, silu_mul: launch-bound, so their durations are the number), at Llama-3-8B shapes in bf16.
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section Occupancy --section LaunchStats --section WarpStateStats python3 scripts/profile_kernels.py
@@ -57,6 +58,28 @@ def ops(device: str, small: bool):
                 q, k_cache, v_cache, cache_seqlens, causal=True, backend=b
             ),
         )
+
+    if have[
+        "triton"
+    ].available:  # one decode token of Llama-3-8B (32/8 heads, D = 128, hidden 4096, MLP 14336)
+        hidden, mlp = (64, 128) if small else (4096, 14336)
+        from flashquant.attention import append_kv
+
+        h, r = (
+            torch.randn(1, hidden, device=device, dtype=dtype),
+            torch.randn(1, hidden, device=device, dtype=dtype),
+        )
+        w = torch.ones(hidden, device=device, dtype=dtype)
+        yield f"rms_norm + residual H={hidden}", lambda: fq.rms_norm(h, w, 1e-5, residual=r)
+        qkv = torch.randn(1, 1, hq + 2 * hkv, d, device=device, dtype=dtype)  # a fused projection's output
+        qn, kn, vn = qkv.split([hq, hkv, hkv], 2)
+        pos = torch.full((1, 1), seqlen - 1, device=device, dtype=torch.int64)
+        inv_freq = torch.rand(d // 2, device=device)
+        yield f"rotary q+k {hq}/{hkv} heads D={d}", lambda: fq.rotary_embedding(qn, kn, pos, inv_freq)
+        lens = torch.full((batch,), seqlen - 1, dtype=torch.int32, device=device)
+        yield f"append_kv {hkv} heads D={d}", lambda: append_kv(k_cache, v_cache, lens, kn, vn)
+        gate_up = torch.randn(1, 2 * mlp, device=device, dtype=dtype)
+        yield f"silu_mul {mlp}", lambda: fq.silu_mul(*gate_up.chunk(2, -1))
 
 
 def main(argv=None) -> int:

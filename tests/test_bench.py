@@ -218,3 +218,10 @@ def test_profile_script_runs_every_kernel_it_names(capsys):
         assert any(
             p.startswith(what) and (what == "dequantize int4" or p.endswith("triton")) for p in profiled
         )
+    for what in [
+        "rms_norm + residual",
+        "rotary q+k",
+        "append_kv",
+        "silu_mul",
+    ]:  # the decode step's small kernels
+        assert any(p.startswith(what) for p in profiled), profiled
