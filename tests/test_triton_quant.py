@@ -69,12 +69,13 @@ def test_gpu_llama_mlp_shapes(dtype, m, strategy):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("group_size, k", [(32, 640), (64, 640), (128, 640), (256, 768), (-1, 2080)])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_dequantize_kernel_is_bit_for_bit_the_reference(dtype, bits, group_size, symmetric):
-    """Odd N (a partial row tile), K = 640 / 2080 (a partial 256-column tile; per channel a group size that is
-    not a power of two), group 32 (eight groups in one tile): exactly dequantize_ref rounded to the dtype."""
-    n, k = 67, 640 if group_size != -1 else 2080
+def test_dequantize_kernel_is_bit_for_bit_the_reference(dtype, bits, group_size, k, symmetric):
+    """Odd N (a partial row tile); group 32: eight groups in a 256-column tile (a scale per column group);
+    groups 64 / 128 / 256: one group per tile and row (a scale per row); per channel with K = 2080, a group size
+    that is not a power of two and a partial last tile. Exactly dequantize_ref rounded to the dtype."""
+    n = 67
     qw = fq.quantize(torch.randn(n, k, device=DEVICE).to(dtype), bits, group_size, symmetric)
     gs = qw.effective_group_size
     out = dequantize_triton(qw.qdata, qw.scales, qw.zeros, bits, gs, dtype)
