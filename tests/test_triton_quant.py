@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import flashquant as fq
+from determinism import assert_same_bits_across_calls_and_graph_replays
 from tolerances import assert_qmm_close
 
 pytest.importorskip("triton")
@@ -45,6 +46,21 @@ def test_split_k_partials_are_reduced_exactly_once(split_k):
     x = torch.randn(2, 640, device=DEVICE).to(dtype)
     out = quant_matmul_triton(x, qw.qdata, qw.scales, qw.zeros, 4, 64, split_k=split_k)
     assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), f"split_k={split_k}")
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (8, -1)])
+def test_split_k_sum_in_the_kernel_is_deterministic(bits, group_size):
+    """split_k = 8 over K = 4096 (N = 40: one column tile): the last program of the tile sums the 8 partials in
+    slice order, so every call (and on a GPU every graph replay) gives the same bits, close to the reference."""
+    dtype = DTYPES[0]
+    qw = fq.quantize(torch.randn(40, 4096, device=DEVICE).to(dtype), bits, group_size)
+    x = torch.randn(3, 4096, device=DEVICE).to(dtype)
+    want = fq.quant_matmul(x, qw, backend="reference")  # before the check copies new values into x
+
+    def run(x):
+        return quant_matmul_triton(x, qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size, split_k=8)
+
+    assert_qmm_close(assert_same_bits_across_calls_and_graph_replays(run, x), want, "split_k=8")
 
 
 def test_large_m_tile_config():

@@ -164,10 +164,10 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
         ),
     )
 
-    def qmm(m, bits, group, asym):
-        w = t(N_MLP, K_MLP * bits // 8, dt=torch.uint8)
-        scales = t(N_MLP, K_MLP // group)
-        zeros = t(N_MLP, K_MLP // group, dt=torch.uint8) if asym else None
+    def qmm(m, bits, group, asym, n=N_MLP):
+        w = t(n, K_MLP * bits // 8, dt=torch.uint8)
+        scales = t(n, K_MLP // group)
+        zeros = t(n, K_MLP // group, dt=torch.uint8) if asym else None
         x = t(m, K_MLP)
         # The fused kernel at every M (from DEQUANT_GEMM_MIN_M auto dequantizes instead: the cases below).
         return lambda cfg: quant_matmul_triton(x, w, scales, zeros, bits, group, config=cfg, strategy="fused")
@@ -178,6 +178,8 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
         bucket = "m16" if m <= 16 else "m64" if m <= 64 else "mbig"
         cases[name] = (f"quant_matmul.int{bits}.{bucket}", qmm(m, bits, group, False))
     cases[f"qmm int4 g128 asym M=1 {N_MLP}x{K_MLP}"] = ("quant_matmul.int4.m16", qmm(1, 4, 128, True))
+    # N = 4096 (o_proj, down_proj): 64 column tiles, so split-K and the in-kernel sum of its partials
+    cases[f"qmm int4 g128 M=1 4096x{K_MLP} split-K"] = ("quant_matmul.int4.m16", qmm(1, 4, 128, False, 4096))
     for bits, group in ((4, 128), (8, K_MLP)):  # one fixed launch config: key None
         w, scales = t(N_MLP, K_MLP * bits // 8, dt=torch.uint8), t(N_MLP, K_MLP // group)
         name = f"dequantize int{bits} {'g128' if bits == 4 else 'per-channel'} {N_MLP}x{K_MLP}"

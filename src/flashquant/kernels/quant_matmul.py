@@ -1,9 +1,10 @@
 """Triton int4/int8 weight-only dequant-matmul: out (M, N) = x (M, K) @ dequant(W)^T.
 
 One kernel, two regimes chosen by the launch config:
-* small M (decode, M <= 16): one BLOCK_M=16 row tile covers all of x, the grid runs over N tiles and SPLIT_K
+* small M (decode, M <= 16): one BLOCK_M=16 row tile covers all of x, the grid runs over N tiles and split_k
   slices of K, so a batch-1 GEMV still fills the GPU; every packed weight byte is read exactly once. Split-K
-  partials go to an fp32 workspace reduced by a deterministic sum (no bf16 atomics).
+  partials go to an fp32 workspace; the last program of each output tile to finish (an atomic counter per tile)
+  sums them in slice order and writes the output: deterministic, no float atomics, no second kernel.
 * mid-sized M: classic tiled GEMM, weight tiles dequantized on the fly into tensor-core operands.
 From M = DEQUANT_GEMM_MIN_M[bits] (prefill) the launcher instead dequantizes the weight once (kernels/dequantize.py)
 and calls F.linear (cuBLAS on a GPU): bit for bit the torch path's dequantized weight, made in one pass.
@@ -52,6 +53,8 @@ def _qmm_kernel(
     Scales,
     Zeros,
     Out,
+    Partials,  # fp32 (split_k, M, N) when SPLIT_K
+    TileCounters,  # int32 (tiles_m * tiles_n,), zeroed, when SPLIT_K
     M,
     N,
     K,
@@ -63,8 +66,9 @@ def _qmm_kernel(
     stride_qn,
     stride_sn,
     stride_om,
-    stride_os,
+    stride_ps,
     BITS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -121,10 +125,24 @@ def _qmm_kernel(
                 part = tl.dot(x, tl.trans(w))
         scale = tl.load(Scales + offs_n.to(tl.int64) * stride_sn + g, mask=n_valid, other=0.0).to(tl.float32)
         acc += part * scale[None, :]
-    out_ptrs = (
-        Out + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    )
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+    tile_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_mask = m_valid[:, None] & n_valid[None, :]
+    if SPLIT_K:
+        tl.store(Partials + pid_k.to(tl.int64) * stride_ps + tile_offs, acc, mask=out_mask)
+        # All of this program's partial is written before the counter's release; the program that takes the
+        # count to split_k acquires every slice's partial, and reads them from L2 (.cg), in slice order.
+        tl.debug_barrier()
+        num_splits = tl.num_programs(2)
+        done = tl.atomic_add(TileCounters + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, num_splits):
+                total += tl.load(
+                    Partials + s * stride_ps + tile_offs, mask=out_mask, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(Out + tile_offs, total.to(Out.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(Out + tile_offs, acc.to(Out.dtype.element_ty), mask=out_mask)
 
 
 # ---- launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bits and M bucket, from configs.py
@@ -200,19 +218,23 @@ def quant_matmul_triton(
         )
     tiles_per_split = triton.cdiv(k_tiles, split_k)
     split_k = triton.cdiv(k_tiles, tiles_per_split)
-    if split_k > 1:
-        out = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(1, M, N, dtype=x.dtype, device=x.device)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
-        return out.sum(0).to(x.dtype)
+        return out.zero_()
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
+    if split_k > 1:
+        partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+        tile_counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
+    else:
+        partials = tile_counters = out  # unused
     _qmm_kernel[grid](
         x,
         qdata,
         scales,
         zeros if zeros is not None else scales,
         out,
+        partials,
+        tile_counters,
         M,
         N,
         K,
@@ -223,9 +245,10 @@ def quant_matmul_triton(
         x.stride(0),
         qdata.stride(0),
         scales.stride(0),
-        out.stride(1),
         out.stride(0),
+        partials.stride(0) if split_k > 1 else 0,
         BITS=bits,
+        SPLIT_K=split_k > 1,
         HAS_ZEROS=zeros is not None,
         IEEE_DOT=x.dtype == torch.float32,
         BLOCK_M=block_m,
@@ -234,4 +257,4 @@ def quant_matmul_triton(
         num_warps=warps,
         num_stages=stages,
     )
-    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
+    return out
