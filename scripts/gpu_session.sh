@@ -72,10 +72,11 @@ for stage in $stages; do
       tests/test_triton_attention.py tests/test_triton_quant.py tests/test_layer_ops.py tests/test_dispatch.py \
       tests/test_llama.py tests/test_bench.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
     ;;
-  memcheck)  # the CUDA kernels' riskiest paths (tail steps, clamped rows, paging, misaligned views, G = 4/8/1/12)
+  memcheck)  # the CUDA kernels' riskiest paths (tail steps, clamped rows, paging, misaligned views, the in-kernel
+    # split-K sum, G = 4/8/1/12)
     if command -v compute-sanitizer >/dev/null; then
       timed memcheck "$(limit 150)" compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q \
-        tests/test_cuda_kernels.py -k "tail_steps or block_sizes or (flash_decoding and dtype0 and 128)" \
+        tests/test_cuda_kernels.py -k "tail_steps or block_sizes or split_k or (flash_decoding and dtype0 and 128)" \
         -p no:cacheprovider 2>&1 | tee "$OUT/memcheck.txt"
     else
       echo "== memcheck: compute-sanitizer not found" | tee "$OUT/memcheck.txt"
