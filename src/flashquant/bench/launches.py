@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ATen ops that allocate or re-describe memory without a kernel.
@@ -29,6 +30,7 @@ _NO_KERNEL = {
     "aten::new_empty_strided",
     "aten::lift_fresh",
     "aten::detach",
+    "aten::detach_",
     "aten::alias",
     "aten::_reshape_alias",
     "aten::sym_size",
@@ -43,7 +45,7 @@ _HOST_SYNC = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "at
 
 def _aliases_an_input(out, args, kwargs) -> bool:
     def storages(obj):
-        leaves = torch.utils._pytree.tree_leaves(obj)
+        leaves = pytree.tree_leaves(obj)
         return {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
 
     return bool(storages(out) & storages((args, kwargs))) or not storages(out)
