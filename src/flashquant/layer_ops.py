@@ -68,12 +68,7 @@ def rms_norm(
     device = check_same_device(x=x, weight=weight, residual=residual)
     name = _dispatch.resolve("rms_norm", backend, device, _auto_order(device))
     _check_interpreter_dtype(name, x)
-    x2 = x.reshape(-1, H)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    r2 = None
-    if residual is not None:
-        r2 = residual.reshape(-1, H)
-        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    x2, r2 = _rows(x, H), _rows(residual, H) if residual is not None else None
     out, h = _dispatch.call("rms_norm", _rms_norm_impl, x2, weight.contiguous(), r2, float(eps), name)
     out = out.view(x.shape)
     return out if residual is None else (out, h.view(x.shape))
@@ -199,13 +194,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
 
 
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """(..., F) -> (rows, F) with stride 1 along F, as a view where one exists (e.g. a half of
-    ``gate_up.chunk(2, -1)``), else a contiguous copy."""
-    rows = t.numel() // n_cols if n_cols else 0
-    try:
-        t2 = t.view(rows, n_cols)
-    except RuntimeError:  # the leading dimensions do not flatten into one stride
-        return t.reshape(rows, n_cols).contiguous()
+    """(..., F) -> (rows, F) with stride 1 along F: a view where the leading dimensions flatten into one stride
+    (e.g. a half of ``gate_up.chunk(2, -1)``), else a contiguous copy."""
+    t2 = t.reshape(t.numel() // n_cols if n_cols else 0, n_cols)
     return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
 
 
