@@ -43,6 +43,12 @@ def check() -> int:
     lens = torch.tensor([30, 17], dtype=torch.int32, device=device)
     w, x = rnd(96, 256), rnd(3, 256)
     qw = fq.quantize(w, 4, 128)
+    hidden, norm_w, positions = rnd(3, 256), rnd(256), torch.arange(37, device=device).expand(2, 37)
+    inv_freq = torch.rand(32, generator=g).to(device)
+
+    def flat(*tensors):  # ops that return several tensors, checked as one
+        return torch.cat([t.flatten() for t in tensors])
+
     cases = {
         "attention": lambda be: fq.attention(q, k, v, causal=True, backend=be),
         "attention_varlen": lambda be: fq.attention_varlen(
@@ -52,6 +58,11 @@ def check() -> int:
             q[:, :1], k.clone(), v.clone(), lens, k[:, :1], v[:, :1], backend=be
         ),
         "quant_matmul": lambda be: fq.quant_matmul(x, qw, backend=be),
+        "rms_norm": lambda be: flat(*fq.rms_norm(hidden, norm_w, 1e-5, residual=x, backend=be)),
+        "rotary_embedding": lambda be: flat(
+            *fq.rotary_embedding(q, k[:, :37], positions, inv_freq, backend=be)
+        ),
+        "silu_mul": lambda be: fq.silu_mul(hidden, x, backend=be),
     }
     failures = 0
     print(f"\nop checks on {device} ({str(dtype).replace('torch.', '')}), max |backend - reference|:")
