@@ -5,8 +5,9 @@ Layout of the work: one program owns BLOCK_M *rows*, where a row is a (query pos
 KV group) pair, so the Hq/Hkv query heads that share a KV head are rows of the same tile and every K/V byte is
 read once per group (GQA/MQA never repeat K/V). Programs loop over BLOCK_N keys with an online softmax in
 base 2 and fp32 accumulators. The key loop is clipped to the causal / sliding-window band of the tile, so
-fully masked key blocks are skipped, not computed. With split-KV, program (m, bh, s) (on one flat grid axis)
-covers keys [s * split_size, (s + 1) * split_size) and writes an fp32 partial output + its LSE;
+fully masked key blocks are skipped, not computed; prefill tiles run the blocks on the band's edges, which need the
+mask, and the interior blocks, which need none, in separate loops. With split-KV, program (m, bh, s) (on one flat
+grid axis) covers keys [s * split_size, (s + 1) * split_size) and writes an fp32 partial output + its LSE;
 `_combine_kernel` merges.
 
 Semantics (masks, empty rows -> 0 with lse -inf) are those of flashquant.reference.attention.
