@@ -93,10 +93,11 @@ def test_cli_check_runs_every_op_against_its_reference():
 
 
 def test_kvcache_auto_order_tries_the_cuda_decode_kernel_first_where_it_applies():
-    """On CUDA tensors auto tries the compiled decode kernel, then Triton, then torch; never on CPU tensors."""
+    """On CUDA tensors auto tries the compiled decode kernel, then Triton, then torch; on CPU tensors the C++ kernel
+    (decode-sized Sq), then torch."""
     from flashquant.attention import _kvcache_auto_order
 
     cuda = torch.device("cuda")
-    assert _kvcache_auto_order(cuda, True) == ("cuda", "triton", "torch")
-    assert _kvcache_auto_order(cuda, False) == ("triton", "torch")
-    assert _kvcache_auto_order(torch.device("cpu"), True) == ("torch",)
+    assert _kvcache_auto_order(cuda, True, 1) == ("cuda", "triton", "torch")
+    assert _kvcache_auto_order(cuda, False, 1) == ("triton", "torch")
+    assert _kvcache_auto_order(torch.device("cpu"), True, 1) == ("cpu", "torch")

@@ -24,6 +24,9 @@
   max|x|) before its integer dot products; summed over K that adds at most ~2^-14.5 x max|ref| (measured
   3.4e-5 relative at K=256), so its tolerance is QMM_RTOL_CPU = 2^-13 relative (4x margin): still 4x below one
   fp16 ulp of the output and ~100x below the int8 weight-quantization error itself.
+* The C++ CPU attention kernel (attention_with_kvcache, backend="cpu") computes scores, softmax and P@V in fp32
+  (exp2 by a polynomial of relative error ~2e-7) and rounds the output once: in fp16/bf16 at most one ulp of the
+  output per element (assert_one_rounding), in fp32 ATOL; its lse (fp32) within 1e-5 of the reference's.
 * Layer ops (rms_norm, rotary_embedding, silu_mul): a kernel and the fp32 reference compute the same fp32 value
   up to a few fp32 ulps (summation order, the GPU's sin/cos/exp vs the CPU's, FMA contraction) and round it
   once, so they may round to neighbouring values: at most one ulp of the output dtype per element

@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kvcache_attention.h"
 #include "cpu/quant_gemv.h"
 
 namespace {
@@ -15,10 +16,19 @@ TORCH_LIBRARY(flashquant, m) {
   m.def(
       "decode_attention_packed(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
       "float softmax_scale, int num_splits) -> Tensor");
+  // A few new query tokens against a contiguous or paged KV cache, every attention_with_kvcache option; CPU only
+  // (csrc/cpu/kvcache_attention.h has the semantics).
+  m.def(
+      "kvcache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+      "float softmax_scale, bool causal, int window_left, int window_right, float softcap, int num_splits) "
+      "-> (Tensor, Tensor)");
   m.def("cpu_simd_level() -> str", &cpu_simd_level);
 }
 
-TORCH_LIBRARY_IMPL(flashquant, CPU, m) { m.impl("quant_matmul_packed", &flashquant::cpu::quant_matmul_cpu); }
+TORCH_LIBRARY_IMPL(flashquant, CPU, m) {
+  m.impl("quant_matmul_packed", &flashquant::cpu::quant_matmul_cpu);
+  m.impl("kvcache_attention", &flashquant::cpu::kvcache_attention_cpu);
+}
 
 // Importable as flashquant._C: loading it runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {

@@ -15,6 +15,7 @@
 //
 // Portable path (non-x86 or FLASHQUANT_CPU_SIMD=0): the same loop structure in plain fp32.
 #include "cpu/quant_gemv.h"
+#include "cpu/simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,10 +26,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FLASHQUANT_X86 1
-#endif
 
 namespace flashquant::cpu {
 namespace {
@@ -226,24 +223,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group_si
   });
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
 #endif  // FLASHQUANT_X86
-
-bool simd_enabled() {
-  const char* env = std::getenv("FLASHQUANT_CPU_SIMD");
-  if (env && std::strcmp(env, "0") == 0) return false;
-#ifdef FLASHQUANT_X86
-  return cpu_has_avx2();
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 

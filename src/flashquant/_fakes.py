@@ -12,3 +12,21 @@ def _quant_matmul_packed_fake(x, qdata, scales, zeros, bits, group_size):
 @torch.library.register_fake("flashquant::decode_attention_packed")
 def _decode_attention_packed_fake(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, num_splits):
     return torch.empty_like(q)
+
+
+@torch.library.register_fake("flashquant::kvcache_attention")
+def _kvcache_attention_fake(
+    q,
+    k_cache,
+    v_cache,
+    seqlens_k,
+    block_table,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    num_splits,
+):
+    B, Sq, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)

@@ -395,6 +395,12 @@ def _attention_kvcache_impl(
             return_lse,
             num_splits,
         )
+    if backend == "cpu":
+        out, lse = torch.ops.flashquant.kvcache_attention(
+            q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal, window_left, window_right, softcap,
+            num_splits,
+        )  # fmt: skip
+        return out, _lse_out(lse, return_lse, q)
     if backend == "cuda":
         out = torch.ops.flashquant.decode_attention_packed(
             q[:, 0], k_cache, v_cache, seqlens_k.to(torch.int32), block_table, softmax_scale, num_splits
@@ -542,16 +548,23 @@ def attention_varlen(
     return (out, lse) if return_lse else out
 
 
-def _kvcache_auto_order(device: torch.device, cuda_ok: bool) -> tuple[str, ...]:
+# Up to this many new tokens per sequence, `auto` runs attention_with_kvcache on CPUs with the C++ kernel; above it
+# (chunked prefill) with SDPA, whose blocked matmuls win once there are many query rows per key
+# (bench/NOTES.md, "CPU decode attention").
+CPU_KVCACHE_MAX_SQ = 16
+
+
+def _kvcache_auto_order(device: torch.device, cuda_ok: bool, sq: int) -> tuple[str, ...]:
     """Backends `auto` tries for attention_with_kvcache. On CUDA, the compiled flash-decoding kernel first where it
     applies. Measured on an H100 (bench/NOTES.md, "First H100 session"), Llama-3-8B heads, bf16: eager at batch
     1-16 with an 8k cache it takes 0.16-0.30 ms a call against Triton's 0.28-0.43 ms (both host-bound there: the
     C++ op launches without Triton's Python launch path); replayed from a CUDA graph the Triton kernel is 1-12%
     faster (0.026 vs 0.030 ms at batch 1), and at B x S >= 256k cached tokens it is 4-14% faster eager too
     (85-92% of HBM bandwidth against 75-82%). Eager small-batch decode is where launch cost dominates a model's
-    step, so the CUDA kernel stays first; `backend="triton"` is the choice for large batches."""
+    step, so the CUDA kernel stays first; `backend="triton"` is the choice for large batches. On CPUs, the C++
+    kernel for decode-sized Sq (CPU_KVCACHE_MAX_SQ)."""
     if device.type != "cuda":
-        return ("torch",)
+        return ("cpu", "torch") if sq <= CPU_KVCACHE_MAX_SQ else ("torch",)
     return (("cuda",) if cuda_ok else ()) + ("triton", "torch")
 
 
@@ -583,7 +596,10 @@ def attention_with_kvcache(
             cache_seqlens[b] ... cache_seqlens[b] + Snew - 1 before attending (cache_seqlens is not updated).
         block_table: int32 (B, max_blocks) of cache block indices (paged cache), or None.
         causal: bottom-right aligned over the cache_seqlens[b] + Snew visible keys.
-        num_splits: split-KV parallelism of the Triton and CUDA kernels (0 = choose from the cache capacity).
+        num_splits: split-KV parallelism of the Triton, CUDA and CPU kernels (0 = choose from the cache capacity,
+            on CPUs from the thread count).
+        backend: "auto", "reference", "torch", "triton", "cuda" or "cpu" (the C++ kernel for CPU tensors, any
+            option; auto picks it for Sq <= CPU_KVCACHE_MAX_SQ).
     Returns:
         out (B, Sq, Hq, D), or (out, lse (B, Hq, Sq) fp32).
     On CUDA the capacity bound (cache_seqlens + Snew <= capacity) is not checked on the host (that would
@@ -659,7 +675,7 @@ def attention_with_kvcache(
         and (block_table is None or k_cache.shape[1] % 16 == 0)
         and q.dtype in (torch.float16, torch.bfloat16)
     )
-    order = _kvcache_auto_order(device, cuda_ok)
+    order = _kvcache_auto_order(device, cuda_ok, Sq)
     name = _dispatch.resolve("attention_with_kvcache", backend, device, order)
     if name == "cuda" and not cuda_ok:
         raise ValueError(

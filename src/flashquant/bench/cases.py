@@ -374,6 +374,8 @@ def decode_cases(
                 group = f"decode B={b} cache={s} {'paged' if paged else 'contiguous'}"
                 if (hq, hkv) != (32, 8):  # Llama-3's heads are the default; other GQA groups are named
                     group += f" Hq/Hkv={hq}/{hkv}"
+                if dtype != torch.bfloat16:  # so is any dtype but bf16's (a group compares one dtype)
+                    group += f" {_dt(dtype)}"
                 shape = {"B": b, "cache": s, "Hq": hq, "Hkv": hkv, "D": d, "paged": paged, "page": page}
 
                 def make_one(b=b, s=s, paged=paged):  # (q, k_cache, v_cache, cache_seqlens, block_table)
@@ -387,7 +389,7 @@ def decode_cases(
                         kc, table = torch.randn(b, s, hkv, d, device=device, dtype=dtype), None
                     return q, kc, torch.randn_like(kc), lens, table
 
-                for be in ("triton", "cuda"):
+                for be in ("triton", "cuda") if device == "cuda" else ("triton", "cpu"):
                     # The attention kernel alone over all s cached keys, as SDPA is timed (until 2026-11-23 these
                     # cases also appended a token, which SDPA's did not), rotating through cache copies larger
                     # than twice the last-level cache as SDPA's do.
@@ -463,7 +465,12 @@ def preset(name: str, device: str) -> list[Case]:
         return dispatch_crossover_cases(device)
     if device == "cpu":
         ms = [1] if name == "quick" else [1, 4, 16]
-        return quant_matmul_cases("cpu", [(4096, 4096), (14336, 4096)], ms)
+        batches, lens = ([1], [8192]) if name == "quick" else ([1, 4], [2048, 8192])
+        return (
+            quant_matmul_cases("cpu", [(4096, 4096), (14336, 4096)], ms)
+            + decode_cases("cpu", batches, lens, dtype=torch.bfloat16)
+            + decode_cases("cpu", batches, lens, dtype=torch.float32)
+        )
     if name == "quick":
         return (
             quant_matmul_cases(device, [(4096, 4096), (14336, 4096)], [1, 16, 4096])

@@ -1,0 +1,540 @@
+// Attention of a few new query tokens (decode, speculative verification) against a contiguous or paged KV cache,
+// on the CPU: backend="cpu" of flashquant.attention_with_kvcache.
+//
+// Work split: one task per (sequence b, range of keys, range of KV heads); by default a task takes every KV head,
+// so it reads the cache's (key, head, dim) rows in memory order and the hardware prefetchers see one stream
+// (one task per head, reading 256 B of every 2 KB key row, ran at half the bandwidth). Within a task, each KV
+// head h serves the R = Sq * G query rows that share it (G = Hq / Hkv), so each K/V byte is read once and
+// never once per query head (K/V are not repeated for GQA). Keys go in blocks of kKeyBlock: the scores of every
+// row (QK^T), an online softmax in base 2, then P @ V into fp32 row accumulators; rows are taken kRowTile at a
+// time inside the block, so the block's K and V stay in L1 while every row tile uses them. With fewer
+// sequences than threads (batch 1), the keys are split and the splits' partial outputs are merged with their
+// log-sum-exp at the end (flash-decoding); heads are split only when a cache is too short to split its keys.
+//
+// Everything is computed in fp32; K and V are converted as they are loaded (bf16: a shift, fp16: F16C). The
+// AVX2 path's exp2 is a degree-6 polynomial on [-0.5, 0.5] (relative error ~2e-7, about one fp32 ulp); the
+// portable path (other CPUs, or FLASHQUANT_CPU_SIMD=0) has the same structure with std::exp2.
+#include "cpu/kvcache_attention.h"
+#include "cpu/simd.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace flashquant::cpu {
+namespace {
+
+constexpr int64_t kKeyBlock = 64;  // keys per block: K and V blocks of 64 x 128 bf16 are 16 KB each
+constexpr int kRowTile = 8;        // query rows per tile: 8 ymm accumulators
+constexpr int64_t kAhead = 16;     // software prefetch distance, in keys of one head
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Problem {
+  int64_t B, Sq, Hq, Hkv, D, G, R;  // R = Sq * G rows per task; row r is token r / G, query head h * G + r % G
+  const float* q;                   // (B, Sq, Hq, D) fp32, contiguous
+  float q_scale;                    // softmax_scale * log2(e), or softmax_scale alone when softcap > 0
+  float softcap;                    // > 0: score -> softcap * tanh(score / softcap) * log2(e)
+  const void* k;
+  const void* v;
+  int64_t k_stride[3], v_stride[3];  // elements, dims 0..2 of the caches (dim 3 has unit stride)
+  const int32_t* seqlens;            // (B,)
+  const int32_t* table;              // (B, table_stride) paged block indices, or nullptr: contiguous cache
+  int64_t table_stride, block_size;
+  int64_t left, right;  // window; right = 0 when causal, -1 = unbounded
+  int64_t splits, head_chunks, heads_per_task;
+  float* part_out;  // (splits, B, Sq, Hq, D): each split's normalized output
+  float* part_lse;  // (splits, B, Sq, Hq): each split's log2-sum-exp2 (-inf: saw no key)
+};
+
+// Keys [lo, hi) that query token s of a sequence with len visible keys may see (bottom-right aligned).
+inline void row_bounds(const Problem& p, int64_t len, int64_t s, int64_t& lo, int64_t& hi) {
+  const int64_t pos = len - p.Sq + s;
+  lo = p.left >= 0 ? std::max<int64_t>(0, pos - p.left) : 0;
+  hi = p.right >= 0 ? std::min(len, pos + p.right + 1) : len;
+  hi = std::max(hi, lo);
+}
+
+template <typename T>
+inline const T* key_row(const Problem& p, const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j) {
+  int64_t off;
+  if (p.table) {
+    const int64_t blk = p.table[b * p.table_stride + j / p.block_size];
+    off = blk * stride[0] + (j % p.block_size) * stride[1];
+  } else {
+    off = b * stride[0] + j * stride[1];
+  }
+  return static_cast<const T*>(base) + off + h * stride[2];
+}
+
+// ---- portable path ---------------------------------------------------------------------------------
+template <typename T>
+void scores_scalar(const float* q, int64_t D, int rt, const T* const* kp, int64_t nk, float* sc) {
+  for (int r = 0; r < rt; ++r) {
+    for (int64_t j = 0; j < nk; ++j) {
+      float dot = 0.f;
+      for (int64_t d = 0; d < D; ++d) dot += q[r * D + d] * static_cast<float>(kp[j][d]);
+      sc[r * kKeyBlock + j] = dot;
+    }
+  }
+}
+
+template <typename T>
+void pv_scalar(const float* pr, int rt, const T* const* vp, int64_t nk, int64_t D, float* acc) {
+  for (int r = 0; r < rt; ++r)
+    for (int64_t j = 0; j < nk; ++j) {
+      const float w = pr[r * kKeyBlock + j];
+      for (int64_t d = 0; d < D; ++d) acc[r * D + d] += w * static_cast<float>(vp[j][d]);
+    }
+}
+
+void exp2_scalar(float* s, int64_t n, float m, float& sum) {
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp2(s[j] - m);  // exp2(-inf) = 0: masked keys
+    sum += s[j];
+  }
+}
+
+// ---- AVX2 path -------------------------------------------------------------------------------------
+#ifdef FLASHQUANT_X86
+#define FQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+FQ_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+FQ_AVX2 inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+FQ_AVX2 inline __m256 load8(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+FQ_AVX2 inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// One K or V row (D elements of one key and head) into L1, issued kAhead keys before it is used. A head's rows lie
+// a whole key row apart (Hkv * D elements), a pattern the hardware prefetchers did not follow: without this one
+// thread streamed ~4.6 GB/s from DRAM (18 GB/s for a plain sequential read).
+FQ_AVX2 inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(static_cast<const char*>(row) + off, _MM_HINT_T0);
+}
+
+// 2^x for x <= 0 (scores minus their running max): 2^round(x) from the exponent bits times a degree-6 Taylor
+// polynomial of 2^f, f in [-0.5, 0.5]. Exactly 0 below -126, for -inf (masked keys) and NaN.
+FQ_AVX2 inline __m256 exp2_avx2(__m256 x) {
+  const __m256 floor_ = _mm256_set1_ps(-126.f);
+  const __m256 keep = _mm256_cmp_ps(x, floor_, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, floor_);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 y = _mm256_set1_ps(1.5403530393381606e-4f);  // ln(2)^k / k!, k = 6 ... 0
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618129107628477e-3f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550410866482158e-2f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.2402265069591007f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931471805599453f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+}
+
+// s[0, n) -> 2^(s - m), adding them to sum. s has room for a multiple of 8 (kKeyBlock).
+FQ_AVX2 void exp2_avx2_row(float* s, int64_t n, float m, float& sum) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 total = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float tail = 0.f;
+  if (j < n) {
+    alignas(32) float buf[8];
+    for (int i = 0; i < 8; ++i) buf[i] = j + i < n ? s[j + i] - m : kNegInf;
+    _mm256_store_ps(buf, exp2_avx2(_mm256_load_ps(buf)));
+    for (int64_t i = 0; j + i < n; ++i) s[j + i] = buf[i], tail += buf[i];
+  }
+  sum += hsum(total) + tail;
+}
+
+// KP keys at once for RT rows: RT * KP independent FMA chains (>= 8 hide the FMA latency); each q chunk is
+// loaded once per step for the KP keys. acc[kk * RT + r] sums q_r . k_kk.
+template <typename T, int RT, int KP>
+FQ_AVX2 __attribute__((always_inline)) inline void score_keys(const float* q, int64_t D, const T* const* kp,
+                                                               float* sc) {
+  __m256 acc[KP * RT];
+  for (int i = 0; i < KP * RT; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 qv[RT];
+    for (int r = 0; r < RT; ++r) qv[r] = _mm256_loadu_ps(q + r * D + d);
+    for (int kk = 0; kk < KP; ++kk) {
+      const __m256 kv = load8(kp[kk] + d);
+      for (int r = 0; r < RT; ++r) acc[kk * RT + r] = _mm256_fmadd_ps(qv[r], kv, acc[kk * RT + r]);
+    }
+  }
+  if constexpr (KP * RT == 8) {  // the eight sums at once: a horizontal-add tree, then the two 128-bit halves
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    for (int kk = 0; kk < KP; ++kk)
+      for (int r = 0; r < RT; ++r) sc[r * kKeyBlock + kk] = sums[kk * RT + r];
+  } else {
+    for (int kk = 0; kk < KP; ++kk)
+      for (int r = 0; r < RT; ++r) sc[r * kKeyBlock + kk] = hsum(acc[kk * RT + r]);
+  }
+}
+
+// sc[r * kKeyBlock + j] = q_r . k_j for RT rows (q, stride D) and nk keys; D % 8 == 0. kp holds n_ptr >= nk row
+// pointers: those past nk are prefetched.
+template <typename T, int RT>
+FQ_AVX2 void scores_avx2(const float* q, int64_t D, const T* const* kp, int64_t nk, int64_t n_ptr, float* sc) {
+  constexpr int KP = RT == 1 ? 8 : RT == 2 ? 4 : RT <= 4 ? 2 : 1;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  int64_t j = 0;
+  for (; j + KP <= nk; j += KP) {
+    for (int kk = 0; kk < KP; ++kk)
+      if (j + kk + kAhead < n_ptr) prefetch_row(kp[j + kk + kAhead], row_bytes);
+    score_keys<T, RT, KP>(q, D, kp + j, sc + j);
+  }
+  for (; j < nk; ++j) {
+    if (j + kAhead < n_ptr) prefetch_row(kp[j + kAhead], row_bytes);
+    score_keys<T, RT, 1>(q, D, kp + j, sc + j);
+  }
+}
+
+// acc[r, d : d + 8W] += sum_j p[r, j] v_j[d : d + 8W] for RT rows and nk keys, keys dealt round-robin to KP
+// accumulator sets: 6-8 accumulators in all (independent FMA chains), and with W = 2 each broadcast of p
+// serves 16 outputs, so the loads (V, broadcasts) stay under the FMAs. Keys go 8 at a time through all of D:
+// V rows of one head lie a whole key row apart (Hkv * D elements, 2 KB for 8 bf16 heads of 128), so a block
+// of 64 of them maps onto a few L1 sets, and walking all 64 once per d step missed L1 every time.
+template <typename T, int RT, int W, int KP>
+FQ_AVX2 void pv_steps(const float* pr, const T* const* vp, int64_t nk, int64_t n_ptr, int64_t D, float* acc) {
+  constexpr int64_t kSub = 8;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t j0 = 0; j0 < nk; j0 += kSub) {
+    const int64_t j1 = std::min(nk, j0 + kSub);
+    for (int64_t j = j0 + kAhead; j < std::min(n_ptr, j1 + kAhead); ++j) prefetch_row(vp[j], row_bytes);
+    for (int64_t d = 0; d < D; d += 8 * W) {
+      __m256 a[KP][RT][W];
+      for (int r = 0; r < RT; ++r)
+        for (int w = 0; w < W; ++w) {
+          a[0][r][w] = _mm256_loadu_ps(acc + r * D + d + 8 * w);
+          for (int kk = 1; kk < KP; ++kk) a[kk][r][w] = _mm256_setzero_ps();
+        }
+      int64_t j = j0;
+      for (; j + KP <= j1; j += KP) {
+        for (int kk = 0; kk < KP; ++kk) {
+          __m256 vv[W];
+          for (int w = 0; w < W; ++w) vv[w] = load8(vp[j + kk] + d + 8 * w);
+          for (int r = 0; r < RT; ++r) {
+            const __m256 pw = _mm256_broadcast_ss(pr + r * kKeyBlock + j + kk);
+            for (int w = 0; w < W; ++w) a[kk][r][w] = _mm256_fmadd_ps(pw, vv[w], a[kk][r][w]);
+          }
+        }
+      }
+      for (; j < j1; ++j) {
+        __m256 vv[W];
+        for (int w = 0; w < W; ++w) vv[w] = load8(vp[j] + d + 8 * w);
+        for (int r = 0; r < RT; ++r) {
+          const __m256 pw = _mm256_broadcast_ss(pr + r * kKeyBlock + j);
+          for (int w = 0; w < W; ++w) a[0][r][w] = _mm256_fmadd_ps(pw, vv[w], a[0][r][w]);
+        }
+      }
+      for (int r = 0; r < RT; ++r)
+        for (int w = 0; w < W; ++w) {
+          for (int kk = 1; kk < KP; ++kk) a[0][r][w] = _mm256_add_ps(a[0][r][w], a[kk][r][w]);
+          _mm256_storeu_ps(acc + r * D + d + 8 * w, a[0][r][w]);
+        }
+    }
+  }
+}
+
+// D % 8 == 0; vp holds n_ptr >= nk row pointers, those past nk are prefetched.
+template <typename T, int RT>
+FQ_AVX2 void pv_avx2(const float* pr, const T* const* vp, int64_t nk, int64_t n_ptr, int64_t D, float* acc) {
+  if (RT <= 4 && D % 16 == 0) {
+    pv_steps<T, RT, 2, RT == 1 ? 4 : RT == 2 ? 2 : 1>(pr, vp, nk, n_ptr, D, acc);
+  } else {
+    pv_steps<T, RT, 1, RT == 1 ? 8 : RT == 2 ? 4 : RT <= 4 ? 2 : 1>(pr, vp, nk, n_ptr, D, acc);
+  }
+}
+
+template <typename T>
+struct Avx2Tiles {
+  using ScoreFn = void (*)(const float*, int64_t, const T* const*, int64_t, int64_t, float*);
+  using PvFn = void (*)(const float*, const T* const*, int64_t, int64_t, int64_t, float*);
+  static constexpr ScoreFn scores[kRowTile] = {scores_avx2<T, 1>, scores_avx2<T, 2>, scores_avx2<T, 3>,
+                                               scores_avx2<T, 4>, scores_avx2<T, 5>, scores_avx2<T, 6>,
+                                               scores_avx2<T, 7>, scores_avx2<T, 8>};
+  static constexpr PvFn pv[kRowTile] = {pv_avx2<T, 1>, pv_avx2<T, 2>, pv_avx2<T, 3>, pv_avx2<T, 4>,
+                                        pv_avx2<T, 5>, pv_avx2<T, 6>, pv_avx2<T, 7>, pv_avx2<T, 8>};
+};
+#endif  // FLASHQUANT_X86
+
+// ---- one task: (sequence b, split of its keys, range of KV heads) -----------------------------------
+struct Scratch {
+  std::vector<float> q, acc, m, l, sc;
+  std::vector<int64_t> lo, hi;
+  std::vector<const void*> kp, vp;
+};
+
+template <typename T, bool SIMD>
+void run_task(const Problem& p, int64_t task, Scratch& w) {
+  const int64_t hc = task % p.head_chunks, split = task / p.head_chunks % p.splits;
+  const int64_t b = task / (p.head_chunks * p.splits);
+  const int64_t h0 = hc * p.heads_per_task, nh = std::min(p.Hkv, h0 + p.heads_per_task) - h0;
+  const int64_t R = p.R, D = p.D, G = p.G, len = p.seqlens[b];
+  // Rows hl * R + r: KV head h0 + hl, token r / G, query head (h0 + hl) * G + r % G.
+  w.q.resize(nh * R * D), w.acc.assign(nh * R * D, 0.f), w.m.assign(nh * R, kNegInf), w.l.assign(nh * R, 0.f);
+  w.lo.resize(p.Sq), w.hi.resize(p.Sq), w.sc.resize(kRowTile * kKeyBlock);
+  w.kp.resize(kKeyBlock + kAhead), w.vp.resize(kKeyBlock + kAhead);
+  int64_t k_lo = len, k_hi = 0;
+  for (int64_t s = 0; s < p.Sq; ++s) {
+    row_bounds(p, len, s, w.lo[s], w.hi[s]);
+    if (w.hi[s] > w.lo[s]) k_lo = std::min(k_lo, w.lo[s]), k_hi = std::max(k_hi, w.hi[s]);
+  }
+  for (int64_t hl = 0; hl < nh; ++hl)
+    for (int64_t r = 0; r < R; ++r) {
+      const float* src = p.q + ((b * p.Sq + r / G) * p.Hq + (h0 + hl) * G + r % G) * D;
+      float* dst = w.q.data() + (hl * R + r) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * p.q_scale;
+    }
+  // This split's share of the keys any row sees, in whole key blocks.
+  int64_t start = k_hi, end = k_hi;
+  if (k_hi > k_lo) {
+    const int64_t blocks = (k_hi - k_lo + kKeyBlock - 1) / kKeyBlock;
+    const int64_t per = (blocks + p.splits - 1) / p.splits * kKeyBlock;
+    start = std::min(k_hi, k_lo + split * per);
+    end = std::min(k_hi, start + per);
+  }
+  const T** kp = reinterpret_cast<const T**>(w.kp.data());
+  const T** vp = reinterpret_cast<const T**>(w.vp.data());
+  for (int64_t j0 = start; j0 < end; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, end - j0);
+    const int64_t n_ptr = std::min(kKeyBlock + kAhead, end - j0);  // this block's rows, then kAhead to prefetch
+    for (int64_t hl = 0; hl < nh; ++hl) {
+      for (int64_t jj = 0; jj < n_ptr; ++jj) {
+        kp[jj] = key_row<T>(p, p.k, p.k_stride, b, h0 + hl, j0 + jj);
+        vp[jj] = key_row<T>(p, p.v, p.v_stride, b, h0 + hl, j0 + jj);
+      }
+      for (int64_t t0 = 0; t0 < R; t0 += kRowTile) {
+        const int rt = static_cast<int>(std::min<int64_t>(kRowTile, R - t0));
+        const int64_t s_first = t0 / G, s_last = (t0 + rt - 1) / G;
+        int64_t tile_lo = len, tile_hi = 0;
+        for (int64_t s = s_first; s <= s_last; ++s) tile_lo = std::min(tile_lo, w.lo[s]), tile_hi = std::max(tile_hi, w.hi[s]);
+        if (tile_hi <= j0 || tile_lo >= j0 + nk || tile_hi <= tile_lo) continue;  // no row of the tile sees these keys
+        const int64_t row0 = hl * R + t0;
+        const float* qt = w.q.data() + row0 * D;
+        float* acc = w.acc.data() + row0 * D;
+        float* sc = w.sc.data();
+#ifdef FLASHQUANT_X86
+        if constexpr (SIMD) {
+          Avx2Tiles<T>::scores[rt - 1](qt, D, kp, nk, t0 == 0 ? n_ptr : nk, sc);
+        } else
+#endif
+        {
+          scores_scalar<T>(qt, D, rt, kp, nk, sc);
+        }
+        for (int i = 0; i < rt; ++i) {
+          float* s = sc + i * kKeyBlock;
+          const int64_t lo = w.lo[(t0 + i) / G], hi = w.hi[(t0 + i) / G];
+          if (p.softcap > 0.f)
+            for (int64_t jj = 0; jj < nk; ++jj) s[jj] = p.softcap * std::tanh(s[jj] / p.softcap) * kLog2e;
+          if (lo > j0 || hi < j0 + nk)  // the mask, only on blocks that cross one of this row's bounds
+            for (int64_t jj = 0; jj < nk; ++jj)
+              if (j0 + jj < lo || j0 + jj >= hi) s[jj] = kNegInf;
+          float& m = w.m[row0 + i];
+          float& l = w.l[row0 + i];
+          float block_max = kNegInf;
+          for (int64_t jj = 0; jj < nk; ++jj) block_max = std::max(block_max, s[jj]);
+          const float m_new = std::max(m, block_max);
+          if (m_new == kNegInf) {  // the row has seen no key yet: nothing to add
+            std::fill(s, s + nk, 0.f);
+            continue;
+          }
+          const float alpha = std::exp2(m - m_new);  // 0 when m was -inf (acc is still 0 then)
+          float sum = 0.f;
+#ifdef FLASHQUANT_X86
+          if constexpr (SIMD) {
+            exp2_avx2_row(s, nk, m_new, sum);
+          } else
+#endif
+          {
+            exp2_scalar(s, nk, m_new, sum);
+          }
+          l = l * alpha + sum;
+          m = m_new;
+          if (alpha != 1.f)
+            for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= alpha;
+        }
+#ifdef FLASHQUANT_X86
+        if constexpr (SIMD) {
+          Avx2Tiles<T>::pv[rt - 1](sc, vp, nk, t0 == 0 ? n_ptr : nk, D, acc);
+        } else
+#endif
+        {
+          pv_scalar<T>(sc, rt, vp, nk, D, acc);
+        }
+      }
+    }
+  }
+  for (int64_t hl = 0; hl < nh; ++hl)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = hl * R + r;
+      const int64_t out_row = ((split * p.B + b) * p.Sq + r / G) * p.Hq + (h0 + hl) * G + r % G;
+      const float l = w.l[i];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      for (int64_t d = 0; d < D; ++d) p.part_out[out_row * D + d] = w.acc[i * D + d] * inv;
+      p.part_lse[out_row] = l > 0.f ? w.m[i] + std::log2(l) : kNegInf;
+    }
+}
+
+template <typename T>
+void run_tasks(const Problem& p) {
+  const bool simd =
+#ifdef FLASHQUANT_X86
+      simd_enabled() && p.D % 8 == 0;
+#else
+      false;
+#endif
+  at::parallel_for(0, p.B * p.splits * p.head_chunks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch w;
+    for (int64_t t = t0; t < t1; ++t) simd ? run_task<T, true>(p, t, w) : run_task<T, false>(p, t, w);
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                         const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                         const std::optional<at::Tensor>& block_table,
+                                                         double softmax_scale, bool causal, int64_t window_left,
+                                                         int64_t window_right, double softcap, int64_t num_splits) {
+  TORCH_CHECK(q.dim() == 4, "kvcache_attention_cpu: q must be (B, Sq, Hq, D), got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "kvcache_attention_cpu: k_cache and v_cache must both be 4-D of one shape, got ", k_cache.sizes(),
+              " and ", v_cache.sizes());
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "kvcache_attention_cpu: caches ", k_cache.sizes(),
+              " do not match q ", q.sizes(), " (head_dim D, Hq a multiple of Hkv)");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "kvcache_attention_cpu: k_cache/v_cache must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "kvcache_attention_cpu: k_cache/v_cache need unit stride in head_dim");
+  TORCH_CHECK(seqlens_k.dim() == 1 && seqlens_k.size(0) == B, "kvcache_attention_cpu: seqlens_k must be (B=", B,
+              ",), got ", seqlens_k.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+                  seqlens_k.device().is_cpu(),
+              "kvcache_attention_cpu: all tensors must be on the CPU");
+  const at::Tensor lens = seqlens_k.to(at::kInt).contiguous();
+  at::Tensor table;
+  int64_t capacity = k_cache.size(1);
+  if (block_table) {
+    TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == B,
+                "kvcache_attention_cpu: block_table must be (B=", B, ", max_blocks), got ", block_table->sizes());
+    table = block_table->to(at::kInt).contiguous();
+    capacity = table.size(1) * k_cache.size(1);
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B, "kvcache_attention_cpu: a contiguous k_cache must be (B=", B,
+                ", S_max, Hkv, D), got ", k_cache.sizes());
+  }
+  const int32_t* len_ptr = lens.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(len_ptr[b] >= 0 && len_ptr[b] <= capacity, "kvcache_attention_cpu: seqlens_k[", b, "] = ",
+                len_ptr[b], " is outside [0, capacity=", capacity, "]");
+    max_len = std::max<int64_t>(max_len, len_ptr[b]);
+  }
+  if (block_table && table.numel() > 0) {
+    const int64_t lo = table.min().item<int32_t>(), hi = table.max().item<int32_t>();
+    TORCH_CHECK(lo >= 0 && hi < k_cache.size(0), "kvcache_attention_cpu: block_table entries must lie in [0, ",
+                k_cache.size(0), "), got [", lo, ", ", hi, "]");
+  }
+
+  // Two tasks per thread where the work allows: split the keys (at least 512 per split: 256 KB of K and V for
+  // 8 bf16 heads of 128), then, for short caches, the KV heads.
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = num_splits;
+  if (splits <= 0)
+    splits = B >= 2 * threads ? 1 : std::min((2 * threads + B - 1) / std::max<int64_t>(B, 1), std::max<int64_t>(1, max_len / 512));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1024));
+  int64_t heads_per_task = Hkv;
+  if (B * splits < 2 * threads) {
+    const int64_t chunks = std::min(Hkv, (2 * threads + B * splits - 1) / std::max<int64_t>(B * splits, 1));
+    heads_per_task = (Hkv + chunks - 1) / chunks;
+  }
+
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor part_out = at::empty({splits, B, Sq, Hq, D}, q.options().dtype(at::kFloat));
+  at::Tensor part_lse = at::empty({splits, B, Sq, Hq}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {at::zeros_like(q), lse.fill_(kNegInf)};
+
+  Problem p{};
+  p.B = B, p.Sq = Sq, p.Hq = Hq, p.Hkv = Hkv, p.D = D, p.G = Hq / Hkv, p.R = Sq * p.G;
+  p.q = qf.data_ptr<float>();
+  p.softcap = static_cast<float>(softcap);
+  p.q_scale = static_cast<float>(softcap > 0 ? softmax_scale : softmax_scale * kLog2e);
+  p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
+  for (int i = 0; i < 3; ++i) p.k_stride[i] = k_cache.stride(i), p.v_stride[i] = v_cache.stride(i);
+  p.seqlens = len_ptr;
+  p.table = block_table ? table.data_ptr<int32_t>() : nullptr;
+  p.table_stride = block_table ? table.size(1) : 0;
+  p.block_size = k_cache.size(1);
+  p.left = window_left;
+  p.right = causal ? 0 : window_right;
+  p.splits = splits;
+  p.heads_per_task = heads_per_task;
+  p.head_chunks = (Hkv + heads_per_task - 1) / heads_per_task;
+  p.part_out = part_out.data_ptr<float>(), p.part_lse = part_lse.data_ptr<float>();
+  switch (q.scalar_type()) {
+    case at::kFloat: run_tasks<float>(p); break;
+    case at::kHalf: run_tasks<at::Half>(p); break;
+    case at::kBFloat16: run_tasks<at::BFloat16>(p); break;
+    default: TORCH_CHECK(false, "kvcache_attention_cpu: q must be fp32, fp16 or bf16, got ", q.scalar_type());
+  }
+
+  // Merge the splits (a no-op copy of the log-sum-exp for one split) and convert lse to the natural log.
+  at::Tensor out = splits == 1 ? part_out[0] : at::empty({B, Sq, Hq, D}, q.options().dtype(at::kFloat));
+  const int64_t rows = B * Sq * Hq;
+  float* out_ptr = out.data_ptr<float>();
+  float* lse_ptr = lse.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t hq = i % Hq, s = (i / Hq) % Sq, b = i / (Hq * Sq);
+      float mx = kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, p.part_lse[sp * rows + i]);
+      if (splits == 1) {
+        lse_ptr[(b * Hq + hq) * Sq + s] = mx * kLn2;  // -inf stays -inf
+        continue;
+      }
+      lse_ptr[(b * Hq + hq) * Sq + s] = kNegInf;
+      float* o = out_ptr + i * D;
+      std::fill(o, o + D, 0.f);
+      if (mx == kNegInf) continue;
+      float total = 0.f;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const float w = std::exp2(p.part_lse[sp * rows + i] - mx);
+        if (w == 0.f) continue;
+        total += w;
+        const float* src = p.part_out + (sp * rows + i) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= total;
+      lse_ptr[(b * Hq + hq) * Sq + s] = (mx + std::log2(total)) * kLn2;
+    }
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+}  // namespace flashquant::cpu

@@ -1,0 +1,25 @@
+// Attention of a few new query tokens against a KV cache, on the CPU: declarations shared by ops.cpp and
+// kvcache_attention.cpp.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <optional>
+#include <tuple>
+
+namespace flashquant::cpu {
+
+// q (B, Sq, Hq, D); k_cache / v_cache (B, S_max, Hkv, D) contiguous caches or, with block_table, paged
+// (num_blocks, block_size, Hkv, D), any strides but unit stride in D; seqlens_k int32 (B,): keys visible to each
+// sequence (the cache length after any append); block_table int32 (B, max_blocks) or nullopt.
+// Query row s of sequence b sits at key position seqlens_k[b] - Sq + s (bottom-right aligned) and sees key j
+// when j < seqlens_k[b], j <= pos + window_right (causal: window_right = 0) if window_right >= 0, and
+// j >= pos - window_left if window_left >= 0. softcap > 0 applies softcap * tanh(s / softcap) to the scaled
+// scores. num_splits: how many pieces each (sequence, KV head) splits its keys into (0 = choose from the
+// thread count). Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 (natural log; -inf and
+// zero output for rows that see no key).
+std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                         const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                         const std::optional<at::Tensor>& block_table,
+                                                         double softmax_scale, bool causal, int64_t window_left,
+                                                         int64_t window_right, double softcap, int64_t num_splits);
+
+}  // namespace flashquant::cpu

@@ -1,0 +1,163 @@
+"""The C++ CPU attention kernel behind attention_with_kvcache(backend="cpu") against the fp32 reference: its AVX2
+and portable paths, fp32/fp16/bf16, contiguous and paged caches, masks, splits of the keys, and the dispatch."""
+
+import math
+
+import pytest
+import torch
+
+import flashquant as fq
+from flashquant import _dispatch
+from tolerances import assert_close, assert_one_rounding, max_err
+
+CPU_OK = _dispatch.backends()["cpu"].available
+pytestmark = pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+
+# (B, Sq, Hq, Hkv, D): Llama-3 heads (GQA 4), MQA with two 8-row tiles per KV head, MHA, a row count that leaves a
+# partial tile (Sq=3 x G=4 = 12 rows), head_dim 40 (not a multiple of 8: the portable path even with AVX2), tiny D.
+SHAPES = [
+    (2, 1, 8, 2, 128),
+    (1, 2, 8, 1, 64),
+    (3, 1, 4, 4, 32),
+    (2, 3, 8, 2, 16),
+    (2, 2, 6, 3, 40),
+    (1, 1, 2, 1, 8),
+]
+# (causal, window, softcap)
+MASKS = [(True, (-1, -1), 0.0), (False, (-1, -1), 0.0), (True, (37, -1), 0.0), (False, (20, 3), 2.5)]
+
+
+def make_cache(B, hkv, d, lens, paged, dtype, capacity=200, block_size=16):
+    if paged:
+        per_seq = -(-capacity // block_size)
+        num_blocks = B * per_seq + 5
+        kc = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype)
+        table = torch.randperm(num_blocks)[: B * per_seq].reshape(B, per_seq).to(torch.int32)
+    else:
+        kc, table = torch.randn(B, capacity, hkv, d, dtype=dtype), None
+    return kc, torch.randn_like(kc), torch.tensor(lens, dtype=torch.int32), table
+
+
+def check(out, ref, lse, ref_lse, dtype, what):
+    """fp16/bf16: the kernel computes in fp32 and rounds once, so one ulp of the output (tolerances.py);
+    fp32: ATOL. lse (fp32 in both): 1e-5 absolute, -inf where the reference has -inf."""
+    if dtype == torch.float32:
+        assert_close(out, ref, dtype, what)
+    else:
+        assert_one_rounding(out, ref, what)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), f"{what}: -inf lse rows differ"
+    assert max_err(lse, ref_lse) < 1e-5, f"{what}: lse error {max_err(lse, ref_lse):.3g}"
+
+
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("paged", [False, True])
+def test_cpu_kvcache_matches_reference(monkeypatch, simd, dtype, shape, paged):
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    B, sq, hq, hkv, d = shape
+    lens = [200, 1, 130][
+        :B
+    ]  # full capacity, a single key (fewer keys than query rows when Sq > 1), a ragged one
+    kc, vc, lens, table = make_cache(B, hkv, d, lens, paged, dtype)
+    q = torch.randn(B, sq, hq, d, dtype=dtype)
+    for causal, window, softcap in MASKS:
+        kw = dict(causal=causal, window_size=window, softcap=softcap, return_lse=True)
+        ref, ref_lse = fq.attention_with_kvcache(
+            q, kc, vc, lens, block_table=table, backend="reference", **kw
+        )
+        for splits in (1, 3):
+            out, lse = fq.attention_with_kvcache(
+                q, kc, vc, lens, block_table=table, num_splits=splits, backend="cpu", **kw
+            )
+            assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, hq, sq)
+            check(out, ref, lse, ref_lse, dtype, f"{shape} paged={paged} {kw} splits={splits} simd={simd}")
+
+
+def test_cpu_kvcache_appends_then_attends_like_the_reference():
+    B, hq, hkv, d = 3, 8, 2, 64
+    kc, vc, lens, table = make_cache(B, hkv, d, [0, 15, 100], True, torch.float16, capacity=128)
+    q = torch.randn(B, 4, hq, d, dtype=torch.float16)
+    k, v = torch.randn(B, 4, hkv, d, dtype=torch.float16), torch.randn(B, 4, hkv, d, dtype=torch.float16)
+    kc_r, vc_r = kc.clone(), vc.clone()
+    ref = fq.attention_with_kvcache(q, kc_r, vc_r, lens, k, v, table, backend="reference")
+    out = fq.attention_with_kvcache(q, kc, vc, lens, k, v, table, backend="cpu")
+    assert torch.equal(kc, kc_r) and torch.equal(
+        vc, vc_r
+    )  # the same in-place append (crosses a page at 15 -> 19)
+    assert_one_rounding(out, ref, "append then attend")
+
+
+def test_cpu_kvcache_rows_without_keys_are_zero_with_lse_minus_inf():
+    kc, vc, lens, _ = make_cache(2, 2, 16, [0, 2], False, torch.float32, capacity=8)
+    q = torch.randn(2, 4, 4, 16)  # sequence 1: 2 keys, 4 causal rows -> rows 0 and 1 see nothing
+    out, lse = fq.attention_with_kvcache(q, kc, vc, lens, return_lse=True, num_splits=2, backend="cpu")
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(
+        out[1, :2], torch.zeros_like(out[1, :2])
+    )
+    assert (
+        torch.isinf(lse[0]).all() and torch.isinf(lse[1, :, :2]).all() and torch.isfinite(lse[1, :, 2:]).all()
+    )
+    ref, ref_lse = fq.attention_with_kvcache(q, kc, vc, lens, return_lse=True, backend="reference")
+    check(out, ref, lse, ref_lse, torch.float32, "empty rows")
+
+
+def test_cpu_kvcache_more_splits_than_key_blocks():
+    """Splits are whole 64-key blocks: 100 keys give two blocks, so 7 of 9 splits are empty and must merge as
+    nothing (lse -inf), not as zeros with weight."""
+    kc, vc, lens, _ = make_cache(1, 1, 32, [100], False, torch.float32, capacity=100)
+    q = torch.randn(1, 1, 4, 32)
+    ref = fq.attention_with_kvcache(q, kc, vc, lens, backend="reference")
+    for splits in (1, 2, 9):
+        assert_close(
+            fq.attention_with_kvcache(q, kc, vc, lens, num_splits=splits, backend="cpu"), ref, torch.float32
+        )
+
+
+def test_cpu_kvcache_strided_cache_views():
+    """Caches that are views with padded head and sequence strides (a slice of a larger buffer)."""
+    big_k, big_v = torch.randn(2, 90, 3, 40), torch.randn(2, 90, 3, 40)
+    kc, vc = big_k[:, 5:85, 1:3, 4:36], big_v[:, 5:85, 1:3, 4:36]  # (2, 80, 2, 32), unit stride in D
+    lens = torch.tensor([80, 33], dtype=torch.int32)
+    q = torch.randn(2, 1, 4, 32)
+    ref = fq.attention_with_kvcache(q, kc.contiguous(), vc.contiguous(), lens, backend="reference")
+    assert_close(fq.attention_with_kvcache(q, kc, vc, lens, backend="cpu"), ref, torch.float32)
+
+
+def test_cpu_kvcache_llama_shape_long_cache_splits_by_default():
+    """Batch 1, 32/8 heads, 3000 cached bf16 keys: the default split count (2 tasks per thread) is used."""
+    kc, vc, lens, _ = make_cache(1, 8, 128, [3000], False, torch.bfloat16, capacity=3072)
+    q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16)
+    ref = fq.attention_with_kvcache(q, kc, vc, lens, backend="reference")
+    assert_one_rounding(fq.attention_with_kvcache(q, kc, vc, lens, backend="cpu"), ref, "llama 3k")
+
+
+def test_auto_picks_the_cpu_kernel_for_decode_on_cpu():
+    from flashquant.attention import CPU_KVCACHE_MAX_SQ, _kvcache_auto_order
+
+    cpu = torch.device("cpu")
+    assert _kvcache_auto_order(cpu, False, 1) == ("cpu", "torch")
+    assert _kvcache_auto_order(cpu, False, CPU_KVCACHE_MAX_SQ) == ("cpu", "torch")
+    assert _kvcache_auto_order(cpu, False, CPU_KVCACHE_MAX_SQ + 1) == ("torch",)
+    assert (
+        _dispatch.resolve("attention_with_kvcache", "auto", cpu, _kvcache_auto_order(cpu, False, 1)) == "cpu"
+    )
+    kc, vc, lens, _ = make_cache(1, 2, 16, [10], False, torch.float32, capacity=16)
+    q = torch.randn(1, 1, 4, 16)
+    auto = fq.attention_with_kvcache(q, kc, vc, lens)
+    assert torch.equal(auto, fq.attention_with_kvcache(q, kc, vc, lens, backend="cpu"))
+
+
+def test_cpu_kvcache_op_opcheck_and_errors():
+    kc, vc, lens, table = make_cache(2, 2, 16, [5, 9], True, torch.float32, capacity=32)
+    q = torch.randn(2, 1, 4, 16)
+    torch.library.opcheck(
+        torch.ops.flashquant.kvcache_attention.default,
+        (q, kc, vc, lens, table, 1 / math.sqrt(16), True, -1, -1, 0.0, 0),
+    )
+    with pytest.raises(RuntimeError, match="must have q's dtype"):
+        torch.ops.flashquant.kvcache_attention(q.half(), kc, vc, lens, table, 0.25, True, -1, -1, 0.0, 0)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.flashquant.kvcache_attention(q, kc, vc, lens + 100, table, 0.25, True, -1, -1, 0.0, 0)
+    with pytest.raises(RuntimeError, match="block_table entries"):
+        torch.ops.flashquant.kvcache_attention(q, kc, vc, lens, table + 100, 0.25, True, -1, -1, 0.0, 0)
