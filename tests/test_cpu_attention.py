@@ -8,6 +8,7 @@ import torch
 
 import flashquant as fq
 from flashquant import _dispatch
+from test_attention_api import make_cache
 from tolerances import assert_close, assert_one_rounding, max_err
 
 CPU_OK = _dispatch.backends()["cpu"].available
@@ -25,17 +26,6 @@ SHAPES = [
 ]
 # (causal, window, softcap)
 MASKS = [(True, (-1, -1), 0.0), (False, (-1, -1), 0.0), (True, (37, -1), 0.0), (False, (20, 3), 2.5)]
-
-
-def make_cache(B, hkv, d, lens, paged, dtype, capacity=200, block_size=16):
-    if paged:
-        per_seq = -(-capacity // block_size)
-        num_blocks = B * per_seq + 5
-        kc = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype)
-        table = torch.randperm(num_blocks)[: B * per_seq].reshape(B, per_seq).to(torch.int32)
-    else:
-        kc, table = torch.randn(B, capacity, hkv, d, dtype=dtype), None
-    return kc, torch.randn_like(kc), torch.tensor(lens, dtype=torch.int32), table
 
 
 def check(out, ref, lse, ref_lse, dtype, what):
@@ -59,7 +49,7 @@ def test_cpu_kvcache_matches_reference(monkeypatch, simd, dtype, shape, paged):
     lens = [200, 1, 130][
         :B
     ]  # full capacity, a single key (fewer keys than query rows when Sq > 1), a ragged one
-    kc, vc, lens, table = make_cache(B, hkv, d, lens, paged, dtype)
+    kc, vc, lens, table = make_cache(B, hkv, d, lens, paged, capacity=208, dtype=dtype)
     q = torch.randn(B, sq, hq, d, dtype=dtype)
     for causal, window, softcap in MASKS:
         kw = dict(causal=causal, window_size=window, softcap=softcap, return_lse=True)
@@ -76,7 +66,7 @@ def test_cpu_kvcache_matches_reference(monkeypatch, simd, dtype, shape, paged):
 
 def test_cpu_kvcache_appends_then_attends_like_the_reference():
     B, hq, hkv, d = 3, 8, 2, 64
-    kc, vc, lens, table = make_cache(B, hkv, d, [0, 15, 100], True, torch.float16, capacity=128)
+    kc, vc, lens, table = make_cache(B, hkv, d, [0, 15, 100], True, capacity=128, dtype=torch.float16)
     q = torch.randn(B, 4, hq, d, dtype=torch.float16)
     k, v = torch.randn(B, 4, hkv, d, dtype=torch.float16), torch.randn(B, 4, hkv, d, dtype=torch.float16)
     kc_r, vc_r = kc.clone(), vc.clone()
@@ -89,7 +79,7 @@ def test_cpu_kvcache_appends_then_attends_like_the_reference():
 
 
 def test_cpu_kvcache_rows_without_keys_are_zero_with_lse_minus_inf():
-    kc, vc, lens, _ = make_cache(2, 2, 16, [0, 2], False, torch.float32, capacity=8)
+    kc, vc, lens, _ = make_cache(2, 2, 16, [0, 2], False, capacity=8)
     q = torch.randn(2, 4, 4, 16)  # sequence 1: 2 keys, 4 causal rows -> rows 0 and 1 see nothing
     out, lse = fq.attention_with_kvcache(q, kc, vc, lens, return_lse=True, num_splits=2, backend="cpu")
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(
@@ -105,7 +95,7 @@ def test_cpu_kvcache_rows_without_keys_are_zero_with_lse_minus_inf():
 def test_cpu_kvcache_more_splits_than_key_blocks():
     """Splits are whole 64-key blocks: 100 keys give two blocks, so 7 of 9 splits are empty and must merge as
     nothing (lse -inf), not as zeros with weight."""
-    kc, vc, lens, _ = make_cache(1, 1, 32, [100], False, torch.float32, capacity=100)
+    kc, vc, lens, _ = make_cache(1, 1, 32, [100], False, capacity=100)
     q = torch.randn(1, 1, 4, 32)
     ref = fq.attention_with_kvcache(q, kc, vc, lens, backend="reference")
     for splits in (1, 2, 9):
@@ -126,7 +116,7 @@ def test_cpu_kvcache_strided_cache_views():
 
 def test_cpu_kvcache_llama_shape_long_cache_splits_by_default():
     """Batch 1, 32/8 heads, 3000 cached bf16 keys: the default split count (2 tasks per thread) is used."""
-    kc, vc, lens, _ = make_cache(1, 8, 128, [3000], False, torch.bfloat16, capacity=3072)
+    kc, vc, lens, _ = make_cache(1, 8, 128, [3000], False, capacity=3072, dtype=torch.bfloat16)
     q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16)
     ref = fq.attention_with_kvcache(q, kc, vc, lens, backend="reference")
     assert_one_rounding(fq.attention_with_kvcache(q, kc, vc, lens, backend="cpu"), ref, "llama 3k")
@@ -142,14 +132,14 @@ def test_auto_picks_the_cpu_kernel_for_decode_on_cpu():
     assert (
         _dispatch.resolve("attention_with_kvcache", "auto", cpu, _kvcache_auto_order(cpu, False, 1)) == "cpu"
     )
-    kc, vc, lens, _ = make_cache(1, 2, 16, [10], False, torch.float32, capacity=16)
+    kc, vc, lens, _ = make_cache(1, 2, 16, [10], False, capacity=16)
     q = torch.randn(1, 1, 4, 16)
     auto = fq.attention_with_kvcache(q, kc, vc, lens)
     assert torch.equal(auto, fq.attention_with_kvcache(q, kc, vc, lens, backend="cpu"))
 
 
 def test_cpu_kvcache_op_opcheck_and_errors():
-    kc, vc, lens, table = make_cache(2, 2, 16, [5, 9], True, torch.float32, capacity=32)
+    kc, vc, lens, table = make_cache(2, 2, 16, [5, 9], True, capacity=32)
     q = torch.randn(2, 1, 4, 16)
     torch.library.opcheck(
         torch.ops.flashquant.kvcache_attention.default,
