@@ -456,9 +456,11 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
     max_len = std::max<int64_t>(max_len, len_ptr[b]);
   }
   if (block_table && table.numel() > 0) {
-    const int64_t lo = table.min().item<int32_t>(), hi = table.max().item<int32_t>();
-    TORCH_CHECK(lo >= 0 && hi < k_cache.size(0), "kvcache_attention_cpu: block_table entries must lie in [0, ",
-                k_cache.size(0), "), got [", lo, ", ", hi, "]");
+    // A plain loop, not two ATen reductions: this runs on every decode step, after the Python API's own check.
+    const int32_t* t = table.data_ptr<int32_t>();
+    const auto [lo, hi] = std::minmax_element(t, t + table.numel());
+    TORCH_CHECK(*lo >= 0 && *hi < k_cache.size(0), "kvcache_attention_cpu: block_table entries must lie in [0, ",
+                k_cache.size(0), "), got [", *lo, ", ", *hi, "]");
   }
 
   // Two tasks per thread where the work allows: split the keys (at least 512 per split: 256 KB of K and V for
