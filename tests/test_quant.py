@@ -123,15 +123,60 @@ def test_cpu_kernel_large_m_spans_several_activation_blocks(bits, m):
     assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), f"bits={bits} m={m}", "cpu")
 
 
-@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
-@pytest.mark.parametrize("simd", ["1", "0"])
+# The C++ kernel's instruction-set paths, lowest first; FLASHQUANT_CPU_SIMD caps the level it uses.
+CPU_LEVELS = ["scalar", "avx2", "avx512_vnni"]
+
+
+@pytest.fixture(params=CPU_LEVELS)
+def cpu_level(request, monkeypatch):
+    """Runs the test on one instruction-set path of the C++ kernel; skips paths this CPU lacks."""
+    if not CPU_OK:
+        pytest.skip("C++ extension not built")
+    monkeypatch.delenv("FLASHQUANT_CPU_SIMD", raising=False)
+    best = torch.ops.flashquant.cpu_simd_level()
+    if CPU_LEVELS.index(request.param) > CPU_LEVELS.index(best):
+        pytest.skip(f"this CPU's best path is {best}")
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", request.param)
+    assert torch.ops.flashquant.cpu_simd_level() == request.param
+    return request.param
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 48, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_kernel_paths_match_reference(cpu_level, bits, group_size, symmetric):
+    """Every path (scalar, AVX2, AVX-512 VNNI with its 512-bit tile for groups of 64/128/256, its 256-bit tile
+    for 32/48) over group sizes that are not multiples of the 32/64-code chunks (48: groups start mid-chunk),
+    per-channel with K % 64 != 0, and M covering the 8-, 4- and 1..3-row tiles."""
+    k = 768 if group_size != -1 else 4100
+    n = 21
+    qw = fq.quantize(torch.randn(n, k), bits, group_size, symmetric)
+    ref_fn = lambda x: fq.quant_matmul(x, qw, backend="reference")  # noqa: E731
+    for m in (1, 5, 8, 13):
+        x = torch.randn(m, k)
+        out = fq.quant_matmul(x, qw, backend="cpu")
+        assert_qmm_close(
+            out, ref_fn(x), f"{cpu_level} bits={bits} g={group_size} sym={symmetric} m={m}", "cpu"
+        )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_kernel_long_groups_do_not_overflow_int32(cpu_level, bits):
+    """Per-channel rows of 16k codes at their largest (255 / 15) against all-positive activations: the SIMD
+    paths sum int16 x code products in int32 lanes, which overflowed (a sign flip) before sums were flushed to
+    fp32 every 1024 codes."""
+    n, k = 3, 16384
+    qdata = torch.full((n, k * bits // 8), 255, dtype=torch.uint8)
+    scales = torch.ones(n, 1)
+    x = torch.ones(2, k)
+    out = torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, None, bits, k)
+    expected = float(((1 << bits) - 1 - (1 << (bits - 1))) * k)
+    assert torch.allclose(out, torch.full_like(out, expected), rtol=1e-5), (out, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_cpu_kernel_simd_and_scalar_paths_and_dtypes(monkeypatch, simd, dtype, bits):
-    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
-    assert torch.ops.flashquant.cpu_simd_level() == (
-        "scalar" if simd == "0" else torch.ops.flashquant.cpu_simd_level()
-    )
+def test_cpu_kernel_paths_and_dtypes(cpu_level, dtype, bits):
     w = torch.randn(33, 192, dtype=dtype)
     qw = fq.quantize(w, bits, 64, symmetric=False)
     x = torch.randn(5, 192, dtype=dtype)

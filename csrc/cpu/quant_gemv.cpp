@@ -38,13 +38,12 @@ struct Problem {
   const float* zeros;   // (N, G) fp32, or nullptr => default_zero
   float default_zero;
   float* out;           // (M, N) fp32
+  const float* xsum;    // (M, G): each group's sum of activations (SIMD paths: of the quantized ones, sx * sum xq)
   // portable path
   const float* x;       // (M, K) fp32
-  const float* xsum;    // (M, G)
-  // AVX2 path
+  // SIMD paths
   const int16_t* xq;    // (M, K) int16, chunk-permuted for int4
   const float* xscale;  // (M, G)
-  const int32_t* xqsum; // (M, G)
 };
 
 template <int BITS>
@@ -77,148 +76,186 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// ---- AVX2 path -------------------------------------------------------------------------------------
+// ---- SIMD paths --------------------------------------------------------------------------------------
 #ifdef FLASHQUANT_X86
-// Position of activation k inside xq: int4 chunks of 32 are stored [even k][odd k].
+// Position of activation k inside xq: int4 chunks of W codes (W = the SIMD path's kCodes) are stored
+// [W/2 even k][W/2 odd k], matching the low / high nibbles of W/2 packed bytes, so decoding a chunk is one widen,
+// one shift and one AND. A tail shorter than a chunk keeps natural order.
 template <int BITS>
-inline int64_t xq_index(int64_t k, int64_t K) {
+inline int64_t xq_index(int64_t k, int64_t K, int64_t W) {
   if constexpr (BITS == 8) {
     return k;
   } else {
-    const int64_t base = k & ~int64_t(31);
-    if (base + 32 > K) return k;  // a tail shorter than a chunk keeps natural order
-    const int64_t j = k & 31;
-    return base + (j & 1) * 16 + (j >> 1);
+    const int64_t base = k & ~(W - 1);  // W is 32 or 64
+    if (base + W > K) return k;
+    const int64_t j = k - base;
+    return base + (j & 1) * (W / 2) + (j >> 1);
   }
 }
 
-constexpr int64_t kPrefetchBytes = 1024;
-
-// 32 codes starting at k -> two vectors of 16 int16 lanes in the order xq stores the activations.
-template <int BITS>
-__attribute__((target("avx2"))) inline void decode_chunk(const uint8_t* row, int64_t k, __m256i& w0, __m256i& w1) {
-  if constexpr (BITS == 4) {
-    // 16 bytes -> 16 int16 lanes; low nibbles are the even k, high nibbles the odd k of the chunk.
-    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
-    w0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
-    w1 = _mm256_srli_epi16(b, 4);
-  } else {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-    w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(b));
-    w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1));
+// The zero-point term of one output, sum_g scales[g] * zero_g * xsum[g] (zero_g = zeros[g], or default_zero when
+// zeros is null), over the G groups of a row: 8 groups per step instead of a scalar update per group.
+__attribute__((target("avx2,fma"))) inline float zero_term(const float* scales, const float* zeros,
+                                                           float default_zero, const float* xsum, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    __m256 sz = _mm256_loadu_ps(scales + g);
+    if (zeros) sz = _mm256_mul_ps(sz, _mm256_loadu_ps(zeros + g));
+    acc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xsum + g), acc);
   }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float total = 0.f;
+  for (float l : lanes) total += l;
+  if (!zeros) total *= default_zero;
+  for (; g < G; ++g) total += scales[g] * (zeros ? zeros[g] : default_zero) * xsum[g];
+  return total;
 }
 
-template <int BITS, int ROWS>
-__attribute__((target("avx2,fma"))) void row_tile_avx2(const Problem& p, int64_t n, int64_t m0) {
-  const uint8_t* row = p.q + n * p.row_bytes;
-  const int16_t* xq[ROWS];
-  __m256 total[ROWS];  // per-lane fp32 sums; one horizontal sum per output instead of one per group
-  float zero_term[ROWS];
-  for (int r = 0; r < ROWS; ++r) {
-    xq[r] = p.xq + (m0 + r) * p.K;
-    total[r] = _mm256_setzero_ps();
-    zero_term[r] = 0.f;
-  }
-  for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t k0 = g * p.group_size, k_end = k0 + p.group_size;
-    __m256i acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
-    int64_t k = k0;
-    // Two 32-wide chunks per iteration with separate accumulators: more independent work per loop trip.
-    __m256i acc2[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc2[r] = _mm256_setzero_si256();
-    for (; k + 64 <= k_end; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + (k * BITS / 8) + kPrefetchBytes), _MM_HINT_T0);
-      __m256i a0, a1, b0, b1;
-      decode_chunk<BITS>(row, k, a0, a1);
-      decode_chunk<BITS>(row, k + 32, b0, b1);
-      for (int r = 0; r < ROWS; ++r) {
-        const int16_t* xk = xq[r] + k;
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk))));
-        acc2[r] = _mm256_add_epi32(acc2[r], _mm256_madd_epi16(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 16))));
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(b0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 32))));
-        acc2[r] = _mm256_add_epi32(acc2[r], _mm256_madd_epi16(b1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 48))));
-      }
-    }
-    for (; k + 32 <= k_end; k += 32) {  // groups of 32, or the odd chunk of a group
-      _mm_prefetch(reinterpret_cast<const char*>(row + (k * BITS / 8) + kPrefetchBytes), _MM_HINT_T0);
-      __m256i w0, w1;
-      decode_chunk<BITS>(row, k, w0, w1);
-      for (int r = 0; r < ROWS; ++r) {
-        const int16_t* xk = xq[r] + k;
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk))));
-        acc2[r] = _mm256_add_epi32(acc2[r], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + 16))));
-      }
-    }
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_add_epi32(acc[r], acc2[r]);
-    const float scale = p.scales[n * p.G + g];
-    const float zero = p.zeros ? p.zeros[n * p.G + g] : p.default_zero;
-    for (int r = 0; r < ROWS; ++r) {
-      const int64_t mg = (m0 + r) * p.G + g;
-      const float s = scale * p.xscale[mg];
-      if (k < k_end) {  // group tail shorter than a chunk (per-channel groups with K % 32 != 0)
-        int64_t tail = 0;
-        for (int64_t kk = k; kk < k_end; ++kk) tail += code_at<BITS>(row, kk) * xq[r][xq_index<BITS>(kk, p.K)];
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_setr_epi32(static_cast<int32_t>(tail), 0, 0, 0, 0, 0, 0, 0));
-      }
-      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(s), total[r]);
-      zero_term[r] += s * zero * static_cast<float>(p.xqsum[mg]);
+// One copy of quant_gemv_tile.inc per instruction set, each compiled for that set only (see the note there).
+#if defined(__clang__)
+#define FLASHQUANT_TARGET_PUSH(T) _Pragma("clang attribute push (__attribute__((target(" #T "))), apply_to = function)")
+#define FLASHQUANT_TARGET_POP _Pragma("clang attribute pop")
+#else
+#define FLASHQUANT_DO_PRAGMA(x) _Pragma(#x)
+#define FLASHQUANT_TARGET_PUSH(T) _Pragma("GCC push_options") FLASHQUANT_DO_PRAGMA(GCC target(T))
+#define FLASHQUANT_TARGET_POP _Pragma("GCC pop_options")
+#endif
+
+// AVX2: 16 int16 products per vpmaddwd, then an int32 add.
+FLASHQUANT_TARGET_PUSH("avx2,fma,f16c")
+namespace avx2 {
+struct V {
+  using ivec = __m256i;
+  using fvec = __m256;
+  static constexpr int64_t kCodes = 32;
+  static constexpr int kMaxRows = 4;
+  template <int BITS>
+  static inline void decode(const uint8_t* row, int64_t k, ivec& w0, ivec& w1) {
+    if constexpr (BITS == 4) {  // 16 bytes -> 16 int16 lanes; low nibbles = even k, high nibbles = odd k
+      const ivec b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+      w0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
+      w1 = _mm256_srli_epi16(b, 4);
+    } else {
+      w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+      w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)));
     }
   }
-  for (int r = 0; r < ROWS; ++r) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(total[r]), _mm256_extractf128_ps(total[r], 1));
+  static inline ivec dot(ivec acc, ivec w, const int16_t* x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const ivec*>(x))));
+  }
+  static inline ivec izero() { return _mm256_setzero_si256(); }
+  static inline ivec iadd(ivec a, ivec b) { return _mm256_add_epi32(a, b); }
+  static inline fvec fzero() { return _mm256_setzero_ps(); }
+  static inline fvec fmadd_scaled(fvec t, ivec a, float s) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s), t);
+  }
+  static inline float hsum(fvec t) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    p.out[(m0 + r) * p.N + n] = _mm_cvtss_f32(v) - zero_term[r];
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
   }
-}
+};
+#include "cpu/quant_gemv_tile.inc"
+}  // namespace avx2
+FLASHQUANT_TARGET_POP
 
-// Activation rows are taken in blocks whose int16 copy fits in L2 (~192 KB of Zen 3's / Skylake's 512 KB /
-// 1 MB), and every weight row of the thread's range is run against one block before the next: otherwise each
-// weight row would stream all M x K activations from L3 again (32 GB at M = 1024, K = N = 4096), which made
-// large M (prefill) bound by L3 bandwidth. Weights are re-read once per block instead (M / block times).
-constexpr int64_t kActivationBlockBytes = 192 * 1024;
+// AVX-512 VNNI, 256-bit: the AVX2 tile with vpdpwssd (multiply + accumulate in one instruction). Used for group
+// sizes that are not multiples of 64.
+FLASHQUANT_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+namespace vnni256 {
+struct V : avx2::V {
+  static inline ivec dot(ivec acc, ivec w, const int16_t* x) {
+    return _mm256_dpwssd_epi32(acc, w, _mm256_loadu_si256(reinterpret_cast<const ivec*>(x)));
+  }
+};
+#include "cpu/quant_gemv_tile.inc"
+}  // namespace vnni256
 
-template <int BITS>
-void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t block = std::max<int64_t>(4, (kActivationBlockBytes / (2 * p.K)) & ~int64_t(3));
-  for (int64_t mb = 0; mb < p.M; mb += block) {
-    const int64_t me = std::min(p.M, mb + block);
-    for (int64_t n = n0; n < n1; ++n) {
-      int64_t m = mb;
-      for (; m + 4 <= me; m += 4) row_tile_avx2<BITS, 4>(p, n, m);
-      switch (me - m) {
-        case 3: row_tile_avx2<BITS, 3>(p, n, m); break;
-        case 2: row_tile_avx2<BITS, 2>(p, n, m); break;
-        case 1: row_tile_avx2<BITS, 1>(p, n, m); break;
-        default: break;
-      }
+// AVX-512 VNNI, 512-bit: 32 int16 products per vpdpwssd, 64 codes per decode.
+namespace vnni512 {
+struct V {
+  using ivec = __m512i;
+  using fvec = __m512;
+  static constexpr int64_t kCodes = 64;
+  static constexpr int kMaxRows = 8;
+  template <int BITS>
+  static inline void decode(const uint8_t* row, int64_t k, ivec& w0, ivec& w1) {
+    if constexpr (BITS == 4) {  // 32 bytes -> 32 int16 lanes
+      const ivec b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
+      w0 = _mm512_and_si512(b, _mm512_set1_epi16(0x0F));
+      w1 = _mm512_srli_epi16(b, 4);
+    } else {
+      w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+      w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32)));
     }
   }
-}
+  static inline ivec dot(ivec acc, ivec w, const int16_t* x) {
+    return _mm512_dpwssd_epi32(acc, w, _mm512_loadu_si512(x));
+  }
+  static inline ivec izero() { return _mm512_setzero_si512(); }
+  static inline ivec iadd(ivec a, ivec b) { return _mm512_add_epi32(a, b); }
+  static inline fvec fzero() { return _mm512_setzero_ps(); }
+  static inline fvec fmadd_scaled(fvec t, ivec a, float s) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s), t);
+  }
+  static inline float hsum(fvec t) { return _mm512_reduce_add_ps(t); }
+};
+#include "cpu/quant_gemv_tile.inc"
+}  // namespace vnni512
+FLASHQUANT_TARGET_POP
 
-// x (M, K) fp32 -> int16 codes (chunk-permuted for int4), per-(row, group) scales and code sums.
+// x (M, K) fp32 -> int16 codes (chunk-permuted for int4), per-(row, group) scales and code sums. Rounds to nearest
+// even (vcvtps2dq under the default MXCSR, as std::nearbyint would, without a libm call per element: that made
+// this step ~20 us of a 60 us M = 1 call).
+// One (row, group): xs = x[m, k0 : k0 + group_size], dst = xq[m, :].
 template <int BITS>
-void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group_size, int16_t* xq, float* xscale,
-                          int32_t* xqsum) {
-  const int64_t G = K / group_size;
-  at::parallel_for(0, M * G, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m = i / G, k0 = (i % G) * group_size;
-      const float* xs = x + m * K + k0;
+__attribute__((target("avx2,fma"))) void quantize_group(const float* xs, int64_t k0, int64_t group_size, int64_t K,
+                                                        int64_t W, int16_t* dst, float& scale_out,
+                                                        float& sum_out) {
+      alignas(32) int32_t v[8];
+      __m256 vmax = _mm256_setzero_ps();
+      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+      int64_t j = 0;
+      for (; j + 8 <= group_size; j += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(xs + j), abs_mask));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, vmax);
       float amax = 0.f;
-      for (int64_t j = 0; j < group_size; ++j) amax = std::max(amax, std::fabs(xs[j]));
+      for (float l : lanes) amax = amax > l ? amax : l;
+      for (; j < group_size; ++j) amax = std::max(amax, std::fabs(xs[j]));
       const float s = amax > 0.f ? amax / 32767.f : 1.f;
       const float inv = 1.f / s;
-      int32_t sum = 0;
-      for (int64_t j = 0; j < group_size; ++j) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(xs[j] * inv));
-        xq[m * K + xq_index<BITS>(k0 + j, K)] = static_cast<int16_t>(std::max(-32767, std::min(32767, v)));
-        sum += v;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      const __m256i lo = _mm256_set1_epi32(-32767), hi = _mm256_set1_epi32(32767);
+      __m256i vsum = _mm256_setzero_si256();
+      for (j = 0; j + 8 <= group_size; j += 8) {
+        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xs + j), vinv));
+        q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+        vsum = _mm256_add_epi32(vsum, q);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(v), q);
+        for (int t = 0; t < 8; ++t) dst[xq_index<BITS>(k0 + j + t, K, W)] = static_cast<int16_t>(v[t]);
       }
-      xscale[i] = s;
-      xqsum[i] = sum;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(v), vsum);
+      int32_t sum = 0;
+      for (int32_t l : v) sum += l;
+      for (; j < group_size; ++j) {
+        const int32_t q = std::max(-32767, std::min(32767, _mm_cvtss_si32(_mm_set_ss(xs[j] * inv))));
+        dst[xq_index<BITS>(k0 + j, K, W)] = static_cast<int16_t>(q);
+        sum += q;
+      }
+      scale_out = s;
+      sum_out = s * static_cast<float>(sum);
+}
+
+template <int BITS>
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t W, int16_t* xq,
+                          float* xscale, float* xsum) {
+  const int64_t G = K / group_size;
+  at::parallel_for(0, M * G, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / G, k0 = (i % G) * group_size;
+      quantize_group<BITS>(x + m * K + k0, k0, group_size, K, W, xq + m * K, xscale[i], xsum[i]);
     }
   });
 }
@@ -227,7 +264,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group_si
 
 }  // namespace
 
-const char* simd_level() { return simd_enabled() ? "avx2" : "scalar"; }
+const char* simd_level() { return simd_level_name(simd_level_enabled()); }
 
 at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
@@ -264,17 +301,22 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
   p.scales = sf.data_ptr<float>(), p.zeros = zf ? zf->data_ptr<float>() : nullptr;
   p.default_zero = static_cast<float>(1 << (bits - 1));
   p.out = out.data_ptr<float>();
-  const bool simd = simd_enabled();
-  at::Tensor xsum, xq, xscale, xqsum;
+  const SimdLevel level = simd_level_enabled();
+  const bool simd = level >= SimdLevel::kAvx2;
+  // The 512-bit tile decodes 64 codes at a time: it takes groups that are multiples of 64 (or one group per row);
+  // other group sizes run the 256-bit tile with the same multiply-accumulate instruction.
+  const bool zmm = level == SimdLevel::kAvx512Vnni && (group_size % 64 == 0 || G == 1);
+  const int64_t chunk = zmm ? 64 : 32;
+  at::Tensor xsum, xq, xscale;
 #ifdef FLASHQUANT_X86
   if (simd) {
     xq = at::empty({M, K}, x.options().dtype(at::kShort));
     xscale = at::empty({M, G}, x.options().dtype(at::kFloat));
-    xqsum = at::empty({M, G}, x.options().dtype(at::kInt));
+    xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
     (bits == 4 ? quantize_activations<4> : quantize_activations<8>)(
-        xf.data_ptr<float>(), M, K, group_size, xq.data_ptr<int16_t>(), xscale.data_ptr<float>(),
-        xqsum.data_ptr<int32_t>());
-    p.xq = xq.data_ptr<int16_t>(), p.xscale = xscale.data_ptr<float>(), p.xqsum = xqsum.data_ptr<int32_t>();
+        xf.data_ptr<float>(), M, K, group_size, chunk, xq.data_ptr<int16_t>(), xscale.data_ptr<float>(),
+        xsum.data_ptr<float>());
+    p.xq = xq.data_ptr<int16_t>(), p.xscale = xscale.data_ptr<float>(), p.xsum = xsum.data_ptr<float>();
   }
 #endif
   if (!simd) {
@@ -284,8 +326,16 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
   // ~16 rows of 4096 int4 weights = 32 KB per task: big enough to amortise scheduling.
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #ifdef FLASHQUANT_X86
+    if (zmm) {
+      bits == 4 ? vnni512::rows<4>(p, n0, n1) : vnni512::rows<8>(p, n0, n1);
+      return;
+    }
+    if (level == SimdLevel::kAvx512Vnni) {
+      bits == 4 ? vnni256::rows<4>(p, n0, n1) : vnni256::rows<8>(p, n0, n1);
+      return;
+    }
     if (simd) {
-      bits == 4 ? rows_avx2<4>(p, n0, n1) : rows_avx2<8>(p, n0, n1);
+      bits == 4 ? avx2::rows<4>(p, n0, n1) : avx2::rows<8>(p, n0, n1);
       return;
     }
 #endif
