@@ -132,14 +132,14 @@ struct V {
   static constexpr int64_t kCodes = 32;
   static constexpr int kMaxRows = 4;
   template <int BITS>
-  static inline void decode(const uint8_t* row, int64_t k, ivec& w0, ivec& w1) {
+  static inline void decode(const uint8_t* chunk, ivec& w0, ivec& w1) {
     if constexpr (BITS == 4) {  // 16 bytes -> 16 int16 lanes; low nibbles = even k, high nibbles = odd k
-      const ivec b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+      const ivec b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
       w0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
       w1 = _mm256_srli_epi16(b, 4);
     } else {
-      w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
-      w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)));
+      w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
+      w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + 16)));
     }
   }
   static inline ivec dot(ivec acc, ivec w, const int16_t* x) {
@@ -181,14 +181,14 @@ struct V {
   static constexpr int64_t kCodes = 64;
   static constexpr int kMaxRows = 8;
   template <int BITS>
-  static inline void decode(const uint8_t* row, int64_t k, ivec& w0, ivec& w1) {
+  static inline void decode(const uint8_t* chunk, ivec& w0, ivec& w1) {
     if constexpr (BITS == 4) {  // 32 bytes -> 32 int16 lanes
-      const ivec b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
+      const ivec b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
       w0 = _mm512_and_si512(b, _mm512_set1_epi16(0x0F));
       w1 = _mm512_srli_epi16(b, 4);
     } else {
-      w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
-      w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32)));
+      w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
+      w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32)));
     }
   }
   static inline ivec dot(ivec acc, ivec w, const int16_t* x) {
