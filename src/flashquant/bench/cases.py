@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from collections.abc import Callable
 
 import torch
@@ -54,11 +55,35 @@ def _rotated(device, make_one: Callable[[], tuple], bytes_per_copy: int) -> list
     return [make_one() for _ in range(n)]
 
 
-def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype, strategy=None):
+def _cpu_simd_best() -> str | None:
+    """The C++ CPU kernels' best instruction-set path on this machine, or None without the extension."""
+    if not fq.backends()["cpu"].available:
+        return None
+    saved = os.environ.pop("FLASHQUANT_CPU_SIMD", None)
+    try:
+        return torch.ops.flashquant.cpu_simd_level()
+    finally:
+        if saved is not None:
+            os.environ["FLASHQUANT_CPU_SIMD"] = saved
+
+
+def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype, strategy=None, cpu_simd=None):
     """flashquant.quant_matmul with `backend`; with `strategy` ("fused" / "dequant") the Triton launcher instead,
-    forced to that strategy (the crossover preset times both around DEQUANT_GEMM_MIN_M[bits])."""
+    forced to that strategy (the crossover preset times both around DEQUANT_GEMM_MIN_M[bits]); with `cpu_simd`
+    (e.g. "avx2") the C++ kernel capped at that instruction set (FLASHQUANT_CPU_SIMD), to compare its paths in
+    one run."""
 
     def run(x, qw):
+        if cpu_simd is not None:
+            saved = os.environ.get("FLASHQUANT_CPU_SIMD")
+            os.environ["FLASHQUANT_CPU_SIMD"] = cpu_simd
+            try:
+                return fq.quant_matmul(x, qw, backend=backend)
+            finally:
+                if saved is None:
+                    del os.environ["FLASHQUANT_CPU_SIMD"]
+                else:
+                    os.environ["FLASHQUANT_CPU_SIMD"] = saved
         if strategy is None:
             return fq.quant_matmul(x, qw, backend=backend)
         from flashquant.kernels.quant_matmul import quant_matmul_triton
@@ -87,7 +112,8 @@ def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype, strategy=None)
         n * k * bits // 8 + n * (k // (k if group == -1 else group)) * 2 + (m * k + m * n) * dtype.itemsize
     )
     gname = "per-channel" if group == -1 else f"g{group}"
-    name = f"flashquant {backend}{'-' + strategy if strategy else ''} int{bits} {gname}"
+    path = f"[{cpu_simd} path]" if cpu_simd else ""
+    name = f"flashquant {backend}{'-' + strategy if strategy else ''}{path} int{bits} {gname}"
     return Case("quant_matmul", "", name, False, {}, _dt(dtype), nbytes, 0, make)
 
 
@@ -209,6 +235,12 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
                     if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
                     cases.append(c)
+            if device == "cpu" and _cpu_simd_best() not in (None, "scalar", "avx2"):
+                # this CPU has a wider path than AVX2: time the AVX2 one too (what AVX2-only CPUs run)
+                cases += [
+                    _qmm_flashquant(device, n, k, m, bits, group, "cpu", act, cpu_simd="avx2")
+                    for bits, group in ((4, 128), (8, -1))
+                ]
             out += [_label(c, n, k, m) for c in cases]
     return out
 

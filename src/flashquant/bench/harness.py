@@ -14,12 +14,15 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+import flashquant as fq
 
 
 @dataclasses.dataclass
@@ -145,6 +148,8 @@ def environment(device: str) -> dict:
     if device == "cpu":
         env["cpu_model"] = _cpu_model()
         env["llc_bytes"] = cache_bytes("cpu")
+        # the C++ kernels' instruction-set path (FLASHQUANT_CPU_SIMD caps it)
+        env["cpu_simd"] = torch.ops.flashquant.cpu_simd_level() if fq.backends()["cpu"].available else None
     else:
         env["l2_bytes"] = cache_bytes("cuda")
         for key, (bw, tf) in PEAKS.items():
@@ -199,7 +204,7 @@ def _cpu_model() -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    return re.sub(r"\((R|TM)\)", "", line.split(":", 1)[1]).strip()
     except OSError:
         pass
     return platform.processor()
