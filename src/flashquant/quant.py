@@ -172,8 +172,8 @@ def quant_matmul(
     x: (..., K) fp16/bf16/fp32, on qweight's device. bias: (N,) or None. Returns (..., N) in x.dtype
     (accumulation in fp32).
     backend: "auto", "reference", "torch" (dequantize + F.linear), "triton", "cuda" (1 <= M <= 16) or "cpu"
-    (C++ AVX2 kernel; it rounds activations to int16 per group, a relative error of 2^-16 of the group's max,
-    below the rounding of fp16/bf16 inputs).
+    (C++ kernel, AVX2 or AVX-512 VNNI; it rounds activations to int16 per group, a relative error of 2^-16 of
+    the group's max, below the rounding of fp16/bf16 inputs).
     """
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(
