@@ -1,17 +1,19 @@
 // int4/int8 weight-only GEMV / small-M matmul for CPUs.
 //
 // Work split: each thread owns a range of output channels n (rows of the packed weight), so every packed
-// weight byte is read from memory exactly once per call and decoded once per tile of up to 4 activation rows.
+// weight byte is read from memory exactly once per call and decoded once per tile of up to 4 (AVX2) or 8
+// (AVX-512) activation rows.
 //
-// AVX2 path: integer dot products. Activations are converted once per call to int16 with one fp32 scale per
+// SIMD paths: integer dot products. Activations are converted once per call to int16 with one fp32 scale per
 // (row, weight group): xq = round(x / sx), sx = max|x_group| / 32767. That rounding (relative 2^-16 of the
 // group's max) is far below the rounding already in fp16/bf16 activations (2^-11 / 2^-8). Codes are widened to
-// int16 lanes and multiplied with _mm256_madd_epi16 (16 products per instruction, exact int32 sums); per group
-// the int32 lanes are scaled into fp32 lane accumulators (scale_w * sx) and the zero-point term
-// zero * scale_w * sx * sum_k xq_k is subtracted once per output:
-//     out = sum_g scale_w * sx * (sum_k code_k * xq_k - zero * sum_k xq_k).
-// For int4 the activations of each 32-wide chunk are stored [16 even k][16 odd k], matching the low/high nibbles
-// of 16 packed bytes, so decoding a chunk is one widen, one shift and two ANDs.
+// int16 lanes and multiplied in pairs with exact int32 sums (AVX2: vpmaddwd + vpaddd, 16 products; AVX-512 VNNI:
+// vpdpwssd, 32 products in one instruction); per group the int32 lanes are scaled into fp32 lane accumulators
+// (scale_w * sx) and the zero-point term is subtracted once per output:
+//     out = sum_g scale_w * sx * (sum_k code_k * xq_k) - sum_g scale_w * zero * (sx * sum_k xq_k).
+// For int4 the activations of each chunk of W codes (32 on ymm, 64 on zmm) are stored [W/2 even k][W/2 odd k],
+// matching the low/high nibbles of W/2 packed bytes, so decoding a chunk is one widen, one shift and one AND.
+// The tile itself is written once, in quant_gemv_tile.inc, and compiled per instruction set below.
 //
 // Portable path (non-x86 or FLASHQUANT_CPU_SIMD=0): the same loop structure in plain fp32.
 #include "cpu/quant_gemv.h"

@@ -12,8 +12,8 @@ namespace flashquant::cpu {
 at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size);
 
-// "avx2" when the AVX2+FMA+F16C path will run on this machine, else "scalar".
-// FLASHQUANT_CPU_SIMD=0 in the environment forces the portable scalar path (used by the tests).
+// The instruction-set path the CPU kernels take now: "avx512_vnni", "avx2" or "scalar" (simd.h). FLASHQUANT_CPU_SIMD
+// in the environment caps it ("avx2", or "0" / "scalar" for the portable path; the tests run every path).
 const char* simd_level();
 
 }  // namespace flashquant::cpu
