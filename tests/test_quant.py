@@ -147,12 +147,13 @@ def cpu_level(request, monkeypatch):
 def test_cpu_kernel_paths_match_reference(cpu_level, bits, group_size, symmetric):
     """Every path (scalar, AVX2, AVX-512 VNNI with its 512-bit tile for groups of 64/128/256, its 256-bit tile
     for 32/48) over group sizes that are not multiples of the 32/64-code chunks (48: groups start mid-chunk),
-    per-channel with K % 64 != 0, and M covering the 8-, 4- and 1..3-row tiles."""
+    per-channel with K % 64 != 0, M covering the 8-, 4- and 1..3-row tiles, and an odd N (a lone weight row after
+    the pairs that one- and two-row tiles take)."""
     k = 768 if group_size != -1 else 4100
     n = 21
     qw = fq.quantize(torch.randn(n, k), bits, group_size, symmetric)
     ref_fn = lambda x: fq.quant_matmul(x, qw, backend="reference")  # noqa: E731
-    for m in (1, 5, 8, 13):
+    for m in (1, 3, 6, 13):  # tiles of 1, 3, 4+2 and 8+4+1 (AVX2: 4+4+4+1) rows
         x = torch.randn(m, k)
         out = fq.quant_matmul(x, qw, backend="cpu")
         assert_qmm_close(
