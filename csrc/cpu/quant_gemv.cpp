@@ -7,8 +7,8 @@
 // SIMD paths: integer dot products. Activations are converted once per call to int16 with one fp32 scale per
 // (row, weight group): xq = round(x / sx), sx = max|x_group| / 32767. That rounding (relative 2^-16 of the
 // group's max) is far below the rounding already in fp16/bf16 activations (2^-11 / 2^-8). Codes are widened to
-// int16 lanes and multiplied in pairs with exact int32 sums (AVX2: vpmaddwd + vpaddd, 16 products; AVX-512 VNNI:
-// vpdpwssd, 32 products in one instruction); per group the int32 lanes are scaled into fp32 lane accumulators
+// int16 lanes and multiplied in pairs with exact int32 sums (AVX2: vpmaddwd + vpaddd, 16 products; AVX-VNNI:
+// vpdpwssd on ymm, 16 products in one instruction; AVX-512 VNNI: vpdpwssd on zmm, 32); per group the int32 lanes are scaled into fp32 lane accumulators
 // (scale_w * sx) and the zero-point term is subtracted once per output:
 //     out = sum_g scale_w * sx * (sum_k code_k * xq_k) - sum_g scale_w * zero * (sx * sum_k xq_k).
 // For int4 the activations of each chunk of W codes (32 on ymm, 64 on zmm) are stored [W/2 even k][W/2 odd k],
@@ -162,6 +162,18 @@ struct V {
 };
 #include "cpu/quant_gemv_tile.inc"
 }  // namespace avx2
+FLASHQUANT_TARGET_POP
+
+// AVX-VNNI (VEX, 256-bit): the AVX2 tile with vpdpwssd (multiply + accumulate in one instruction), for client cores
+// that have it without AVX-512.
+FLASHQUANT_TARGET_PUSH("avx2,fma,f16c,avxvnni")
+namespace avxvnni {
+struct V : avx2::V {
+  static inline ivec dot(ivec acc, ivec w, ivec x) { return _mm256_dpwssd_avx_epi32(acc, w, x); }
+  static inline ivec dot(ivec acc, ivec w, const int16_t* x) { return dot(acc, w, load(x)); }
+};
+#include "cpu/quant_gemv_tile.inc"
+}  // namespace avxvnni
 FLASHQUANT_TARGET_POP
 
 // AVX-512 VNNI, 256-bit: the AVX2 tile with vpdpwssd (multiply + accumulate in one instruction). Used for group
@@ -334,6 +346,10 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
     }
     if (level == SimdLevel::kAvx512Vnni) {
       bits == 4 ? vnni256::rows<4>(p, n0, n1) : vnni256::rows<8>(p, n0, n1);
+      return;
+    }
+    if (level == SimdLevel::kAvxVnni) {
+      bits == 4 ? avxvnni::rows<4>(p, n0, n1) : avxvnni::rows<8>(p, n0, n1);
       return;
     }
     if (simd) {

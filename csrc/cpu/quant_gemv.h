@@ -12,8 +12,9 @@ namespace flashquant::cpu {
 at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size);
 
-// The instruction-set path the CPU kernels take now: "avx512_vnni", "avx2" or "scalar" (simd.h). FLASHQUANT_CPU_SIMD
-// in the environment caps it ("avx2", or "0" / "scalar" for the portable path; the tests run every path).
+// The instruction-set path the CPU kernels take now: "avx512_vnni", "avx_vnni", "avx2" or "scalar" (simd.h).
+// FLASHQUANT_CPU_SIMD in the environment caps it (a level name, or "0" for the portable path; the tests run every
+// path the CPU has).
 const char* simd_level();
 
 }  // namespace flashquant::cpu

@@ -11,54 +11,71 @@
 
 namespace flashquant::cpu {
 
-// Instruction-set levels, each including the one below it.
+// Instruction-set levels, in order of preference.
 //   kAvx2:       AVX2 + FMA + F16C (Haswell / Zen 1 and later).
-//   kAvx512Vnni: AVX-512 F/BW/VL + VNNI (Ice Lake / Sapphire Rapids servers, Zen 4 and later): the GEMV's
-//                vpdpwssd multiplies and accumulates 32 int16 pairs in one instruction.
-enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+//   kAvxVnni:    kAvx2 + AVX-VNNI (VEX-encoded vpdpwssd on ymm: Alder Lake and later client cores, which have no
+//                AVX-512): the GEMV multiplies and accumulates 16 int16 pairs in one instruction.
+//   kAvx512Vnni: AVX-512 F/BW/VL + VNNI (Ice Lake / Sapphire Rapids servers, Zen 4 and later): 32 pairs per
+//                instruction on zmm.
+// A CPU may have kAvx512Vnni without kAvxVnni (Zen 4) or the reverse (Alder Lake), so support is per level.
+enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
 
-// The best level this CPU (and OS: libgcc's check includes the XSAVE state) supports, detected once.
-inline SimdLevel cpu_simd_level_supported() {
+// Whether this CPU (and OS: libgcc's check includes the XSAVE state) runs `level`, detected once.
+inline bool cpu_supports(SimdLevel level) {
 #ifdef FLASHQUANT_X86
-  static const SimdLevel level = [] {
+  static const bool avx2 = [] {
     __builtin_cpu_init();
     // F16C via CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c". AVX2 implies the
     // OS saves ymm state, which the builtin checks.
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29));
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)) return SimdLevel::kScalar;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-      return SimdLevel::kAvx512Vnni;
-    return SimdLevel::kAvx2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
   }();
-  return level;
+  static const bool avx_vnni = [] {
+    // AVX-VNNI: CPUID leaf 7 sub-leaf 1, EAX bit 4 (older compilers' __builtin_cpu_supports lack the name).
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return avx2 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 4));
+  }();
+  static const bool avx512_vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  switch (level) {
+    case SimdLevel::kScalar: return true;
+    case SimdLevel::kAvx2: return avx2;
+    case SimdLevel::kAvxVnni: return avx_vnni;
+    case SimdLevel::kAvx512Vnni: return avx512_vnni;
+  }
+  return false;
 #else
-  return SimdLevel::kScalar;
+  return level == SimdLevel::kScalar;
 #endif
 }
-
-// The level the kernels use now: the supported one, capped by FLASHQUANT_CPU_SIMD in the environment ("0" or
-// "scalar": the portable paths; "avx2": no AVX-512; anything else, or unset: no cap). Read on every call so that
-// tests (and benchmarks) can compare the paths in one process. The kernels are compiled with target attributes /
-// pragmas, so the library itself needs no -mavx2 and loads on any x86-64.
-inline SimdLevel simd_level_enabled() {
-  const SimdLevel supported = cpu_simd_level_supported();
-  const char* env = std::getenv("FLASHQUANT_CPU_SIMD");
-  if (env && (std::strcmp(env, "0") == 0 || std::strcmp(env, "scalar") == 0)) return SimdLevel::kScalar;
-  if (env && std::strcmp(env, "avx2") == 0 && supported > SimdLevel::kAvx2) return SimdLevel::kAvx2;
-  return supported;
-}
-
-// True when the AVX2 + FMA + F16C paths may run.
-inline bool simd_enabled() { return simd_level_enabled() >= SimdLevel::kAvx2; }
 
 inline const char* simd_level_name(SimdLevel level) {
   switch (level) {
     case SimdLevel::kAvx512Vnni: return "avx512_vnni";
+    case SimdLevel::kAvxVnni: return "avx_vnni";
     case SimdLevel::kAvx2: return "avx2";
     default: return "scalar";
   }
 }
+
+// The level the kernels use now: the best one this CPU supports, at most FLASHQUANT_CPU_SIMD when that names a
+// level ("0" or "scalar": the portable paths; "avx2", "avx_vnni", "avx512_vnni"; anything else, or unset: no cap).
+// Read on every call so that tests (and benchmarks) can compare the paths in one process. The kernels are
+// compiled with target attributes / pragmas, so the library itself needs no -mavx2 and loads on any x86-64.
+inline SimdLevel simd_level_enabled() {
+  SimdLevel cap = SimdLevel::kAvx512Vnni;
+  if (const char* env = std::getenv("FLASHQUANT_CPU_SIMD")) {
+    if (std::strcmp(env, "0") == 0) cap = SimdLevel::kScalar;
+    for (SimdLevel l : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvxVnni, SimdLevel::kAvx512Vnni})
+      if (std::strcmp(env, simd_level_name(l)) == 0) cap = l;
+  }
+  for (int l = static_cast<int>(cap); l > 0; --l)
+    if (cpu_supports(static_cast<SimdLevel>(l))) return static_cast<SimdLevel>(l);
+  return SimdLevel::kScalar;
+}
+
+// True when the AVX2 + FMA + F16C paths may run.
+inline bool simd_enabled() { return simd_level_enabled() >= SimdLevel::kAvx2; }
 
 }  // namespace flashquant::cpu
