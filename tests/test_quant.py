@@ -144,9 +144,9 @@ def cpu_level(request, monkeypatch):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_cpu_kernel_paths_match_reference(cpu_level, bits, group_size, symmetric):
     """Every path (scalar, AVX2, AVX-VNNI, AVX-512 VNNI with its 512-bit tile for groups of 64/128/256 and its
-    256-bit tile for 32/48) over group sizes that are not multiples of the 32/64-code chunks (48: groups start mid-chunk),
-    per-channel with K % 64 != 0, M covering the 8-, 4- and 1..3-row tiles, and an odd N (a lone weight row after
-    the pairs that one- and two-row tiles take)."""
+    256-bit tile for 32/48) over group sizes that are not multiples of the 32/64-code chunks (48: groups start
+    mid-chunk), per-channel with K % 64 != 0, M covering the 8-, 4- and 1..3-row tiles, and an odd N (a lone
+    weight row after the pairs that one- and two-row tiles take)."""
     k = 768 if group_size != -1 else 4100
     n = 21
     qw = fq.quantize(torch.randn(n, k), bits, group_size, symmetric)
