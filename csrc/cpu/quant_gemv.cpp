@@ -147,7 +147,6 @@ struct V {
   }
   static inline ivec load(const int16_t* x) { return _mm256_loadu_si256(reinterpret_cast<const ivec*>(x)); }
   static inline ivec dot(ivec acc, ivec w, ivec x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
-  static inline ivec dot(ivec acc, ivec w, const int16_t* x) { return dot(acc, w, load(x)); }
   static inline ivec izero() { return _mm256_setzero_si256(); }
   static inline ivec iadd(ivec a, ivec b) { return _mm256_add_epi32(a, b); }
   static inline fvec fzero() { return _mm256_setzero_ps(); }
@@ -170,7 +169,6 @@ FLASHQUANT_TARGET_PUSH("avx2,fma,f16c,avxvnni")
 namespace avxvnni {
 struct V : avx2::V {
   static inline ivec dot(ivec acc, ivec w, ivec x) { return _mm256_dpwssd_avx_epi32(acc, w, x); }
-  static inline ivec dot(ivec acc, ivec w, const int16_t* x) { return dot(acc, w, load(x)); }
 };
 #include "cpu/quant_gemv_tile.inc"
 }  // namespace avxvnni
@@ -182,7 +180,6 @@ FLASHQUANT_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace vnni256 {
 struct V : avx2::V {
   static inline ivec dot(ivec acc, ivec w, ivec x) { return _mm256_dpwssd_epi32(acc, w, x); }
-  static inline ivec dot(ivec acc, ivec w, const int16_t* x) { return dot(acc, w, load(x)); }
 };
 #include "cpu/quant_gemv_tile.inc"
 }  // namespace vnni256
@@ -207,7 +204,6 @@ struct V {
   }
   static inline ivec load(const int16_t* x) { return _mm512_loadu_si512(x); }
   static inline ivec dot(ivec acc, ivec w, ivec x) { return _mm512_dpwssd_epi32(acc, w, x); }
-  static inline ivec dot(ivec acc, ivec w, const int16_t* x) { return dot(acc, w, load(x)); }
   static inline ivec izero() { return _mm512_setzero_si512(); }
   static inline ivec iadd(ivec a, ivec b) { return _mm512_add_epi32(a, b); }
   static inline fvec fzero() { return _mm512_setzero_ps(); }
