@@ -315,8 +315,8 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
   const bool simd = level >= SimdLevel::kAvx2;
   // The 512-bit tile decodes 64 codes at a time: it takes groups that are multiples of 64 (or one group per row);
   // other group sizes run the 256-bit tile with the same multiply-accumulate instruction.
-  const bool zmm = level == SimdLevel::kAvx512Vnni && (group_size % 64 == 0 || G == 1);
-  const int64_t chunk = zmm ? 64 : 32;
+  [[maybe_unused]] const bool zmm = level == SimdLevel::kAvx512Vnni && (group_size % 64 == 0 || G == 1);
+  [[maybe_unused]] const int64_t chunk = zmm ? 64 : 32;
   at::Tensor xsum, xq, xscale;
 #ifdef FLASHQUANT_X86
   if (simd) {
