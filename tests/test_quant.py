@@ -185,7 +185,7 @@ def test_cpu_kernel_paths_and_dtypes(cpu_level, dtype, bits):
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
-def test_auto_uses_cpu_kernel_for_small_m_and_opcheck():
+def test_auto_uses_cpu_kernel_for_small_m_and_opcheck(monkeypatch):
     qw = fq.quantize(torch.randn(16, 64), 4, 32)
     x = torch.randn(1, 64)
     torch.library.opcheck(
@@ -204,7 +204,15 @@ def test_auto_uses_cpu_kernel_for_small_m_and_opcheck():
     assert auto(1, torch.float32, 4) == "cpu" and auto(512, torch.float32, 4) == "cpu"
     assert auto(513, torch.float32, 4) == "torch"
     assert auto(1024, torch.float32, 8) == "cpu" and auto(1025, torch.float32, 8) == "torch"
-    assert auto(4096, torch.bfloat16, 4) == "cpu" and auto(4096, torch.float16, 8) == "cpu"
+    assert auto(4096, torch.float16, 8) == "cpu"
+    # bf16: the kernel at every M, except past 512 on CPUs whose bf16 F.linear runs on AMX tiles
+    from flashquant import quant
+
+    for amx in (False, True):
+        monkeypatch.setattr(quant, "cpu_has_amx", lambda amx=amx: amx)
+        assert auto(512, torch.bfloat16, 4) == "cpu"
+        assert auto(4096, torch.bfloat16, 4) == ("torch" if amx else "cpu")
+        assert auto(4096, torch.bfloat16, 8) == ("torch" if amx else "cpu")
 
 
 def test_quant_matmul_compiles_fullgraph():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -141,6 +143,20 @@ def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
 # BLAS overtakes it above M ~ 512 (int4) / ~ 1024 (int8); in fp16/bf16 (no native half FMA in CPU BLAS here)
 # the kernel was 4.5-7x faster at every M measured, up to 1024.
 CPU_KERNEL_MAX_M_FP32 = {4: 512, 8: 1024}
+# bf16 on CPUs with AMX tiles (Sapphire Rapids and later Xeons) is the exception: there torch's bf16 F.linear runs
+# on AMX (4096x4096, M = 1024: 17 ms, against 85-92 ms in fp16/fp32), so dequantize + F.linear ties with the kernel
+# at M = 512 and is ~2x faster at M = 1024 (crossover preset on the session-12 Xeon; bench/NOTES.md).
+CPU_KERNEL_MAX_M_BF16_AMX = 512
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (torch's bf16 matmuls use them)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
 
 
 def triton_supports(qweight: QuantizedWeight) -> bool:
@@ -160,6 +176,8 @@ def _auto_order(
         order = ("cuda", "triton", "torch") if m <= 16 and cuda_ok else ("triton", "torch")
         return order if triton_ok else tuple(b for b in order if b != "triton")
     if dtype == torch.float32 and m > CPU_KERNEL_MAX_M_FP32[bits]:
+        return ("torch",)
+    if dtype == torch.bfloat16 and m > CPU_KERNEL_MAX_M_BF16_AMX and cpu_has_amx():
         return ("torch",)
     return ("cpu", "torch")
 
