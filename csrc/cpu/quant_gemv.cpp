@@ -8,8 +8,8 @@
 // (row, weight group): xq = round(x / sx), sx = max|x_group| / 32767. That rounding (relative 2^-16 of the
 // group's max) is far below the rounding already in fp16/bf16 activations (2^-11 / 2^-8). Codes are widened to
 // int16 lanes and multiplied in pairs with exact int32 sums (AVX2: vpmaddwd + vpaddd, 16 products; AVX-VNNI:
-// vpdpwssd on ymm, 16 products in one instruction; AVX-512 VNNI: vpdpwssd on zmm, 32); per group the int32 lanes are scaled into fp32 lane accumulators
-// (scale_w * sx) and the zero-point term is subtracted once per output:
+// vpdpwssd on ymm, 16 products in one instruction; AVX-512 VNNI: vpdpwssd on zmm, 32); per group the int32 lanes
+// are scaled into fp32 lane accumulators (scale_w * sx) and the zero-point term is subtracted once per output:
 //     out = sum_g scale_w * sx * (sum_k code_k * xq_k) - sum_g scale_w * zero * (sx * sum_k xq_k).
 // For int4 the activations of each chunk of W codes (32 on ymm, 64 on zmm) are stored [W/2 even k][W/2 odd k],
 // matching the low/high nibbles of W/2 packed bytes, so decoding a chunk is one widen, one shift and one AND.
