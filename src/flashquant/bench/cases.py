@@ -74,12 +74,16 @@ def _cpu_simd_cap(level: str | None):
             os.environ["FLASHQUANT_CPU_SIMD"] = saved
 
 
-def _cpu_simd_best() -> str | None:
-    """The C++ CPU kernels' best instruction-set path on this machine, or None without the extension."""
+def _cpu_simd_narrower() -> list[str]:
+    """The C++ CPU kernels' SIMD paths this machine runs below its best one (none without the extension)."""
     if not fq.backends()["cpu"].available:
-        return None
-    with _cpu_simd_cap(None):
-        return torch.ops.flashquant.cpu_simd_level()
+        return []
+    runs = []
+    for level in ("avx2", "avx_vnni", "avx512_vnni"):
+        with _cpu_simd_cap(level):
+            if torch.ops.flashquant.cpu_simd_level() == level:
+                runs.append(level)
+    return runs[:-1]
 
 
 def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype, strategy=None, cpu_simd=None):
@@ -243,10 +247,12 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
                     if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
                     cases.append(c)
-            if device == "cpu" and _cpu_simd_best() not in (None, "scalar", "avx2"):
-                # this CPU has a wider path than AVX2: time the AVX2 one too (what AVX2-only CPUs run)
+            if device == "cpu":
+                # the kernel's narrower instruction-set paths this CPU also runs (what CPUs without the wider
+                # ones get), timed in the same run
                 cases += [
-                    _qmm_flashquant(device, n, k, m, bits, group, "cpu", act, cpu_simd="avx2")
+                    _qmm_flashquant(device, n, k, m, bits, group, "cpu", act, cpu_simd=level)
+                    for level in _cpu_simd_narrower()
                     for bits, group in ((4, 128), (8, -1))
                 ]
             out += [_label(c, n, k, m) for c in cases]
