@@ -23,7 +23,12 @@ except ImportError:  # pragma: no cover - explained to the user
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["csrc/cpu/ops.cpp", "csrc/cpu/quant_gemv.cpp", "csrc/cpu/kvcache_attention.cpp"]
+CPU_SOURCES = [
+    "csrc/cpu/ops.cpp",
+    "csrc/cpu/quant_gemv.cpp",
+    "csrc/cpu/quant_gemm_amx.cpp",
+    "csrc/cpu/kvcache_attention.cpp",
+]
 CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/quant_gemv.cu", "csrc/cuda/decode_attention.cu"]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flashquant as fq
-from tolerances import SQNR_DB_MIN, assert_qmm_close, sqnr_db
+from tolerances import SQNR_DB_MIN, assert_qmm_close, assert_within_ulps, sqnr_db
 
 CPU_OK = fq.backends()["cpu"].available
 
@@ -182,6 +182,60 @@ def test_cpu_kernel_paths_and_dtypes(cpu_level, dtype, bits):
     out = fq.quant_matmul(x, qw, backend="cpu")
     assert out.dtype == dtype
     assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), backend="cpu")
+
+
+@pytest.fixture
+def amx(monkeypatch):
+    """The C++ kernel with its AMX-BF16 path allowed; skips on CPUs (or kernels) without AMX tiles."""
+    if not CPU_OK:
+        pytest.skip("C++ extension not built")
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", "amx_bf16")
+    if torch.ops.flashquant.cpu_simd_level() != "amx_bf16":
+        pytest.skip("this CPU or OS gives no AMX-BF16 tiles")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 96, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_amx_path_is_exact_to_one_bf16_ulp(amx, bits, group_size, symmetric):
+    """bf16 activations at M >= 8 run on AMX tiles: codes and activations enter the tiles exactly and sums are fp32,
+    so every output is within 1 bf16 ulp of the fp32 reference on the same bf16 inputs (a much tighter bound than
+    QMM_RTOL_CPU). M covers one and two 16-row activation blocks (the streaming loop, with a ragged block), and 3
+    and 5 blocks (the chunked loop). N = 45 leaves a partial 32-row weight block. Group 96 is an odd number of
+    32-code tile steps; per-channel K = 1536 is one group longer than the 512-code decode chunk."""
+    k = 768 if group_size != -1 else 1536
+    n = 45
+    qw = fq.quantize(torch.randn(n, k), bits, group_size, symmetric)
+    for m in (8, 16, 17, 32, 40, 70):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        out = fq.quant_matmul(x, qw, backend="cpu")
+        assert out.dtype == torch.bfloat16
+        ref = fq.quant_matmul(x.float(), qw, backend="reference")
+        assert_within_ulps(out, ref, ulps=1, what=f"amx bits={bits} g={group_size} sym={symmetric} m={m}")
+
+
+def test_cpu_amx_path_takes_bf16_only_and_m_from_8(amx):
+    """Which path runs, told apart by an input the VNNI path's int16 activation rounding visibly misses: each group
+    holds one activation of 1600 (on a weight column that quantizes to exactly 0) and ones elsewhere. The VNNI
+    path's per-group scale 1600 / 32767 turns the ones into 20 steps = 0.977, a 2.3% error on every output; the AMX
+    path is exact up to the output's bf16 rounding (0.4%). bf16 at M >= 8 must take AMX; fp16, fp32 and M < 8 the
+    VNNI path."""
+    k, n, group_size = 512, 40, 128
+    w = torch.randn(n, k)
+    w[:, ::group_size] = 0.0  # symmetric quantization maps 0 to the zero point exactly
+    qw = fq.quantize(w, 4, group_size, symmetric=True)
+    x = torch.ones(8, k)
+    x[:, ::group_size] = 1600.0  # exact in bf16, fp16 and fp32
+
+    def rel_err(dtype, m):
+        xv = x[:m].to(dtype)
+        out = fq.quant_matmul(xv, qw, backend="cpu").float()
+        ref = fq.quant_matmul(xv.float(), qw, backend="reference")
+        return float((out - ref).abs().max() / ref.abs().max())
+
+    assert rel_err(torch.bfloat16, 8) < 0.005
+    for dtype, m in ((torch.bfloat16, 7), (torch.float16, 8), (torch.float32, 8)):
+        assert rel_err(dtype, m) > 0.015, (dtype, m)
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")

@@ -17,6 +17,7 @@
 //
 // Portable path (non-x86 or FLASHQUANT_CPU_SIMD=0): the same loop structure in plain fp32.
 #include "cpu/quant_gemv.h"
+#include "cpu/quant_gemm_amx.h"
 #include "cpu/simd.h"
 
 #include <ATen/ATen.h>
@@ -297,13 +298,17 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
   TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scales.device().is_cpu(),
               "quant_matmul_cpu: all tensors must be on the CPU");
 
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor sf = scales.to(at::kFloat).contiguous();
   const std::optional<at::Tensor> zf =
       zeros ? std::optional<at::Tensor>(zeros->to(at::kFloat).contiguous()) : std::nullopt;
   const at::Tensor q = qdata.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out.to(x.scalar_type());
+  if (amx_takes(x, group_size)) {
+    quant_matmul_amx_bf16(x, q, sf, zf ? &*zf : nullptr, bits, group_size, out);
+    return out.to(x.scalar_type());
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
 
   Problem p{};
   p.M = M, p.N = N, p.K = K, p.G = G, p.group_size = group_size;
@@ -315,7 +320,7 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
   const bool simd = level >= SimdLevel::kAvx2;
   // The 512-bit tile decodes 64 codes at a time: it takes groups that are multiples of 64 (or one group per row);
   // other group sizes run the 256-bit tile with the same multiply-accumulate instruction.
-  [[maybe_unused]] const bool zmm = level == SimdLevel::kAvx512Vnni && (group_size % 64 == 0 || G == 1);
+  [[maybe_unused]] const bool zmm = level >= SimdLevel::kAvx512Vnni && (group_size % 64 == 0 || G == 1);
   [[maybe_unused]] const int64_t chunk = zmm ? 64 : 32;
   at::Tensor xsum, xq, xscale;
 #ifdef FLASHQUANT_X86
@@ -340,7 +345,7 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
       bits == 4 ? vnni512::rows<4>(p, n0, n1) : vnni512::rows<8>(p, n0, n1);
       return;
     }
-    if (level == SimdLevel::kAvx512Vnni) {
+    if (level >= SimdLevel::kAvx512Vnni) {
       bits == 4 ? vnni256::rows<4>(p, n0, n1) : vnni256::rows<8>(p, n0, n1);
       return;
     }

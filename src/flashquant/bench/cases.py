@@ -79,7 +79,7 @@ def _cpu_simd_narrower() -> list[str]:
     if not fq.backends()["cpu"].available:
         return []
     runs = []
-    for level in ("avx2", "avx_vnni", "avx512_vnni"):
+    for level in ("avx2", "avx_vnni", "avx512_vnni", "amx_bf16"):
         with _cpu_simd_cap(level):
             if torch.ops.flashquant.cpu_simd_level() == level:
                 runs.append(level)
