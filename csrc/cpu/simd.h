@@ -7,6 +7,13 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #define FLASHQUANT_X86 1
+// gcc <= 12 warns "'__Y' (may be) used uninitialized" inside its own AVX-512 headers for every zero-extending,
+// converting or reducing intrinsic (the _mm512_undefined_* idiom, gcc bug 105593): ~180 false warnings that would
+// bury real ones.
+#if !defined(__clang__) && defined(__GNUC__) && __GNUC__ <= 12
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 // AMX tiles: gcc >= 11 / clang >= 12 have the intrinsics; Linux >= 5.16 hands the tile state to a process that asks
 // for it (arch_prctl), which is how this file checks that the OS supports it.
 #if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || \
