@@ -259,14 +259,24 @@ def test_auto_uses_cpu_kernel_for_small_m_and_opcheck(monkeypatch):
     assert auto(513, torch.float32, 4) == "torch"
     assert auto(1024, torch.float32, 8) == "cpu" and auto(1025, torch.float32, 8) == "torch"
     assert auto(4096, torch.float16, 8) == "cpu"
-    # bf16: the kernel at every M, except past 512 on CPUs whose bf16 F.linear runs on AMX tiles
+    # bf16: the kernel at every M, except past 512 on CPUs whose bf16 F.linear runs on AMX tiles while the kernel
+    # itself cannot use them (capped, or built without AMX)
     from flashquant import quant
 
-    for amx in (False, True):
-        monkeypatch.setattr(quant, "cpu_has_amx", lambda amx=amx: amx)
+    for cpu_amx, kernel_amx in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(quant, "cpu_has_amx", lambda v=cpu_amx: v)
+        monkeypatch.setattr(quant, "cpu_kernel_has_amx", lambda v=kernel_amx: v)
+        to_torch = cpu_amx and not kernel_amx
         assert auto(512, torch.bfloat16, 4) == "cpu"
-        assert auto(4096, torch.bfloat16, 4) == ("torch" if amx else "cpu")
-        assert auto(4096, torch.bfloat16, 8) == ("torch" if amx else "cpu")
+        assert auto(4096, torch.bfloat16, 4) == ("torch" if to_torch else "cpu")
+        assert auto(4096, torch.bfloat16, 8) == ("torch" if to_torch else "cpu")
+
+
+def test_cpu_kernel_has_amx_follows_the_simd_cap(amx, monkeypatch):
+    """auto's AMX check reads the kernel's level on every call, so FLASHQUANT_CPU_SIMD caps it too."""
+    assert fq.quant.cpu_kernel_has_amx()
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", "avx512_vnni")
+    assert not fq.quant.cpu_kernel_has_amx()
 
 
 def test_quant_matmul_compiles_fullgraph():

@@ -143,9 +143,11 @@ def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
 # BLAS overtakes it above M ~ 512 (int4) / ~ 1024 (int8); in fp16/bf16 (no native half FMA in CPU BLAS here)
 # the kernel was 4.5-7x faster at every M measured, up to 1024.
 CPU_KERNEL_MAX_M_FP32 = {4: 512, 8: 1024}
-# bf16 on CPUs with AMX tiles (Sapphire Rapids and later Xeons) is the exception: there torch's bf16 F.linear runs
-# on AMX (4096x4096, M = 1024: 17 ms, against 85-92 ms in fp16/fp32), so dequantize + F.linear ties with the kernel
-# at M = 512 and is ~2x faster at M = 1024 (crossover preset on the session-12 Xeon; bench/NOTES.md).
+# bf16 on CPUs with AMX tiles (Sapphire Rapids and later Xeons): the kernel runs bf16 at M >= 8 on AMX tiles itself
+# (csrc/cpu/quant_gemm_amx.cpp) and beat dequantize + F.linear at every M measured, 16..1024 (4096x4096, M = 1024:
+# 32.5 vs 81 ms int4; bench/NOTES.md, "AMX tiles"). Only when the kernel cannot use them (capped with
+# FLASHQUANT_CPU_SIMD, or built without AMX support) does the old crossover hold: torch's bf16 F.linear on AMX
+# against the kernel's VNNI path, a tie at M = 512 and ~2x for torch at M = 1024 (session 12).
 CPU_KERNEL_MAX_M_BF16_AMX = 512
 
 
@@ -157,6 +159,14 @@ def cpu_has_amx() -> bool:
         return bool(probe()) if probe is not None else False
     except RuntimeError:
         return False
+
+
+def cpu_kernel_has_amx() -> bool:
+    """Whether the C++ CPU kernel runs bf16 on AMX tiles now (extension built with it, CPU and OS allow it, not
+    capped by FLASHQUANT_CPU_SIMD, which is read on every call)."""
+    if not _dispatch.backends()["cpu"].available:
+        return False
+    return torch.ops.flashquant.cpu_simd_level() == "amx_bf16"
 
 
 def triton_supports(qweight: QuantizedWeight) -> bool:
@@ -177,7 +187,12 @@ def _auto_order(
         return order if triton_ok else tuple(b for b in order if b != "triton")
     if dtype == torch.float32 and m > CPU_KERNEL_MAX_M_FP32[bits]:
         return ("torch",)
-    if dtype == torch.bfloat16 and m > CPU_KERNEL_MAX_M_BF16_AMX and cpu_has_amx():
+    if (
+        dtype == torch.bfloat16
+        and m > CPU_KERNEL_MAX_M_BF16_AMX
+        and cpu_has_amx()
+        and not cpu_kernel_has_amx()
+    ):
         return ("torch",)
     return ("cpu", "torch")
 
@@ -190,8 +205,9 @@ def quant_matmul(
     x: (..., K) fp16/bf16/fp32, on qweight's device. bias: (N,) or None. Returns (..., N) in x.dtype
     (accumulation in fp32).
     backend: "auto", "reference", "torch" (dequantize + F.linear), "triton", "cuda" (1 <= M <= 16) or "cpu"
-    (C++ kernel, AVX2 or AVX-512 VNNI; it rounds activations to int16 per group, a relative error of 2^-16 of
-    the group's max, below the rounding of fp16/bf16 inputs).
+    (C++ kernel, AVX2 / AVX-VNNI / AVX-512 VNNI: it rounds activations to int16 per group, a relative error of
+    2^-16 of the group's max, below the rounding of fp16/bf16 inputs; on CPUs with AMX, bf16 activations with
+    M >= 8 and group sizes that are multiples of 32 run on AMX tiles instead, exact up to fp32 summation).
     """
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(

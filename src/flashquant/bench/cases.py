@@ -74,6 +74,14 @@ def _cpu_simd_cap(level: str | None):
             os.environ["FLASHQUANT_CPU_SIMD"] = saved
 
 
+def _cpu_best_simd() -> str | None:
+    """The C++ CPU kernels' best SIMD path on this machine (None without the extension)."""
+    if not fq.backends()["cpu"].available:
+        return None
+    with _cpu_simd_cap(None):
+        return torch.ops.flashquant.cpu_simd_level()
+
+
 def _cpu_simd_narrower() -> list[str]:
     """The C++ CPU kernels' SIMD paths this machine runs below its best one (none without the extension)."""
     if not fq.backends()["cpu"].available:
@@ -283,6 +291,12 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
                     c.unavailable = None if be in ("torch", "auto") else _why_not(be, device)
                     if c.unavailable is None and be == "cuda" and m > 16:
                         c.unavailable = "the CUDA GEMV covers M <= 16"
+                    out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
+                # bf16 on CPUs with AMX: the kernel's next-narrower path (AVX-512 VNNI) too, which is what bf16 ran
+                # before the AMX path and what CPUs without AMX run
+                narrower = _cpu_simd_narrower() if device == "cpu" and dtype == torch.bfloat16 else []
+                if narrower and _cpu_best_simd() == "amx_bf16":
+                    c = _qmm_flashquant(device, n, k, m, bits, group, "cpu", dtype, cpu_simd=narrower[-1])
                     out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
                 # Around DEQUANT_GEMM_MIN_M[bits]: the Triton launcher's two strategies, each forced.
                 for strategy in ("fused", "dequant") if device != "cpu" and m >= 64 else ():
