@@ -137,6 +137,22 @@ FLASHQUANT_AMX_TARGET void fold_group(const Problem& p, int64_t n0, int64_t g, i
   }
 }
 
+// One 32-code step: A tiles (tmm0/1) = 32 decoded weight rows from `a` ([2][16 rows][32] bf16), B tiles = the
+// k-pairs of activation blocks from b0 (tmm2) and, when `pair`, b1 (tmm3); tmm4-7 accumulate their products.
+FLASHQUANT_AMX_TARGET inline void tile_step(const uint16_t* a, const uint32_t* b0, const uint32_t* b1, bool pair) {
+  constexpr int64_t kStride = 64;
+  _tile_loadd(0, a, kStride);
+  _tile_loadd(1, a + kTileRows * kTileK, kStride);
+  _tile_loadd(2, b0, kStride);
+  _tile_dpbf16ps(4, 0, 2);
+  _tile_dpbf16ps(5, 1, 2);
+  if (pair) {
+    _tile_loadd(3, b1, kStride);
+    _tile_dpbf16ps(6, 0, 3);
+    _tile_dpbf16ps(7, 1, 3);
+  }
+}
+
 // The tile products of one piece of a group, k-blocks [kb0, kb1) of the decoded chunk, for activation blocks mb
 // (and mb + 1 when `pair`), into tmm4-7. `first`: the piece starts its group (tiles start at zero, else they
 // continue from cpart). `last`: it ends the group (tiles are folded into acc, else parked in cpart).
@@ -165,16 +181,7 @@ FLASHQUANT_AMX_TARGET void piece(const Problem& p, int64_t n0, int64_t g, int64_
   const uint32_t* x1 = x0 + (p.K / 2) * kTileRows;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t pair_row = (k0 + kb * kTileK) / 2;  // first k-pair of this block
-    _tile_loadd(0, wbuf + wbuf_index(kb, 0), kStride);
-    _tile_loadd(1, wbuf + wbuf_index(kb, 16), kStride);
-    _tile_loadd(2, x0 + pair_row * kTileRows, kStride);
-    _tile_dpbf16ps(4, 0, 2);
-    _tile_dpbf16ps(5, 1, 2);
-    if (pair) {
-      _tile_loadd(3, x1 + pair_row * kTileRows, kStride);
-      _tile_dpbf16ps(6, 0, 3);
-      _tile_dpbf16ps(7, 1, 3);
-    }
+    tile_step(wbuf + wbuf_index(kb, 0), x0 + pair_row * kTileRows, x1 + pair_row * kTileRows, pair);
   }
   _tile_stored(4, c0, kStride);
   _tile_stored(5, c0 + kTileRows * kTileRows, kStride);
@@ -246,16 +253,7 @@ FLASHQUANT_AMX_TARGET void block_streaming(const Problem& p, int64_t n0, uint16_
       decode_rows<BITS, KB>(row0 + ((k * BITS) >> 3), row_bytes, rows, buf);
       for (int t = 0; t < KB; ++t) {
         const int64_t pair_row = k / 2 + t * (kTileK / 2);
-        _tile_loadd(0, buf + t * kBuf, kStride);
-        _tile_loadd(1, buf + t * kBuf + kTileRows * kTileK, kStride);
-        _tile_loadd(2, x0 + pair_row * kTileRows, kStride);
-        _tile_dpbf16ps(4, 0, 2);
-        _tile_dpbf16ps(5, 1, 2);
-        if (pair) {
-          _tile_loadd(3, x1 + pair_row * kTileRows, kStride);
-          _tile_dpbf16ps(6, 0, 3);
-          _tile_dpbf16ps(7, 1, 3);
-        }
+        tile_step(buf + t * kBuf, x0 + pair_row * kTileRows, x1 + pair_row * kTileRows, pair);
       }
     }
     // Group g's sums are parked in one half of cpart and folded after group g + 1's products are issued (a
