@@ -196,8 +196,8 @@ def test_demo_stopped_from_outside_keeps_the_variants_it_finished(tmp_path, monk
     )
     run = json.loads(out.read_text())
     assert [r["name"] for r in run["results"]] == ["pytorch fp32 (SDPA)", "pytorch bf16 (SDPA)"]
-    # 4 variants on the CPU, 5 on CUDA (bf16 with flashquant attention too)
-    assert re.fullmatch(r"interrupted after 2 of [45] variants", run["stopped_early"])
+    # 6 variants on the CPU (the quantized ones with fp32 and bf16 activations), 5 on CUDA
+    assert re.fullmatch(r"interrupted after 2 of [56] variants", run["stopped_early"])
     assert "pytorch bf16 (SDPA)" in capsys.readouterr().out
 
 
