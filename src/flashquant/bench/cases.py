@@ -269,7 +269,8 @@ def quant_matmul_cases(device: str, shapes, ms, dtype=None) -> list[Case]:
 
 def dispatch_crossover_cases(device: str) -> list[Case]:
     """quant_matmul's own backends against each other and against `auto`, over M: where does each stop winning?
-    The anchor is flashquant's torch path (dequantize + F.linear); `auto` should match the best row. On a GPU also
+    The anchor is flashquant's torch path (dequantize + F.linear), on CPUs also F.linear on unquantized weights;
+    `auto` should match the best flashquant row. On a GPU also
     the CUDA vs Triton decode kernels at 4 and 8 query heads per KV head (auto tries CUDA first; SDPA is the
     anchor there)."""
     if device == "cpu":
@@ -285,6 +286,11 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
     for dtype in dtypes:
         for m in ms:
             for bits, group in ((4, 128), (8, -1)):
+                if device == "cpu":
+                    # what a bf16/fp32 model without quantization runs: F.linear on weights already in that dtype
+                    out.append(
+                        _label(_qmm_linear(device, n, k, m, dtype), n, k, m, f" int{bits} {_dt(dtype)}")
+                    )
                 for be in ("torch", *backends):
                     c = _qmm_flashquant(device, n, k, m, bits, group, be, dtype)
                     c.anchor = be == "torch"
