@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = [
     "csrc/cpu/ops.cpp",
     "csrc/cpu/quant_gemv.cpp",
+    "csrc/cpu/dequantize.cpp",
     "csrc/cpu/quant_gemm_amx.cpp",
     "csrc/cpu/kvcache_attention.cpp",
 ]

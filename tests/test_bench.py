@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import flashquant as fq
 from flashquant import _dispatch
 from flashquant.bench import compare, markdown, preset, run_cases, table, write_json
 
@@ -121,6 +122,36 @@ def test_gpu_crossover_preset_measures_both_auto_boundaries():
     for bits, switch in DEQUANT_GEMM_MIN_M.items():
         for m in (switch // 2, switch, 2048):
             assert {(m, "triton-fused", f"int{bits}"), (m, "triton-dequant", f"int{bits}")} <= forced
+
+
+def test_cpu_crossover_preset_times_both_cpu_strategies_around_each_switch():
+    """On a CPU the crossover preset times the cpu backend's fused kernel and its dequantize + BLAS strategy, both
+    forced, at every M and in every activation dtype, next to auto and F.linear on unquantized weights. Building
+    the case list allocates nothing."""
+    from flashquant.bench.cases import dispatch_crossover_cases
+
+    cases = [c for c in dispatch_crossover_cases("cpu") if c.op == "quant_matmul"]
+    forced = {(c.shape["M"], c.dtype, *c.impl.split()[1:3]) for c in cases if "cpu-" in c.impl}
+    for m in (16, 128, 512, 1024):
+        for dt in ("float32", "bfloat16", "float16"):
+            for bits in (4, 8):
+                assert {(m, dt, "cpu-fused", f"int{bits}"), (m, dt, "cpu-dequant", f"int{bits}")} <= forced
+    assert any(c.impl.startswith("flashquant auto") for c in cases)
+    assert any(c.impl.startswith("torch F.linear") for c in cases)
+
+
+@pytest.mark.skipif(not fq.backends()["cpu"].available, reason="C++ extension not built")
+def test_cpu_forced_strategy_cases_run_and_agree():
+    """The forced-strategy cases call the CPU launcher (not quant_matmul's dispatch) and compute the same matmul."""
+    from flashquant.bench.cases import _qmm_flashquant
+
+    outs = []
+    for strategy in ("fused", "dequant"):
+        torch.manual_seed(0)  # the same weights and activations for both
+        fn, inputs = _qmm_flashquant("cpu", 24, 256, 5, 4, 128, "cpu", torch.float32, strategy).make()
+        outs.append(fn(*inputs[0]))
+    assert outs[0].shape == (5, 24)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3)
 
 
 def test_a_run_cut_short_keeps_what_it_measured_and_says_what_it_did_not():

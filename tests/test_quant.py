@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flashquant as fq
-from tolerances import SQNR_DB_MIN, assert_qmm_close, assert_within_ulps, sqnr_db
+from tolerances import SQNR_DB_MIN, assert_qmm_close, assert_qmm_same_rounding, assert_within_ulps, sqnr_db
 
 CPU_OK = fq.backends()["cpu"].available
 
@@ -239,7 +239,7 @@ def test_cpu_amx_path_takes_bf16_only_and_m_from_8(amx):
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
-def test_auto_uses_cpu_kernel_for_small_m_and_opcheck(monkeypatch):
+def test_cpu_ops_opcheck_and_auto_takes_the_cpu_backend_at_every_m():
     qw = fq.quantize(torch.randn(16, 64), 4, 32)
     x = torch.randn(1, 64)
     torch.library.opcheck(
@@ -248,28 +248,98 @@ def test_auto_uses_cpu_kernel_for_small_m_and_opcheck(monkeypatch):
     torch.library.opcheck(
         torch.ops.flashquant.quant_matmul_packed.default, (x, qw.qdata, qw.scales, None, 4, 32)
     )
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(
+            torch.ops.flashquant.dequantize_packed.default, (qw.qdata, qw.scales, None, 4, 32, dtype)
+        )
     from flashquant import _dispatch
     from flashquant.quant import _auto_order
 
-    def auto(m, dtype, bits):
-        return _dispatch.resolve("quant_matmul", "auto", x.device, _auto_order(x.device, m, dtype, bits))
+    # the cpu backend picks its own strategy by M (quant_matmul_cpu), so auto never needs the torch path
+    for m in (1, 16, 512, 4096):
+        assert _dispatch.resolve("quant_matmul", "auto", x.device, _auto_order(x.device, m)) == "cpu"
 
-    # the crossovers measured by `python -m flashquant.bench --preset crossover` (see quant.py)
-    assert auto(1, torch.float32, 4) == "cpu" and auto(512, torch.float32, 4) == "cpu"
-    assert auto(513, torch.float32, 4) == "torch"
-    assert auto(1024, torch.float32, 8) == "cpu" and auto(1025, torch.float32, 8) == "torch"
-    assert auto(4096, torch.float16, 8) == "cpu"
-    # bf16: the kernel at every M, except past 512 on CPUs whose bf16 F.linear runs on AMX tiles while the kernel
-    # itself cannot use them (capped, or built without AMX)
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+def test_cpu_dequant_min_m_follows_the_measured_crossovers(monkeypatch):
+    """The M from which backend="cpu" dequantizes + calls BLAS (quant.py has the measurements behind each)."""
     from flashquant import quant
 
-    for cpu_amx, kernel_amx in ((False, False), (True, False), (True, True)):
-        monkeypatch.setattr(quant, "cpu_has_amx", lambda v=cpu_amx: v)
-        monkeypatch.setattr(quant, "cpu_kernel_has_amx", lambda v=kernel_amx: v)
-        to_torch = cpu_amx and not kernel_amx
-        assert auto(512, torch.bfloat16, 4) == "cpu"
-        assert auto(4096, torch.bfloat16, 4) == ("torch" if to_torch else "cpu")
-        assert auto(4096, torch.bfloat16, 8) == ("torch" if to_torch else "cpu")
+    for level, amx in (("amx_bf16", True), ("avx512_vnni", True), ("avx512_vnni", False), ("avx2", False)):
+        monkeypatch.setattr(quant, "cpu_kernel_level", lambda v=level: v)
+        monkeypatch.setattr(quant, "cpu_has_amx", lambda v=amx: v)
+        avx512 = level in ("amx_bf16", "avx512_vnni")
+        assert quant.cpu_dequant_min_m(torch.float32, 4) == (128 if avx512 else 513)
+        assert quant.cpu_dequant_min_m(torch.float32, 8) == (128 if avx512 else 1025)
+        for bits in (4, 8):
+            assert quant.cpu_dequant_min_m(torch.bfloat16, bits) == (512 if amx else None)
+            assert quant.cpu_dequant_min_m(torch.float16, bits) == (128 if amx else None)
+
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_backend_switches_to_dequant_from_min_m(dtype, bits, monkeypatch):
+    """backend="cpu" runs the fused kernel below cpu_dequant_min_m and dequantize + BLAS from it on. The two
+    strategies round differently (int16 activations or exact AMX products vs weights rounded to the dtype), so
+    torch.equal tells which one ran; the test first checks that they do differ at this shape."""
+    from flashquant import quant
+
+    min_m = 40
+    monkeypatch.setattr(quant, "cpu_dequant_min_m", lambda dt, b: min_m)
+    k, n = 512, 24
+    qw = fq.quantize(torch.randn(n, k), bits, 128, symmetric=False)
+    args = (qw.qdata, qw.scales, qw.zeros, bits, 128)
+    for m in (min_m - 1, min_m):
+        x = torch.randn(m, k).to(dtype)
+        fused = quant.quant_matmul_cpu(x, *args, strategy="fused")
+        dequant = quant.quant_matmul_cpu(x, *args, strategy="dequant")
+        assert not torch.equal(fused, dequant)
+        assert torch.equal(fq.quant_matmul(x, qw, backend="cpu"), dequant if m >= min_m else fused)
+    with pytest.raises(ValueError, match="strategy must be"):
+        quant.quant_matmul_cpu(x, *args, strategy="blas")
+
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 6), (8, -1), (8, 32)])
+@pytest.mark.parametrize("m", [1, 3, 130])
+def test_cpu_dequant_strategy_is_dequantize_then_matmul(dtype, bits, group_size, m, monkeypatch):
+    """The dequant strategy computes what dequantize() + F.linear does: the fp32 matmul of weights rounded to the
+    dtype, rounded once (one ulp apart at most). Chunks of 4 rows of N = 19 (five chunks, the last one ragged);
+    int4 groups of 6 are shorter than one 16-code SIMD step (the dequantize tails: test_dequantize_...)."""
+    from flashquant import quant
+
+    monkeypatch.setattr(quant, "CPU_DEQUANT_CHUNK_ELEMENTS", 4 * 384)
+    n, k = 19, 384
+    qw = fq.quantize(torch.randn(n, k), bits, group_size, symmetric=bits == 4)
+    x = torch.randn(m, k).to(dtype)
+    out = quant.quant_matmul_cpu(x, qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size, "dequant")
+    assert out.dtype == dtype and out.shape == (m, n)
+    expected = (x.float() @ qw.dequantize(dtype).float().t()).to(dtype)
+    assert_qmm_same_rounding(out, expected, f"dequant {dtype} bits={bits} g={group_size} m={m}")
+
+
+@pytest.mark.parametrize("simd", ["0", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric,k",
+    [(4, 128, True, 384), (4, 3, False, 246), (4, 40, False, 240), (8, -1, True, 250), (8, 5, False, 250)],
+)
+def test_dequantize_matches_reference_bit_for_bit(simd, dtype, bits, group_size, symmetric, k, monkeypatch):
+    """QuantizedWeight.dequantize (on the CPU the C++ op, scalar and AVX2 paths) is exactly the reference's fp32
+    (code - zero) * scale rounded once to the dtype: int4 groups of 3 start at odd k (the scalar path), groups of
+    40 / 5 and per-channel K = 250 end in a tail shorter than a 16-code step; fp16 scales (from an fp16 weight)
+    are widened first."""
+    if not CPU_OK:
+        pytest.skip("C++ extension not built")
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    w = torch.randn(13, k, dtype=torch.float16) * 3
+    w[0] = 0.0  # a zero row
+    qw = fq.quantize(w, bits, group_size, symmetric)
+    ref = fq.reference.quant.dequantize_ref(qw.codes(), qw.scales, qw.zeros, bits, group_size).to(dtype)
+    out = qw.dequantize(dtype)
+    assert out.dtype == dtype and torch.equal(out, ref)
 
 
 def test_cpu_kernel_has_amx_follows_the_simd_cap(amx, monkeypatch):

@@ -12,6 +12,9 @@ std::string cpu_simd_level() { return flashquant::cpu::simd_level(); }
 
 TORCH_LIBRARY(flashquant, m) {
   m.def("quant_matmul_packed(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor");
+  // The packed weight dequantized to a dense (N, K) tensor of `dtype`; CPU only (the GPU's is a Triton kernel).
+  m.def("dequantize_packed(Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size, ScalarType dtype) "
+        "-> Tensor");
   // Flash-decoding (Sq = 1) over a contiguous or paged KV cache; CUDA only (see csrc/cuda).
   m.def(
       "decode_attention_packed(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
@@ -27,6 +30,7 @@ TORCH_LIBRARY(flashquant, m) {
 
 TORCH_LIBRARY_IMPL(flashquant, CPU, m) {
   m.impl("quant_matmul_packed", &flashquant::cpu::quant_matmul_cpu);
+  m.impl("dequantize_packed", &flashquant::cpu::dequantize_cpu);
   m.impl("kvcache_attention", &flashquant::cpu::kvcache_attention_cpu);
 }
 

@@ -277,26 +277,32 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group_si
 
 const char* simd_level() { return simd_level_name(simd_level_enabled()); }
 
+int64_t check_packed_weight(const char* op, const at::Tensor& qdata, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 2, op, ": qdata must be a 2-D uint8 tensor, got ",
+              qdata.scalar_type(), " ", qdata.sizes());
+  const int64_t N = qdata.size(0), K = qdata.size(1) * (bits == 4 ? 2 : 1);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, op, ": group_size ", group_size, " must divide K=", K);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G, op, ": scales must be (", N, ", ", G,
+              "), got ", scales.sizes());
+  if (zeros) {
+    TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros must be (", N, ", ", G, "), got ", zeros->sizes());
+  }
+  TORCH_CHECK(qdata.device().is_cpu() && scales.device().is_cpu() && (!zeros || zeros->device().is_cpu()), op,
+              ": qdata, scales and zeros must be on the CPU");
+  return K;
+}
+
 at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2, "quant_matmul_cpu: x must be 2-D (M, K), got ", x.sizes());
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_matmul_cpu: bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 2,
-              "quant_matmul_cpu: qdata must be a 2-D uint8 tensor, got ", qdata.scalar_type(), " ", qdata.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = qdata.size(0);
-  TORCH_CHECK(qdata.size(1) * (bits == 4 ? 2 : 1) == K, "quant_matmul_cpu: qdata ", qdata.sizes(),
-              " does not hold K=", K, " ", bits, "-bit values per row");
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "quant_matmul_cpu: group_size ", group_size,
-              " must divide K=", K);
-  const int64_t G = K / group_size;
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G, "quant_matmul_cpu: scales must be (",
-              N, ", ", G, "), got ", scales.sizes());
-  if (zeros) {
-    TORCH_CHECK(zeros->sizes() == scales.sizes(), "quant_matmul_cpu: zeros must be (", N, ", ", G, "), got ",
-                zeros->sizes());
-  }
-  TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scales.device().is_cpu(),
-              "quant_matmul_cpu: all tensors must be on the CPU");
+  const int64_t K = check_packed_weight("quant_matmul_cpu", qdata, scales, zeros, bits, group_size);
+  TORCH_CHECK(x.size(1) == K, "quant_matmul_cpu: x ", x.sizes(), " must have K=", K, " columns to match qdata ",
+              qdata.sizes(), " (", bits, "-bit codes)");
+  const int64_t M = x.size(0), N = qdata.size(0), G = K / group_size;
+  TORCH_CHECK(x.device().is_cpu(), "quant_matmul_cpu: x must be on the CPU, got ", x.device());
 
   const at::Tensor sf = scales.to(at::kFloat).contiguous();
   const std::optional<at::Tensor> zf =

@@ -12,6 +12,15 @@ namespace flashquant::cpu {
 at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size);
 
+// Checks a packed weight (the layout quant_matmul_cpu documents) for the op named `op`; returns its K.
+int64_t check_packed_weight(const char* op, const at::Tensor& qdata, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size);
+
+// (N, K) dense weight (q - zero) * scale in dtype (fp32 / fp16 / bf16), bit for bit the reference's dequantize
+// rounded once to dtype; qdata / scales / zeros as quant_matmul_cpu documents (dequantize.cpp).
+at::Tensor dequantize_cpu(const at::Tensor& qdata, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                          int64_t bits, int64_t group_size, at::ScalarType dtype);
+
 // The instruction-set path the CPU kernels take now: "avx512_vnni", "avx_vnni", "avx2" or "scalar" (simd.h).
 // FLASHQUANT_CPU_SIMD in the environment caps it (a level name, or "0" for the portable path; the tests run every
 // path the CPU has).

@@ -77,9 +77,15 @@ class QuantizedWeight:
         return unpack(self.qdata, self.bits)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """(N, K) dense weight in `dtype` (default: the original dtype)."""
+        """(N, K) dense weight in `dtype` (default: the original dtype), ``(code - zero) * scale`` in fp32 rounded
+        once to `dtype`. On the CPU one pass of the C++ extension (bit for bit the same values)."""
+        dtype = dtype or self.dtype
+        if self.device.type == "cpu" and dtype in FLOAT_DTYPES and _dispatch.backends()["cpu"].available:
+            return torch.ops.flashquant.dequantize_packed(
+                self.qdata, self.scales, self.zeros, self.bits, self.effective_group_size, dtype
+            )
         w = ref.dequantize_ref(self.codes(), self.scales, self.zeros, self.bits, self.group_size)
-        return w.to(dtype or self.dtype)
+        return w.to(dtype)
 
     def to(self, device) -> QuantizedWeight:
         z = None if self.zeros is None else self.zeros.to(device)
@@ -137,20 +143,6 @@ def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
     )
 
 
-# Where the C++ CPU kernel stops winning, measured on the 2-core AVX2 machine (`python -m flashquant.bench
-# --preset crossover`; bench/NOTES.md, "CPU crossover"). The kernel's cost grows with M (it decodes the weights
-# once per 4-row tile), while the torch path dequantizes once (~0.1 s for 4096x4096) and calls BLAS. In fp32,
-# BLAS overtakes it above M ~ 512 (int4) / ~ 1024 (int8); in fp16/bf16 (no native half FMA in CPU BLAS here)
-# the kernel was 4.5-7x faster at every M measured, up to 1024.
-CPU_KERNEL_MAX_M_FP32 = {4: 512, 8: 1024}
-# bf16 on CPUs with AMX tiles (Sapphire Rapids and later Xeons): the kernel runs bf16 at M >= 8 on AMX tiles itself
-# (csrc/cpu/quant_gemm_amx.cpp) and beat dequantize + F.linear at every M measured, 16..1024 (4096x4096, M = 1024:
-# 32.5 vs 81 ms int4; bench/NOTES.md, "AMX tiles"). Only when the kernel cannot use them (capped with
-# FLASHQUANT_CPU_SIMD, or built without AMX support) does the old crossover hold: torch's bf16 F.linear on AMX
-# against the kernel's VNNI path, a tie at M = 512 and ~2x for torch at M = 1024 (session 12).
-CPU_KERNEL_MAX_M_BF16_AMX = 512
-
-
 @functools.cache
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (torch's bf16 matmuls use them)."""
@@ -161,12 +153,81 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def cpu_kernel_level() -> str | None:
+    """The C++ CPU kernel's instruction-set path now ("amx_bf16", "avx512_vnni", "avx_vnni", "avx2", "scalar"), or None
+    without the extension. FLASHQUANT_CPU_SIMD caps it and is read on every call."""
+    if not _dispatch.backends()["cpu"].available:
+        return None
+    return torch.ops.flashquant.cpu_simd_level()
+
+
 def cpu_kernel_has_amx() -> bool:
     """Whether the C++ CPU kernel runs bf16 on AMX tiles now (extension built with it, CPU and OS allow it, not
-    capped by FLASHQUANT_CPU_SIMD, which is read on every call)."""
-    if not _dispatch.backends()["cpu"].available:
-        return False
-    return torch.ops.flashquant.cpu_simd_level() == "amx_bf16"
+    capped by FLASHQUANT_CPU_SIMD)."""
+    return cpu_kernel_level() == "amx_bf16"
+
+
+# backend="cpu" at prefill-sized M: from this many activation rows on, the weight is dequantized (C++,
+# csrc/cpu/dequantize.cpp) in row chunks and multiplied by torch's BLAS (oneDNN / MKL; bf16 on AMX tiles) instead
+# of the fused kernel, which decodes each weight again for every block of activation rows and cannot match the
+# BLAS's GEMM once the matmul is compute-bound. Measured by `python -m flashquant.bench --preset crossover`
+# (rows "cpu-fused" / "cpu-dequant"; bench/NOTES.md, "Session 15"):
+# * fp32 with the AVX-512 VNNI kernel (the AMX Xeon): the switch wins from M = 128.
+# * fp32 on AVX2 / AVX-VNNI CPUs: the crossover measured on the 2-core AMD machine against the old, ~50x slower
+#   PyTorch dequantize (M > 512 for int4, > 1024 for int8). The C++ dequantize only moves the real crossover lower,
+#   so the kernel keeps these M and is never slower than before; not re-measured there.
+# * bf16 on AMX CPUs: from M = 512 (the AMX path of the kernel wins at 256); fp16 on the same CPUs (AVX512-FP16
+#   BLAS) from 128.
+# * fp16 / bf16 on CPUs without AMX: never; BLAS there has no fast half-precision GEMM, and the kernel was 4.5-7x
+#   faster than dequantize + F.linear at every M measured up to 1024 (AMD machine, session 5).
+CPU_DEQUANT_MIN_M_FP32_AVX512 = 128
+CPU_DEQUANT_MIN_M_FP32_AVX2 = {4: 513, 8: 1025}
+CPU_DEQUANT_MIN_M_AMX = {torch.bfloat16: 512, torch.float16: 128}
+# Weights are dequantized this many elements at a time (8 MB in bf16), so a 128256 x 4096 lm_head does not need a
+# 1 GB temporary; a chunk of 1024 rows of K = 4096 ran as fast as the whole weight at once (bench/NOTES.md).
+CPU_DEQUANT_CHUNK_ELEMENTS = 1 << 22
+
+
+def cpu_dequant_min_m(dtype: torch.dtype, bits: int) -> int | None:
+    """The M from which backend="cpu" dequantizes and calls BLAS instead of the fused kernel (None: never)."""
+    if dtype == torch.float32:
+        level = cpu_kernel_level()
+        return (
+            CPU_DEQUANT_MIN_M_FP32_AVX512
+            if level in ("avx512_vnni", "amx_bf16")
+            else CPU_DEQUANT_MIN_M_FP32_AVX2[bits]
+        )
+    return CPU_DEQUANT_MIN_M_AMX.get(dtype) if cpu_has_amx() else None
+
+
+def quant_matmul_cpu(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    strategy: str | None = None,
+) -> torch.Tensor:
+    """backend="cpu": x (M, K) @ dequant(W)^T in x.dtype. strategy "fused" (the C++ kernel: VNNI, or AMX tiles for
+    bf16), "dequant" (C++ dequantize in row chunks + torch.mm, the weight rounded to x.dtype first as
+    dequantize() + F.linear does) or None: "dequant" from cpu_dequant_min_m(x.dtype, bits) rows on."""
+    if strategy is None:
+        min_m = cpu_dequant_min_m(x.dtype, bits)
+        strategy = "dequant" if min_m is not None and x.shape[0] >= min_m else "fused"
+    if strategy == "fused":
+        return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size)
+    if strategy != "dequant":
+        raise ValueError(f"strategy must be 'fused', 'dequant' or None, got {strategy!r}")
+    N, K = qdata.shape[0], x.shape[1]
+    out = x.new_empty((x.shape[0], N))
+    rows = max(1, CPU_DEQUANT_CHUNK_ELEMENTS // max(K, 1))
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        z = None if zeros is None else zeros[n0:n1]
+        w = torch.ops.flashquant.dequantize_packed(qdata[n0:n1], scales[n0:n1], z, bits, group_size, x.dtype)
+        torch.mm(x, w.t(), out=out[:, n0:n1])
+    return out
 
 
 def triton_supports(qweight: QuantizedWeight) -> bool:
@@ -175,7 +236,7 @@ def triton_supports(qweight: QuantizedWeight) -> bool:
 
 
 def _auto_order(
-    device: torch.device, m: int, dtype: torch.dtype, bits: int, cuda_ok: bool = True, triton_ok: bool = True
+    device: torch.device, m: int, cuda_ok: bool = True, triton_ok: bool = True
 ) -> tuple[str, ...]:
     if device.type == "cuda":
         # M <= 16 tries the CUDA tensor-core GEMV first. On an H100 (graph replays, bench/NOTES.md) it beat the
@@ -185,15 +246,7 @@ def _auto_order(
         # dequantizes once and calls cuBLAS (kernels/quant_matmul.py).
         order = ("cuda", "triton", "torch") if m <= 16 and cuda_ok else ("triton", "torch")
         return order if triton_ok else tuple(b for b in order if b != "triton")
-    if dtype == torch.float32 and m > CPU_KERNEL_MAX_M_FP32[bits]:
-        return ("torch",)
-    if (
-        dtype == torch.bfloat16
-        and m > CPU_KERNEL_MAX_M_BF16_AMX
-        and cpu_has_amx()
-        and not cpu_kernel_has_amx()
-    ):
-        return ("torch",)
+    # backend "cpu" switches to dequantize + BLAS by itself at prefill sizes (quant_matmul_cpu), so it wins at every M
     return ("cpu", "torch")
 
 
@@ -234,7 +287,7 @@ def quant_matmul(
         "quant_matmul",
         backend,
         x.device,
-        _auto_order(x.device, x2.shape[0], x.dtype, qweight.bits, cuda_ok, triton_ok),
+        _auto_order(x.device, x2.shape[0], cuda_ok, triton_ok),
     )
     if name == "torch" and backend == "auto" and not triton_ok:
         _dispatch.warn_once(
@@ -282,7 +335,9 @@ def _quant_matmul_impl(
         from .kernels.quant_matmul import quant_matmul_triton
 
         out = quant_matmul_triton(x, qdata, scales, zeros, bits, group_size)
-    elif backend in ("cpu", "cuda"):
+    elif backend == "cpu":
+        out = quant_matmul_cpu(x, qdata, scales, zeros, bits, group_size)
+    elif backend == "cuda":
         out = torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size)
     else:
         raise ValueError(f"unknown backend {backend!r}")

@@ -95,8 +95,9 @@ def _cpu_simd_narrower() -> list[str]:
 
 
 def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype, strategy=None, cpu_simd=None):
-    """flashquant.quant_matmul with `backend`; with `strategy` ("fused" / "dequant") the Triton launcher instead,
-    forced to that strategy (the crossover preset times both around DEQUANT_GEMM_MIN_M[bits]); with `cpu_simd`
+    """flashquant.quant_matmul with `backend`; with `strategy` ("fused" / "dequant") that backend's launcher
+    instead (Triton's or the CPU's), forced to that strategy (the crossover preset times both around
+    DEQUANT_GEMM_MIN_M[bits] / cpu_dequant_min_m); with `cpu_simd`
     (e.g. "avx2") the C++ kernel capped at that instruction set (FLASHQUANT_CPU_SIMD), to compare its paths in
     one run."""
 
@@ -106,11 +107,12 @@ def _qmm_flashquant(device, n, k, m, bits, group, backend, dtype, strategy=None,
                 return fq.quant_matmul(x, qw, backend=backend)
         if strategy is None:
             return fq.quant_matmul(x, qw, backend=backend)
+        args = (x, qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size)
+        if backend == "cpu":
+            return fq.quant.quant_matmul_cpu(*args, strategy=strategy)
         from flashquant.kernels.quant_matmul import quant_matmul_triton
 
-        return quant_matmul_triton(
-            x, qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size, strategy=strategy
-        )
+        return quant_matmul_triton(*args, strategy=strategy)
 
     def make():
         w = torch.randn(n, k, device=device, dtype=dtype)
@@ -274,7 +276,9 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
     the CUDA vs Triton decode kernels at 4 and 8 query heads per KV head (auto tries CUDA first; SDPA is the
     anchor there)."""
     if device == "cpu":
-        backends, ms, dtypes = ("cpu", "auto"), [16, 64, 256, 512, 1024], (torch.float32, torch.bfloat16)
+        # the cpu backend's two strategies are timed forced (below), so "auto" is the only unforced row
+        backends, ms = ("auto",), [16, 64, 128, 256, 512, 1024]
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
     else:
         backends, ms, dtypes = (
             ("cuda", "triton", "auto"),
@@ -304,10 +308,11 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
                 if narrower and _cpu_best_simd() == "amx_bf16":
                     c = _qmm_flashquant(device, n, k, m, bits, group, "cpu", dtype, cpu_simd=narrower[-1])
                     out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
-                # Around DEQUANT_GEMM_MIN_M[bits]: the Triton launcher's two strategies, each forced.
-                for strategy in ("fused", "dequant") if device != "cpu" and m >= 64 else ():
-                    c = _qmm_flashquant(device, n, k, m, bits, group, "triton", dtype, strategy)
-                    c.unavailable = _why_not("triton", device)
+                # Around DEQUANT_GEMM_MIN_M[bits] / cpu_dequant_min_m: the launcher's two strategies, each forced.
+                launcher = "cpu" if device == "cpu" else "triton"
+                for strategy in ("fused", "dequant") if device == "cpu" or m >= 64 else ():
+                    c = _qmm_flashquant(device, n, k, m, bits, group, launcher, dtype, strategy)
+                    c.unavailable = _why_not(launcher, device)
                     out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
     if device != "cpu":
         for hq in (32, 64):  # G = 4 (Llama-3-8B) and G = 8 (Llama-3-70B)
