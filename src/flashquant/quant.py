@@ -172,19 +172,22 @@ def cpu_kernel_has_amx() -> bool:
 # of the fused kernel, which decodes each weight again for every block of activation rows and cannot match the
 # BLAS's GEMM once the matmul is compute-bound. Measured by `python -m flashquant.bench --preset crossover`
 # (rows "cpu-fused" / "cpu-dequant"; bench/NOTES.md, "Session 15"):
-# * fp32 with the AVX-512 VNNI kernel (the AMX Xeon): the switch wins from M = 128.
-# * fp32 on AVX2 / AVX-VNNI CPUs: the crossover measured on the 2-core AMD machine against the old, ~50x slower
-#   PyTorch dequantize (M > 512 for int4, > 1024 for int8). The C++ dequantize only moves the real crossover lower,
-#   so the kernel keeps these M and is never slower than before; not re-measured there.
-# * bf16 on AMX CPUs: from M = 512 (the AMX path of the kernel wins at 256); fp16 on the same CPUs (AVX512-FP16
-#   BLAS) from 128.
+# 4096x4096 on the AMX Xeon, commit eea217d, median ms fused / dequant, int4 (int8 alike):
+# * fp32 with the AVX-512 VNNI kernel: M = 64 10.4 / 13.2, M = 128 20.2 / 18.3: from 128.
+# * fp32 on AVX2 / AVX-VNNI CPUs: the crossover measured on the 2-core AMD machine against the old, ~25x slower
+#   dequantize in PyTorch ops (M > 512 for int4, > 1024 for int8). The C++ dequantize only moves the real crossover
+#   lower, so the kernel keeps these M and is never slower than before; not re-measured there.
+# * bf16 on AMX CPUs: M = 256 6.3 / 7.6 (the kernel's AMX path), M = 512 14.5 / 11.0: from 512.
+# * fp16 on the same CPUs (torch's fp16 GEMM there runs at its fp32 speed): M = 64 9.8 / 11.9, M = 128 19.2 / 17.3:
+#   from 128.
 # * fp16 / bf16 on CPUs without AMX: never; BLAS there has no fast half-precision GEMM, and the kernel was 4.5-7x
-#   faster than dequantize + F.linear at every M measured up to 1024 (AMD machine, session 5).
+#   faster than dequantize + F.linear at every M measured up to 1024 (AMD machine).
 CPU_DEQUANT_MIN_M_FP32_AVX512 = 128
 CPU_DEQUANT_MIN_M_FP32_AVX2 = {4: 513, 8: 1025}
 CPU_DEQUANT_MIN_M_AMX = {torch.bfloat16: 512, torch.float16: 128}
 # Weights are dequantized this many elements at a time (8 MB in bf16), so a 128256 x 4096 lm_head does not need a
-# 1 GB temporary; a chunk of 1024 rows of K = 4096 ran as fast as the whole weight at once (bench/NOTES.md).
+# 1 GB temporary; chunks of 1024 rows of K = 4096 ran as fast as the whole weight at once, or faster: a fresh
+# 32 MB buffer per call costs ~7 ms of page faults here (ad-hoc; bench/NOTES.md, "Session 15").
 CPU_DEQUANT_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -260,7 +263,9 @@ def quant_matmul(
     backend: "auto", "reference", "torch" (dequantize + F.linear), "triton", "cuda" (1 <= M <= 16) or "cpu"
     (C++ kernel, AVX2 / AVX-VNNI / AVX-512 VNNI: it rounds activations to int16 per group, a relative error of
     2^-16 of the group's max, below the rounding of fp16/bf16 inputs; on CPUs with AMX, bf16 activations with
-    M >= 8 and group sizes that are multiples of 32 run on AMX tiles instead, exact up to fp32 summation).
+    M >= 8 and group sizes that are multiples of 32 run on AMX tiles instead, exact up to fp32 summation; from
+    cpu_dequant_min_m(x.dtype, bits) rows on, prefill sizes, it dequantizes the weight to x.dtype in C++ and calls
+    torch's BLAS, rounding each weight to x.dtype first as dequantize() + F.linear does).
     """
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(
