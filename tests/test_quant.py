@@ -274,6 +274,12 @@ def test_cpu_dequant_min_m_follows_the_measured_crossovers(monkeypatch):
         for bits in (4, 8):
             assert quant.cpu_dequant_min_m(torch.bfloat16, bits) == (512 if amx else None)
             assert quant.cpu_dequant_min_m(torch.float16, bits) == (128 if amx else None)
+            for dtype in (
+                torch.float32,
+                torch.bfloat16,
+                torch.float16,
+            ):  # the floor quant_matmul_cpu checks first
+                assert (quant.cpu_dequant_min_m(dtype, bits) or 1 << 30) >= quant._CPU_DEQUANT_MIN_M_ANY
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
@@ -287,6 +293,7 @@ def test_cpu_backend_switches_to_dequant_from_min_m(dtype, bits, monkeypatch):
 
     min_m = 40
     monkeypatch.setattr(quant, "cpu_dequant_min_m", lambda dt, b: min_m)
+    monkeypatch.setattr(quant, "_CPU_DEQUANT_MIN_M_ANY", min_m)
     k, n = 512, 24
     qw = fq.quantize(torch.randn(n, k), bits, 128, symmetric=False)
     args = (qw.qdata, qw.scales, qw.zeros, bits, 128)

@@ -80,7 +80,7 @@ class QuantizedWeight:
         """(N, K) dense weight in `dtype` (default: the original dtype), ``(code - zero) * scale`` in fp32 rounded
         once to `dtype`. On the CPU one pass of the C++ extension (bit for bit the same values)."""
         dtype = dtype or self.dtype
-        if self.device.type == "cpu" and dtype in FLOAT_DTYPES and _dispatch.backends()["cpu"].available:
+        if self.device.type == "cpu" and dtype in FLOAT_DTYPES and _dispatch._available("cpu"):
             return torch.ops.flashquant.dequantize_packed(
                 self.qdata, self.scales, self.zeros, self.bits, self.effective_group_size, dtype
             )
@@ -156,7 +156,7 @@ def cpu_has_amx() -> bool:
 def cpu_kernel_level() -> str | None:
     """The C++ CPU kernel's instruction-set path now ("amx_bf16", "avx512_vnni", "avx_vnni", "avx2", "scalar"), or None
     without the extension. FLASHQUANT_CPU_SIMD caps it and is read on every call."""
-    if not _dispatch.backends()["cpu"].available:
+    if not _dispatch._available("cpu"):
         return None
     return torch.ops.flashquant.cpu_simd_level()
 
@@ -185,6 +185,9 @@ def cpu_kernel_has_amx() -> bool:
 CPU_DEQUANT_MIN_M_FP32_AVX512 = 128
 CPU_DEQUANT_MIN_M_FP32_AVX2 = {4: 513, 8: 1025}
 CPU_DEQUANT_MIN_M_AMX = {torch.bfloat16: 512, torch.float16: 128}
+_CPU_DEQUANT_MIN_M_ANY = min(
+    CPU_DEQUANT_MIN_M_FP32_AVX512, *CPU_DEQUANT_MIN_M_FP32_AVX2.values(), *CPU_DEQUANT_MIN_M_AMX.values()
+)
 # Weights are dequantized this many elements at a time (8 MB in bf16), so a 128256 x 4096 lm_head does not need a
 # 1 GB temporary; chunks of 1024 rows of K = 4096 ran as fast as the whole weight at once, or faster: a fresh
 # 32 MB buffer per call costs ~7 ms of page faults here (ad-hoc; bench/NOTES.md, "Session 15").
@@ -216,7 +219,8 @@ def quant_matmul_cpu(
     bf16), "dequant" (C++ dequantize in row chunks + torch.mm, the weight rounded to x.dtype first as
     dequantize() + F.linear does) or None: "dequant" from cpu_dequant_min_m(x.dtype, bits) rows on."""
     if strategy is None:
-        min_m = cpu_dequant_min_m(x.dtype, bits)
+        # decode-sized M never reaches a switch: skip the lookup (it calls an op) on the per-token path
+        min_m = cpu_dequant_min_m(x.dtype, bits) if x.shape[0] >= _CPU_DEQUANT_MIN_M_ANY else None
         strategy = "dequant" if min_m is not None and x.shape[0] >= min_m else "fused"
     if strategy == "fused":
         return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size)
