@@ -252,6 +252,10 @@ def test_cpu_ops_opcheck_and_auto_takes_the_cpu_backend_at_every_m():
         torch.library.opcheck(
             torch.ops.flashquant.dequantize_packed.default, (qw.qdata, qw.scales, None, 4, 32, dtype)
         )
+        torch.library.opcheck(
+            torch.ops.flashquant.dequant_matmul_packed.default,
+            (x.to(dtype), qw.qdata, qw.scales, None, 4, 32, 5 * 64),
+        )
     from flashquant import _dispatch
     from flashquant.quant import _auto_order
 
@@ -327,23 +331,47 @@ def test_cpu_dequant_strategy_is_dequantize_then_matmul(dtype, bits, group_size,
     assert_qmm_same_rounding(out, expected, f"dequant {dtype} bits={bits} g={group_size} m={m}")
 
 
-@pytest.mark.parametrize("simd", ["0", "avx2"])
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+def test_cpu_dequant_workspace_is_reused_safely_across_shapes_and_dtypes():
+    """The dequant strategy keeps one chunk buffer per thread between calls: calls that need a larger buffer, then
+    a smaller one, in other dtypes (other element sizes), each still compute their own matmul."""
+    from flashquant import quant
+
+    calls = [(4, 64, 512, torch.bfloat16), (8, 200, 1024, torch.float32), (4, 16, 256, torch.float16)]
+    for bits, n, k, dtype in calls + calls[::-1]:
+        qw = fq.quantize(torch.randn(n, k), bits, 64, symmetric=False)
+        x = torch.randn(3, k).to(dtype)
+        out = quant.quant_matmul_cpu(x, qw.qdata, qw.scales, qw.zeros, bits, 64, "dequant")
+        expected = (x.float() @ qw.dequantize(dtype).float().t()).to(dtype)
+        assert_qmm_same_rounding(out, expected, f"bits={bits} {n}x{k} {dtype}")
+    with pytest.raises(RuntimeError, match="chunk_elements must be positive"):
+        torch.ops.flashquant.dequant_matmul_packed(x, qw.qdata, qw.scales, qw.zeros, bits, 64, 0)
+
+
+@pytest.mark.parametrize("simd", ["0", "avx2", "avx512_vnni"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "bits,group_size,symmetric,k",
     [(4, 128, True, 384), (4, 3, False, 246), (4, 40, False, 240), (8, -1, True, 250), (8, 5, False, 250)],
 )
 def test_dequantize_matches_reference_bit_for_bit(simd, dtype, bits, group_size, symmetric, k, monkeypatch):
-    """QuantizedWeight.dequantize (on the CPU the C++ op, scalar and AVX2 paths) is exactly the reference's fp32
-    (code - zero) * scale rounded once to the dtype: int4 groups of 3 start at odd k (the scalar path), groups of
-    40 / 5 and per-channel K = 250 end in a tail shorter than a 16-code step; fp16 scales (from an fp16 weight)
-    are widened first."""
+    """QuantizedWeight.dequantize (on the CPU the C++ op: scalar, AVX2 and AVX-512 paths) is exactly the
+    reference's fp32 (code - zero) * scale rounded once to the dtype: int4 groups of 3 start at odd k (the scalar
+    path), groups of 40 / 5 and per-channel K = 250 end in tails shorter than a 32- and a 16-code step; fp16 scales
+    (from an fp16 weight) are widened first; a row of tiny weights gives bf16 / fp16 subnormals."""
     if not CPU_OK:
         pytest.skip("C++ extension not built")
     monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    if simd != "0" and torch.ops.flashquant.cpu_simd_level() != simd:
+        pytest.skip(f"this CPU has no {simd}")
     w = torch.randn(13, k, dtype=torch.float16) * 3
     w[0] = 0.0  # a zero row
     qw = fq.quantize(w, bits, group_size, symmetric)
+    # row 1 dequantizes to subnormals of the dtype: fp16 via an fp16-subnormal scale; bf16 shares fp32's exponent
+    # range, so via fp32 scales that are fp32 subnormals
+    if dtype == torch.bfloat16:
+        qw.scales = qw.scales.float()
+    qw.scales[1] = 1e-39 if dtype == torch.bfloat16 else 2e-6
     ref = fq.reference.quant.dequantize_ref(qw.codes(), qw.scales, qw.zeros, bits, group_size).to(dtype)
     out = qw.dequantize(dtype)
     assert out.dtype == dtype and torch.equal(out, ref)

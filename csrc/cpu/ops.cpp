@@ -15,6 +15,9 @@ TORCH_LIBRARY(flashquant, m) {
   // The packed weight dequantized to a dense (N, K) tensor of `dtype`; CPU only (the GPU's is a Triton kernel).
   m.def("dequantize_packed(Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size, ScalarType dtype) "
         "-> Tensor");
+  // x @ dequant(W)^T by dequantizing chunk_elements weights at a time and calling torch's BLAS; CPU only.
+  m.def("dequant_matmul_packed(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size, "
+        "int chunk_elements) -> Tensor");
   // Flash-decoding (Sq = 1) over a contiguous or paged KV cache; CUDA only (see csrc/cuda).
   m.def(
       "decode_attention_packed(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
@@ -31,6 +34,7 @@ TORCH_LIBRARY(flashquant, m) {
 TORCH_LIBRARY_IMPL(flashquant, CPU, m) {
   m.impl("quant_matmul_packed", &flashquant::cpu::quant_matmul_cpu);
   m.impl("dequantize_packed", &flashquant::cpu::dequantize_cpu);
+  m.impl("dequant_matmul_packed", &flashquant::cpu::dequant_matmul_cpu);
   m.impl("kvcache_attention", &flashquant::cpu::kvcache_attention_cpu);
 }
 

@@ -21,6 +21,13 @@ int64_t check_packed_weight(const char* op, const at::Tensor& qdata, const at::T
 at::Tensor dequantize_cpu(const at::Tensor& qdata, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                           int64_t bits, int64_t group_size, at::ScalarType dtype);
 
+// out (M, N) = x (M, K) @ dequant(qdata)^T in x's dtype (fp32 / fp16 / bf16): the weight dequantized (as
+// dequantize_cpu) chunk_elements at a time into a per-thread buffer kept between calls, each chunk multiplied by
+// at::mm (torch's BLAS). For prefill-sized M, where this beats the fused kernel (flashquant/quant.py).
+at::Tensor dequant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                              int64_t chunk_elements);
+
 // The instruction-set path the CPU kernels take now: "avx512_vnni", "avx_vnni", "avx2" or "scalar" (simd.h).
 // FLASHQUANT_CPU_SIMD in the environment caps it (a level name, or "0" for the portable path; the tests run every
 // path the CPU has).

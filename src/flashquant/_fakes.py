@@ -14,6 +14,11 @@ def _dequantize_packed_fake(qdata, scales, zeros, bits, group_size, dtype):
     return qdata.new_empty((qdata.shape[0], qdata.shape[1] * (8 // bits)), dtype=dtype)
 
 
+@torch.library.register_fake("flashquant::dequant_matmul_packed")
+def _dequant_matmul_packed_fake(x, qdata, scales, zeros, bits, group_size, chunk_elements):
+    return x.new_empty((x.shape[0], qdata.shape[0]))
+
+
 @torch.library.register_fake("flashquant::decode_attention_packed")
 def _decode_attention_packed_fake(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, num_splits):
     return torch.empty_like(q)

@@ -188,9 +188,10 @@ CPU_DEQUANT_MIN_M_AMX = {torch.bfloat16: 512, torch.float16: 128}
 _CPU_DEQUANT_MIN_M_ANY = min(
     CPU_DEQUANT_MIN_M_FP32_AVX512, *CPU_DEQUANT_MIN_M_FP32_AVX2.values(), *CPU_DEQUANT_MIN_M_AMX.values()
 )
-# Weights are dequantized this many elements at a time (8 MB in bf16), so a 128256 x 4096 lm_head does not need a
-# 1 GB temporary; chunks of 1024 rows of K = 4096 ran as fast as the whole weight at once, or faster: a fresh
-# 32 MB buffer per call costs ~7 ms of page faults here (ad-hoc; bench/NOTES.md, "Session 15").
+# Weights are dequantized this many elements at a time (8 MB in bf16) into one per-thread buffer kept between calls
+# (csrc/cpu/dequantize.cpp), so a 128256 x 4096 lm_head needs no 1 GB temporary and no call pays page faults for a
+# fresh buffer (a new 32 MB tensor costs ~7 ms of them on the AMX Xeon; chunks of 1024 rows of K = 4096 ran as fast
+# as the whole weight at once; ad-hoc, bench/NOTES.md, "Session 15").
 CPU_DEQUANT_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -226,15 +227,9 @@ def quant_matmul_cpu(
         return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size)
     if strategy != "dequant":
         raise ValueError(f"strategy must be 'fused', 'dequant' or None, got {strategy!r}")
-    N, K = qdata.shape[0], x.shape[1]
-    out = x.new_empty((x.shape[0], N))
-    rows = max(1, CPU_DEQUANT_CHUNK_ELEMENTS // max(K, 1))
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        z = None if zeros is None else zeros[n0:n1]
-        w = torch.ops.flashquant.dequantize_packed(qdata[n0:n1], scales[n0:n1], z, bits, group_size, x.dtype)
-        torch.mm(x, w.t(), out=out[:, n0:n1])
-    return out
+    return torch.ops.flashquant.dequant_matmul_packed(
+        x, qdata, scales, zeros, bits, group_size, CPU_DEQUANT_CHUNK_ELEMENTS
+    )
 
 
 def triton_supports(qweight: QuantizedWeight) -> bool:
