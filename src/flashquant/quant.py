@@ -172,13 +172,14 @@ def cpu_kernel_has_amx() -> bool:
 # of the fused kernel, which decodes each weight again for every block of activation rows and cannot match the
 # BLAS's GEMM once the matmul is compute-bound. Measured by `python -m flashquant.bench --preset crossover`
 # (rows "cpu-fused" / "cpu-dequant"; bench/NOTES.md, "Session 15"):
-# 4096x4096 on the AMX Xeon, commit eea217d, median ms fused / dequant, int4 (int8 alike):
-# * fp32 with the AVX-512 VNNI kernel: M = 64 10.4 / 13.2, M = 128 20.2 / 18.3: from 128.
+# 4096x4096 on the AMX Xeon, commit e10a9fc, median ms fused / dequant, int4 (int8 alike):
+# * fp32 with the AVX-512 VNNI kernel: M = 64 11.4 / 11.5, M = 128 20.0 / 16.4: from 128.
 # * fp32 on AVX2 / AVX-VNNI CPUs: the crossover measured on the 2-core AMD machine against the old, ~25x slower
 #   dequantize in PyTorch ops (M > 512 for int4, > 1024 for int8). The C++ dequantize only moves the real crossover
 #   lower, so the kernel keeps these M and is never slower than before; not re-measured there.
-# * bf16 on AMX CPUs: M = 256 6.3 / 7.6 (the kernel's AMX path), M = 512 14.5 / 11.0: from 512.
-# * fp16 on the same CPUs (torch's fp16 GEMM there runs at its fp32 speed): M = 64 9.8 / 11.9, M = 128 19.2 / 17.3:
+# * bf16 on AMX CPUs: M = 256 7.3 / 6.8 (within noise; the fused AMX path is exact to 1 bf16 ulp, the dequantize
+#   strategy rounds each weight to bf16 first, so the tie stays fused), M = 512 15.6 / 9.7: from 512.
+# * fp16 on the same CPUs (torch's fp16 GEMM there runs at its fp32 speed): M = 64 10.1 / 10.7, M = 128 19.3 / 15.9:
 #   from 128.
 # * fp16 / bf16 on CPUs without AMX: never; BLAS there has no fast half-precision GEMM, and the kernel was 4.5-7x
 #   faster than dequantize + F.linear at every M measured up to 1024 (AMD machine).
