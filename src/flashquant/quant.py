@@ -282,17 +282,17 @@ def quant_matmul(
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
         if bias.shape[0] != N:
             raise ValueError(f"bias must have shape (N={N},), got {tuple(bias.shape)}")
+    device = x.device
     for name, t in (("qweight", qweight.qdata), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"x is on {x.device} but {name} is on {t.device}; move them to one device")
-    x2 = x.reshape(-1, K)
-    cuda_ok = cuda_supports(x2, qweight)
-    triton_ok = x.device.type != "cuda" or triton_supports(qweight)
+        if t is not None and t.device != device:
+            raise ValueError(f"x is on {device} but {name} is on {t.device}; move them to one device")
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    # (per-token path on CPUs: the CUDA checks are skipped there, a few us of a decode step's ~100 calls)
+    on_cuda = device.type == "cuda"
+    cuda_ok = on_cuda and cuda_supports(x2, qweight)
+    triton_ok = not on_cuda or triton_supports(qweight)
     name = _dispatch.resolve(
-        "quant_matmul",
-        backend,
-        x.device,
-        _auto_order(x.device, x2.shape[0], cuda_ok, triton_ok),
+        "quant_matmul", backend, device, _auto_order(device, x2.shape[0], cuda_ok, triton_ok)
     )
     if name == "torch" and backend == "auto" and not triton_ok:
         _dispatch.warn_once(
@@ -317,7 +317,7 @@ def quant_matmul(
         qweight.effective_group_size,
         name,
     )
-    return out.reshape(*x.shape[:-1], N)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
 
 # ---- the custom op (so torch.compile traces through it) ---------------------------------------------------
