@@ -266,24 +266,20 @@ def test_cpu_ops_opcheck_and_auto_takes_the_cpu_backend_at_every_m():
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
 def test_cpu_dequant_min_m_follows_the_measured_crossovers(monkeypatch):
-    """The M from which backend="cpu" dequantizes + calls BLAS (quant.py has the measurements behind each)."""
+    """The M from which backend="cpu" dequantizes + calls BLAS (quant.py has the measurements behind each, and the
+    estimate behind the AVX2 one)."""
     from flashquant import quant
 
     for level, amx in (("amx_bf16", True), ("avx512_vnni", True), ("avx512_vnni", False), ("avx2", False)):
         monkeypatch.setattr(quant, "cpu_kernel_level", lambda v=level: v)
         monkeypatch.setattr(quant, "cpu_has_amx", lambda v=amx: v)
         avx512 = level in ("amx_bf16", "avx512_vnni")
-        assert quant.cpu_dequant_min_m(torch.float32, 4) == (128 if avx512 else 513)
-        assert quant.cpu_dequant_min_m(torch.float32, 8) == (128 if avx512 else 1025)
-        for bits in (4, 8):
-            assert quant.cpu_dequant_min_m(torch.bfloat16, bits) == (512 if amx else None)
-            assert quant.cpu_dequant_min_m(torch.float16, bits) == (128 if amx else None)
-            for dtype in (
-                torch.float32,
-                torch.bfloat16,
-                torch.float16,
-            ):  # the floor quant_matmul_cpu checks first
-                assert (quant.cpu_dequant_min_m(dtype, bits) or 1 << 30) >= quant._CPU_DEQUANT_MIN_M_ANY
+        assert quant.cpu_dequant_min_m(torch.float32) == (128 if avx512 else 256)
+        assert quant.cpu_dequant_min_m(torch.bfloat16) == (512 if amx else None)
+        assert quant.cpu_dequant_min_m(torch.float16) == (128 if amx else None)
+        # never below the floor quant_matmul_cpu checks first
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert (quant.cpu_dequant_min_m(dtype) or 1 << 30) >= quant._CPU_DEQUANT_MIN_M_ANY
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
@@ -296,7 +292,7 @@ def test_cpu_backend_switches_to_dequant_from_min_m(dtype, bits, monkeypatch):
     from flashquant import quant
 
     min_m = 40
-    monkeypatch.setattr(quant, "cpu_dequant_min_m", lambda dt, b: min_m)
+    monkeypatch.setattr(quant, "cpu_dequant_min_m", lambda dt: min_m)
     monkeypatch.setattr(quant, "_CPU_DEQUANT_MIN_M_ANY", min_m)
     k, n = 512, 24
     qw = fq.quantize(torch.randn(n, k), bits, 128, symmetric=False)

@@ -174,9 +174,11 @@ def cpu_kernel_has_amx() -> bool:
 # (rows "cpu-fused" / "cpu-dequant"; bench/NOTES.md, "Session 15"):
 # 4096x4096 on the AMX Xeon, commit e10a9fc, median ms fused / dequant, int4 (int8 alike):
 # * fp32 with the AVX-512 VNNI kernel: M = 64 11.4 / 11.5, M = 128 20.0 / 16.4: from 128.
-# * fp32 on AVX2 / AVX-VNNI CPUs: the crossover measured on the 2-core AMD machine against the old, ~25x slower
-#   dequantize in PyTorch ops (M > 512 for int4, > 1024 for int8). The C++ dequantize only moves the real crossover
-#   lower, so the kernel keeps these M and is never slower than before; not re-measured there.
+# * fp32 on AVX2 / AVX-VNNI CPUs: from 256, estimated, not measured (no such machine since). The AMD machine's
+#   crossover run (bench/results/amd-epyc-x2/crossover.json, commit afa6db7) timed the kernel and dequantize-in-
+#   PyTorch-ops + F.linear; that dequantize costs ~100 ms there (the M = 16 row), so the sgemm alone took ~35 ms at
+#   M = 256 and ~87 at 512, against the kernel's 87 / 56 ms (int4 / int8) at 256 and 173 / 119 at 512: the
+#   C++ dequantize (a few ms) + sgemm should win by 1.4-2.2x from 256. (Below, the estimate's margin thins.)
 # * bf16 on AMX CPUs: M = 256 7.3 / 6.8 (within noise; the fused AMX path is exact to 1 bf16 ulp, the dequantize
 #   strategy rounds each weight to bf16 first, so the tie stays fused), M = 512 15.6 / 9.7: from 512.
 # * fp16 on the same CPUs (torch's fp16 GEMM there runs at its fp32 speed): M = 64 10.1 / 10.7, M = 128 19.3 / 15.9:
@@ -184,10 +186,10 @@ def cpu_kernel_has_amx() -> bool:
 # * fp16 / bf16 on CPUs without AMX: never; BLAS there has no fast half-precision GEMM, and the kernel was 4.5-7x
 #   faster than dequantize + F.linear at every M measured up to 1024 (AMD machine).
 CPU_DEQUANT_MIN_M_FP32_AVX512 = 128
-CPU_DEQUANT_MIN_M_FP32_AVX2 = {4: 513, 8: 1025}
+CPU_DEQUANT_MIN_M_FP32_AVX2 = 256
 CPU_DEQUANT_MIN_M_AMX = {torch.bfloat16: 512, torch.float16: 128}
 _CPU_DEQUANT_MIN_M_ANY = min(
-    CPU_DEQUANT_MIN_M_FP32_AVX512, *CPU_DEQUANT_MIN_M_FP32_AVX2.values(), *CPU_DEQUANT_MIN_M_AMX.values()
+    CPU_DEQUANT_MIN_M_FP32_AVX512, CPU_DEQUANT_MIN_M_FP32_AVX2, *CPU_DEQUANT_MIN_M_AMX.values()
 )
 # Weights are dequantized this many elements at a time (8 MB in bf16) into one per-thread buffer kept between calls
 # (csrc/cpu/dequantize.cpp), so a 128256 x 4096 lm_head needs no 1 GB temporary and no call pays page faults for a
@@ -196,14 +198,15 @@ _CPU_DEQUANT_MIN_M_ANY = min(
 CPU_DEQUANT_CHUNK_ELEMENTS = 1 << 22
 
 
-def cpu_dequant_min_m(dtype: torch.dtype, bits: int) -> int | None:
-    """The M from which backend="cpu" dequantizes and calls BLAS instead of the fused kernel (None: never)."""
+def cpu_dequant_min_m(dtype: torch.dtype) -> int | None:
+    """The M from which backend="cpu" dequantizes and calls BLAS instead of the fused kernel (None: never); int4
+    and int8 crossed at the same M in every measurement."""
     if dtype == torch.float32:
         level = cpu_kernel_level()
         return (
             CPU_DEQUANT_MIN_M_FP32_AVX512
             if level in ("avx512_vnni", "amx_bf16")
-            else CPU_DEQUANT_MIN_M_FP32_AVX2[bits]
+            else CPU_DEQUANT_MIN_M_FP32_AVX2
         )
     return CPU_DEQUANT_MIN_M_AMX.get(dtype) if cpu_has_amx() else None
 
@@ -219,10 +222,10 @@ def quant_matmul_cpu(
 ) -> torch.Tensor:
     """backend="cpu": x (M, K) @ dequant(W)^T in x.dtype. strategy "fused" (the C++ kernel: VNNI, or AMX tiles for
     bf16), "dequant" (C++ dequantize in row chunks + torch.mm, the weight rounded to x.dtype first as
-    dequantize() + F.linear does) or None: "dequant" from cpu_dequant_min_m(x.dtype, bits) rows on."""
+    dequantize() + F.linear does) or None: "dequant" from cpu_dequant_min_m(x.dtype) rows on."""
     if strategy is None:
         # decode-sized M never reaches a switch: skip the lookup (it calls an op) on the per-token path
-        min_m = cpu_dequant_min_m(x.dtype, bits) if x.shape[0] >= _CPU_DEQUANT_MIN_M_ANY else None
+        min_m = cpu_dequant_min_m(x.dtype) if x.shape[0] >= _CPU_DEQUANT_MIN_M_ANY else None
         strategy = "dequant" if min_m is not None and x.shape[0] >= min_m else "fused"
     if strategy == "fused":
         return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size)
@@ -264,7 +267,7 @@ def quant_matmul(
     (C++ kernel, AVX2 / AVX-VNNI / AVX-512 VNNI: it rounds activations to int16 per group, a relative error of
     2^-16 of the group's max, below the rounding of fp16/bf16 inputs; on CPUs with AMX, bf16 activations with
     M >= 8 and group sizes that are multiples of 32 run on AMX tiles instead, exact up to fp32 summation; from
-    cpu_dequant_min_m(x.dtype, bits) rows on, prefill sizes, it dequantizes the weight to x.dtype in C++ and calls
+    cpu_dequant_min_m(x.dtype) rows on, prefill sizes, it dequantizes the weight to x.dtype in C++ and calls
     torch's BLAS, rounding each weight to x.dtype first as dequantize() + F.linear does).
     """
     if not isinstance(qweight, QuantizedWeight):
