@@ -3,8 +3,10 @@
 // Why: at prefill-sized M a quantized linear is compute-bound, and the fastest way to run it on a CPU is the
 // BLAS's own GEMM (oneDNN / MKL, on AMX tiles where the CPU has them) on a weight dequantized once per call: the
 // fused kernels decode each weight again for every block of activation rows (bench/NOTES.md, "Session 15").
-// The CPU quant_matmul (flashquant.quant) switches to this + F.linear from a measured M on; the same idea as the
-// Triton launcher's dequantize + cuBLAS (src/flashquant/kernels/dequantize.py).
+// The CPU quant_matmul (flashquant.quant) switches to dequant_matmul_cpu (chunks of this + at::mm) from a measured M
+// on; the same idea as the Triton launcher's dequantize + cuBLAS (src/flashquant/kernels/dequantize.py).
+// SIMD: 16 codes per step on AVX2, 32 on AVX-512; portable C++ elsewhere (FLASHQUANT_CPU_SIMD caps it, as for the
+// GEMV).
 //
 // Bit for bit what reference.quant.dequantize_ref(...).to(dtype) computes: (code - zero) is an exact integer in
 // fp32, multiplied by the fp32 scale (one rounding) and rounded once, to nearest-even, to the output dtype.
@@ -26,16 +28,6 @@ struct Rows {
   const float* zeros;    // (N, G) or nullptr => default_zero
   float default_zero;
 };
-
-template <int BITS>
-inline int code_at(const uint8_t* row, int64_t k) {
-  if constexpr (BITS == 8) {
-    return row[k];
-  } else {
-    const uint8_t b = row[k >> 1];
-    return (k & 1) ? (b >> 4) : (b & 0xF);
-  }
-}
 
 template <typename T>
 inline T from_float(float v) {

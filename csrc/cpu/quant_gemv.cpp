@@ -49,16 +49,6 @@ struct Problem {
   const float* xscale;  // (M, G)
 };
 
-template <int BITS>
-inline int code_at(const uint8_t* row, int64_t k) {
-  if constexpr (BITS == 8) {
-    return row[k];
-  } else {
-    const uint8_t b = row[k >> 1];
-    return (k & 1) ? (b >> 4) : (b & 0xF);
-  }
-}
-
 // ---- portable path ---------------------------------------------------------------------------------
 template <int BITS>
 void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {

@@ -1,6 +1,7 @@
-// Weight-only int4/int8 dequant-matmul on the CPU: declarations shared by ops.cpp and quant_gemv.cpp.
+// Weight-only int4/int8 dequant-matmul on the CPU: declarations shared by ops.cpp, quant_gemv.cpp and dequantize.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <cstdint>
 #include <optional>
 
 namespace flashquant::cpu {
@@ -11,6 +12,18 @@ namespace flashquant::cpu {
 // which case the zero point is 2^(bits-1). Dequantized weight: (q - zero) * scale.
 at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size);
+
+// Code k (0 <= k < K) of one packed weight row: a byte for int8; for int4, k = 2j is the low nibble of byte j and
+// k = 2j + 1 the high one.
+template <int BITS>
+inline int code_at(const uint8_t* row, int64_t k) {
+  if constexpr (BITS == 8) {
+    return row[k];
+  } else {
+    const uint8_t b = row[k >> 1];
+    return (k & 1) ? (b >> 4) : (b & 0xF);
+  }
+}
 
 // Checks a packed weight (the layout quant_matmul_cpu documents) for the op named `op`; returns its K.
 int64_t check_packed_weight(const char* op, const at::Tensor& qdata, const at::Tensor& scales,
