@@ -373,11 +373,11 @@ def test_dequantize_matches_reference_bit_for_bit(simd, dtype, bits, group_size,
     assert out.dtype == dtype and torch.equal(out, ref)
 
 
-def test_cpu_kernel_has_amx_follows_the_simd_cap(amx, monkeypatch):
-    """auto's AMX check reads the kernel's level on every call, so FLASHQUANT_CPU_SIMD caps it too."""
-    assert fq.quant.cpu_kernel_has_amx()
+def test_cpu_kernel_level_follows_the_simd_cap(amx, monkeypatch):
+    """auto's kernel-level check (cpu_dequant_min_m) reads the level on every call, so FLASHQUANT_CPU_SIMD caps it."""
+    assert fq.quant.cpu_kernel_level() == "amx_bf16"
     monkeypatch.setenv("FLASHQUANT_CPU_SIMD", "avx512_vnni")
-    assert not fq.quant.cpu_kernel_has_amx()
+    assert fq.quant.cpu_kernel_level() != "amx_bf16"
 
 
 def test_quant_matmul_compiles_fullgraph():

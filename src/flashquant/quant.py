@@ -161,12 +161,6 @@ def cpu_kernel_level() -> str | None:
     return torch.ops.flashquant.cpu_simd_level()
 
 
-def cpu_kernel_has_amx() -> bool:
-    """Whether the C++ CPU kernel runs bf16 on AMX tiles now (extension built with it, CPU and OS allow it, not
-    capped by FLASHQUANT_CPU_SIMD)."""
-    return cpu_kernel_level() == "amx_bf16"
-
-
 # backend="cpu" at prefill-sized M: from this many activation rows on, the weight is dequantized (C++,
 # csrc/cpu/dequantize.cpp) in row chunks and multiplied by torch's BLAS (oneDNN / MKL; bf16 on AMX tiles) instead
 # of the fused kernel, which decodes each weight again for every block of activation rows and cannot match the
