@@ -1,5 +1,6 @@
-"""The C++ CPU attention kernel behind attention_with_kvcache(backend="cpu") against the fp32 reference: its AVX2
-and portable paths, fp32/fp16/bf16, contiguous and paged caches, masks, splits of the keys, and the dispatch."""
+"""The C++ CPU attention kernel behind attention_with_kvcache(backend="cpu") against the fp32 reference: its
+AVX-512, AVX2 and portable paths, fp32/fp16/bf16, contiguous and paged caches, masks, splits of the keys, and the
+dispatch."""
 
 import math
 
@@ -39,7 +40,9 @@ def check(out, ref, lse, ref_lse, dtype, what):
     assert max_err(lse, ref_lse) < 1e-5, f"{what}: lse error {max_err(lse, ref_lse):.3g}"
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+# FLASHQUANT_CPU_SIMD: "1" the best path this CPU has (AVX-512 with AVX512-BF16 where present), "avx2" the AVX2 path
+# even there, "0" the portable one.
+@pytest.mark.parametrize("simd", ["1", "avx2", "0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("paged", [False, True])

@@ -11,9 +11,12 @@
 // sequences than threads (batch 1), the keys are split and the splits' partial outputs are merged with their
 // log-sum-exp at the end (flash-decoding); heads are split only when a cache is too short to split its keys.
 //
-// Everything is computed in fp32; K and V are converted as they are loaded (bf16: a shift, fp16: F16C). The
-// AVX2 path's exp2 is a degree-6 polynomial on [-0.5, 0.5] (relative error ~2e-7, about one fp32 ulp); the
-// portable path (other CPUs, or FLASHQUANT_CPU_SIMD=0) has the same structure with std::exp2.
+// Everything is computed in fp32; K and V are converted as they are loaded (bf16: a shift, fp16: F16C), except
+// that bf16 scores on CPUs with AVX512-BF16 multiply q and K as bf16 pairs (vdpbf16ps: each product is exact in
+// fp32, the sums are fp32). The SIMD steps (kvcache_attention_tile.inc) are compiled for AVX2 (8 lanes) and for
+// AVX-512 (16 lanes, 32 registers; used where the CPU also has AVX512-BF16 and D % 16 == 0); their exp2 is a
+// degree-6 polynomial on [-0.5, 0.5] (relative error ~2e-7, about one fp32 ulp). The portable path (other CPUs,
+// D % 8 != 0, or FLASHQUANT_CPU_SIMD=0) has the same structure with std::exp2.
 #include "cpu/kvcache_attention.h"
 #include "cpu/simd.h"
 
@@ -22,6 +25,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -100,195 +105,153 @@ void exp2_scalar(float* s, int64_t n, float m, float& sum) {
   }
 }
 
-// ---- AVX2 path -------------------------------------------------------------------------------------
+// ---- SIMD paths: kvcache_attention_tile.inc once per instruction set ---------------------------------
+// The query rows of a tile as the SIMD steps read them: f, fp32 rows already multiplied by the softmax scale; b, for
+// the bf16 dot, the caller's bf16 rows unscaled (b_scale is applied to their dot products).
+struct QRows {
+  const float* f;
+  const uint16_t* b;
+  float b_scale;
+};
+
 #ifdef FLASHQUANT_X86
-#define FQ_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-FQ_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-FQ_AVX2 inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-FQ_AVX2 inline __m256 load8(const at::BFloat16* p) {  // bf16 is the top half of an fp32
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-FQ_AVX2 inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-// One K or V row (D elements of one key and head) into L1, issued kAhead keys before it is used. A head's rows lie
-// a whole key row apart (Hkv * D elements), a pattern the hardware prefetchers did not follow: without this one
-// thread streamed ~4.6 GB/s from DRAM (18 GB/s for a plain sequential read).
-FQ_AVX2 inline void prefetch_row(const void* row, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(static_cast<const char*>(row) + off, _MM_HINT_T0);
-}
-
-// 2^x for x <= 0 (scores minus their running max): 2^round(x) from the exponent bits times a degree-6 Taylor
-// polynomial of 2^f, f in [-0.5, 0.5]. Exactly 0 below -126, for -inf (masked keys) and NaN.
-FQ_AVX2 inline __m256 exp2_avx2(__m256 x) {
-  const __m256 floor_ = _mm256_set1_ps(-126.f);
-  const __m256 keep = _mm256_cmp_ps(x, floor_, _CMP_GE_OQ);
-  x = _mm256_max_ps(x, floor_);
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 y = _mm256_set1_ps(1.5403530393381606e-4f);  // ln(2)^k / k!, k = 6 ... 0
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618129107628477e-3f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550410866482158e-2f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.2402265069591007f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931471805599453f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
-}
-
-// s[0, n) -> 2^(s - m), adding them to sum. s has room for a multiple of 8 (kKeyBlock).
-FQ_AVX2 void exp2_avx2_row(float* s, int64_t n, float m, float& sum) {
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 total = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-    _mm256_storeu_ps(s + j, e);
-    total = _mm256_add_ps(total, e);
+// AVX2 + FMA + F16C: 8 fp32 lanes; fp16 converted by F16C, bf16 by a shift (bf16 is the top half of an fp32).
+FLASHQUANT_TARGET_PUSH("avx2,fma,f16c")
+namespace avx2 {
+struct V {
+  using fvec = __m256;
+  static constexpr int kLanes = 8, kRegisters = 16;
+  static constexpr bool kBf16Dot = false;
+  static inline fvec zero() { return _mm256_setzero_ps(); }
+  static inline fvec set1(float f) { return _mm256_set1_ps(f); }
+  static inline fvec loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static inline fvec load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline fvec load(const at::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  float tail = 0.f;
-  if (j < n) {
-    alignas(32) float buf[8];
-    for (int i = 0; i < 8; ++i) buf[i] = j + i < n ? s[j + i] - m : kNegInf;
-    _mm256_store_ps(buf, exp2_avx2(_mm256_load_ps(buf)));
-    for (int64_t i = 0; j + i < n; ++i) s[j + i] = buf[i], tail += buf[i];
+  static inline fvec load(const at::BFloat16* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
-  sum += hsum(total) + tail;
-}
-
-// KP keys at once for RT rows: RT * KP independent FMA chains (>= 8 hide the FMA latency); each q chunk is
-// loaded once per step for the KP keys. acc[kk * RT + r] sums q_r . k_kk.
-template <typename T, int RT, int KP>
-FQ_AVX2 __attribute__((always_inline)) inline void score_keys(const float* q, int64_t D, const T* const* kp,
-                                                               float* sc) {
-  __m256 acc[KP * RT];
-  for (int i = 0; i < KP * RT; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) {
-    __m256 qv[RT];
-    for (int r = 0; r < RT; ++r) qv[r] = _mm256_loadu_ps(q + r * D + d);
-    for (int kk = 0; kk < KP; ++kk) {
-      const __m256 kv = load8(kp[kk] + d);
-      for (int r = 0; r < RT; ++r) acc[kk * RT + r] = _mm256_fmadd_ps(qv[r], kv, acc[kk * RT + r]);
-    }
+  static inline void store(float* p, fvec v) { _mm256_storeu_ps(p, v); }
+  static inline fvec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static inline fvec add(fvec a, fvec b) { return _mm256_add_ps(a, b); }
+  static inline fvec sub(fvec a, fvec b) { return _mm256_sub_ps(a, b); }
+  static inline fvec mul(fvec a, fvec b) { return _mm256_mul_ps(a, b); }
+  static inline fvec max(fvec a, fvec b) { return _mm256_max_ps(a, b); }
+  static inline fvec fmadd(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline fvec round(fvec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline fvec pow2(fvec n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
-  if constexpr (KP * RT == 8) {  // the eight sums at once: a horizontal-add tree, then the two 128-bit halves
+  static inline fvec keep_ge(fvec y, fvec x, fvec t) { return _mm256_and_ps(y, _mm256_cmp_ps(x, t, _CMP_GE_OQ)); }
+  static inline float hmax(fvec v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  static inline float hsum(fvec v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+  // The eight sums at once: a horizontal-add tree, then the two 128-bit halves.
+  static constexpr int kSumGroup = 8;
+  static inline void hsum_group(const fvec* acc, float* out) {
     const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    alignas(32) float sums[8];
-    _mm256_store_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-    for (int kk = 0; kk < KP; ++kk)
-      for (int r = 0; r < RT; ++r) sc[r * kKeyBlock + kk] = sums[kk * RT + r];
-  } else {
-    for (int kk = 0; kk < KP; ++kk)
-      for (int r = 0; r < RT; ++r) sc[r * kKeyBlock + kk] = hsum(acc[kk * RT + r]);
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
   }
-}
-
-// sc[r * kKeyBlock + j] = q_r . k_j for RT rows (q, stride D) and nk keys; D % 8 == 0. kp holds n_ptr >= nk row
-// pointers: those past nk are prefetched.
-template <typename T, int RT>
-FQ_AVX2 void scores_avx2(const float* q, int64_t D, const T* const* kp, int64_t nk, int64_t n_ptr, float* sc) {
-  constexpr int KP = RT == 1 ? 8 : RT == 2 ? 4 : RT <= 4 ? 2 : 1;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  int64_t j = 0;
-  for (; j + KP <= nk; j += KP) {
-    for (int kk = 0; kk < KP; ++kk)
-      if (j + kk + kAhead < n_ptr) prefetch_row(kp[j + kk + kAhead], row_bytes);
-    score_keys<T, RT, KP>(q, D, kp + j, sc + j);
-  }
-  for (; j < nk; ++j) {
-    if (j + kAhead < n_ptr) prefetch_row(kp[j + kAhead], row_bytes);
-    score_keys<T, RT, 1>(q, D, kp + j, sc + j);
-  }
-}
-
-// acc[r, d : d + 8W] += sum_j p[r, j] v_j[d : d + 8W] for RT rows and nk keys, keys dealt round-robin to KP
-// accumulator sets: 6-8 accumulators in all (independent FMA chains), and with W = 2 each broadcast of p
-// serves 16 outputs, so the loads (V, broadcasts) stay under the FMAs. Keys go 8 at a time through all of D:
-// V rows of one head lie a whole key row apart (Hkv * D elements, 2 KB for 8 bf16 heads of 128), so a block
-// of 64 of them maps onto a few L1 sets, and walking all 64 once per d step missed L1 every time.
-template <typename T, int RT, int W, int KP>
-FQ_AVX2 void pv_steps(const float* pr, const T* const* vp, int64_t nk, int64_t n_ptr, int64_t D, float* acc) {
-  constexpr int64_t kSub = 8;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  for (int64_t j0 = 0; j0 < nk; j0 += kSub) {
-    const int64_t j1 = std::min(nk, j0 + kSub);
-    for (int64_t j = j0 + kAhead; j < std::min(n_ptr, j1 + kAhead); ++j) prefetch_row(vp[j], row_bytes);
-    for (int64_t d = 0; d < D; d += 8 * W) {
-      __m256 a[KP][RT][W];
-      for (int r = 0; r < RT; ++r)
-        for (int w = 0; w < W; ++w) {
-          a[0][r][w] = _mm256_loadu_ps(acc + r * D + d + 8 * w);
-          for (int kk = 1; kk < KP; ++kk) a[kk][r][w] = _mm256_setzero_ps();
-        }
-      int64_t j = j0;
-      for (; j + KP <= j1; j += KP) {
-        for (int kk = 0; kk < KP; ++kk) {
-          __m256 vv[W];
-          for (int w = 0; w < W; ++w) vv[w] = load8(vp[j + kk] + d + 8 * w);
-          for (int r = 0; r < RT; ++r) {
-            const __m256 pw = _mm256_broadcast_ss(pr + r * kKeyBlock + j + kk);
-            for (int w = 0; w < W; ++w) a[kk][r][w] = _mm256_fmadd_ps(pw, vv[w], a[kk][r][w]);
-          }
-        }
-      }
-      for (; j < j1; ++j) {
-        __m256 vv[W];
-        for (int w = 0; w < W; ++w) vv[w] = load8(vp[j] + d + 8 * w);
-        for (int r = 0; r < RT; ++r) {
-          const __m256 pw = _mm256_broadcast_ss(pr + r * kKeyBlock + j);
-          for (int w = 0; w < W; ++w) a[0][r][w] = _mm256_fmadd_ps(pw, vv[w], a[0][r][w]);
-        }
-      }
-      for (int r = 0; r < RT; ++r)
-        for (int w = 0; w < W; ++w) {
-          for (int kk = 1; kk < KP; ++kk) a[0][r][w] = _mm256_add_ps(a[0][r][w], a[kk][r][w]);
-          _mm256_storeu_ps(acc + r * D + d + 8 * w, a[0][r][w]);
-        }
-    }
-  }
-}
-
-// D % 8 == 0; vp holds n_ptr >= nk row pointers, those past nk are prefetched.
-template <typename T, int RT>
-FQ_AVX2 void pv_avx2(const float* pr, const T* const* vp, int64_t nk, int64_t n_ptr, int64_t D, float* acc) {
-  if (RT <= 4 && D % 16 == 0) {
-    pv_steps<T, RT, 2, RT == 1 ? 4 : RT == 2 ? 2 : 1>(pr, vp, nk, n_ptr, D, acc);
-  } else {
-    pv_steps<T, RT, 1, RT == 1 ? 8 : RT == 2 ? 4 : RT <= 4 ? 2 : 1>(pr, vp, nk, n_ptr, D, acc);
-  }
-}
-
-template <typename T>
-struct Avx2Tiles {
-  using ScoreFn = void (*)(const float*, int64_t, const T* const*, int64_t, int64_t, float*);
-  using PvFn = void (*)(const float*, const T* const*, int64_t, int64_t, int64_t, float*);
-  static constexpr ScoreFn scores[kRowTile] = {scores_avx2<T, 1>, scores_avx2<T, 2>, scores_avx2<T, 3>,
-                                               scores_avx2<T, 4>, scores_avx2<T, 5>, scores_avx2<T, 6>,
-                                               scores_avx2<T, 7>, scores_avx2<T, 8>};
-  static constexpr PvFn pv[kRowTile] = {pv_avx2<T, 1>, pv_avx2<T, 2>, pv_avx2<T, 3>, pv_avx2<T, 4>,
-                                        pv_avx2<T, 5>, pv_avx2<T, 6>, pv_avx2<T, 7>, pv_avx2<T, 8>};
 };
+#include "cpu/kvcache_attention_tile.inc"
+}  // namespace avx2
+FLASHQUANT_TARGET_POP
+
+// AVX-512 F/BW/VL/DQ + BF16: 16 fp32 lanes in 32 registers; bf16 scores by vdpbf16ps.
+FLASHQUANT_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+namespace avx512 {
+struct V {
+  using fvec = __m512;
+  using bvec = __m512bh;
+  static constexpr int kLanes = 16, kRegisters = 32;
+  static constexpr bool kBf16Dot = true;
+  static inline fvec zero() { return _mm512_setzero_ps(); }
+  static inline fvec set1(float f) { return _mm512_set1_ps(f); }
+  static inline fvec loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static inline fvec load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline fvec load(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static inline fvec load(const at::BFloat16* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static inline bvec loadb(const uint16_t* p) { return reinterpret_cast<bvec>(_mm512_loadu_si512(p)); }
+  static inline fvec dot_bf16(fvec acc, bvec a, bvec b) { return _mm512_dpbf16_ps(acc, a, b); }
+  static inline void store(float* p, fvec v) { _mm512_storeu_ps(p, v); }
+  static inline fvec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static inline fvec add(fvec a, fvec b) { return _mm512_add_ps(a, b); }
+  static inline fvec sub(fvec a, fvec b) { return _mm512_sub_ps(a, b); }
+  static inline fvec mul(fvec a, fvec b) { return _mm512_mul_ps(a, b); }
+  static inline fvec max(fvec a, fvec b) { return _mm512_max_ps(a, b); }
+  static inline fvec fmadd(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline fvec round(fvec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline fvec pow2(fvec n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
+  static inline fvec keep_ge(fvec y, fvec x, fvec t) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, t, _CMP_GE_OQ), y);
+  }
+  static inline float hsum(fvec v) { return _mm512_reduce_add_ps(v); }
+  static inline float hmax(fvec v) { return _mm512_reduce_max_ps(v); }
+  // Each zmm folded to a ymm (its halves added), then avx2's tree.
+  static constexpr int kSumGroup = 8;
+  static inline void hsum_group(const fvec* acc, float* out) {
+    __m256 half[8];
+    for (int i = 0; i < 8; ++i)
+      half[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]), _mm512_extractf32x8_ps(acc[i], 1));
+    avx2::V::hsum_group(half, out);
+  }
+};
+#include "cpu/kvcache_attention_tile.inc"
+}  // namespace avx512
+FLASHQUANT_TARGET_POP
 #endif  // FLASHQUANT_X86
+
+// ---- the steps of one row tile, by path ------------------------------------------------------------
+// The portable steps; each SIMD namespace has a Steps<T> with the same interface (kvcache_attention_tile.inc).
+// n_ptr >= nk row pointers in kp / vp: the SIMD steps prefetch those past nk.
+template <typename T>
+struct ScalarSteps {
+  static void scores(const QRows& q, int64_t D, int rt, const T* const* kp, int64_t nk, int64_t, float* sc) {
+    scores_scalar<T>(q.f, D, rt, kp, nk, sc);
+  }
+  static void exp2_row(float* s, int64_t n, float m, float& sum) { exp2_scalar(s, n, m, sum); }
+  static float row_max(const float* s, int64_t n) {
+    float best = kNegInf;
+    for (int64_t j = 0; j < n; ++j) best = std::max(best, s[j]);
+    return best;
+  }
+  static void scale_row(float* a, int64_t n, float f) {
+    for (int64_t d = 0; d < n; ++d) a[d] *= f;
+  }
+  static void pv(const float* pr, int rt, const T* const* vp, int64_t nk, int64_t, int64_t D, float* acc) {
+    pv_scalar<T>(pr, rt, vp, nk, D, acc);
+  }
+};
 
 // ---- one task: (sequence b, split of its keys, range of KV heads) -----------------------------------
 struct Scratch {
   std::vector<float> q, acc, m, l, sc;
+  std::vector<uint16_t> qb;
   std::vector<int64_t> lo, hi;
   std::vector<const void*> kp, vp;
 };
 
-template <typename T, bool SIMD>
+template <typename T, typename Steps>
 void run_task(const Problem& p, int64_t task, Scratch& w) {
   const int64_t hc = task % p.head_chunks, split = task / p.head_chunks % p.splits;
   const int64_t b = task / (p.head_chunks * p.splits);
@@ -309,6 +272,19 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
       float* dst = w.q.data() + (hl * R + r) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * p.q_scale;
     }
+  if constexpr (std::is_same_v<T, at::BFloat16>) {  // q's bf16 bits for the bf16 dot (q came in as bf16: exact)
+    w.qb.resize(nh * R * D);
+    for (int64_t hl = 0; hl < nh; ++hl)
+      for (int64_t r = 0; r < R; ++r) {
+        const float* src = p.q + ((b * p.Sq + r / G) * p.Hq + (h0 + hl) * G + r % G) * D;
+        uint16_t* dst = w.qb.data() + (hl * R + r) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          uint32_t bits;
+          std::memcpy(&bits, src + d, 4);
+          dst[d] = static_cast<uint16_t>(bits >> 16);
+        }
+      }
+  }
   // This split's share of the keys any row sees, in whole key blocks.
   int64_t start = k_hi, end = k_hi;
   if (k_hi > k_lo) {
@@ -334,17 +310,10 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
         for (int64_t s = s_first; s <= s_last; ++s) tile_lo = std::min(tile_lo, w.lo[s]), tile_hi = std::max(tile_hi, w.hi[s]);
         if (tile_hi <= j0 || tile_lo >= j0 + nk || tile_hi <= tile_lo) continue;  // no row of the tile sees these keys
         const int64_t row0 = hl * R + t0;
-        const float* qt = w.q.data() + row0 * D;
+        const QRows qt{w.q.data() + row0 * D, w.qb.data() + row0 * D, p.q_scale};
         float* acc = w.acc.data() + row0 * D;
         float* sc = w.sc.data();
-#ifdef FLASHQUANT_X86
-        if constexpr (SIMD) {
-          Avx2Tiles<T>::scores[rt - 1](qt, D, kp, nk, t0 == 0 ? n_ptr : nk, sc);
-        } else
-#endif
-        {
-          scores_scalar<T>(qt, D, rt, kp, nk, sc);
-        }
+        Steps::scores(qt, D, rt, kp, nk, t0 == 0 ? n_ptr : nk, sc);
         for (int i = 0; i < rt; ++i) {
           float* s = sc + i * kKeyBlock;
           const int64_t lo = w.lo[(t0 + i) / G], hi = w.hi[(t0 + i) / G];
@@ -355,36 +324,19 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
               if (j0 + jj < lo || j0 + jj >= hi) s[jj] = kNegInf;
           float& m = w.m[row0 + i];
           float& l = w.l[row0 + i];
-          float block_max = kNegInf;
-          for (int64_t jj = 0; jj < nk; ++jj) block_max = std::max(block_max, s[jj]);
-          const float m_new = std::max(m, block_max);
+          const float m_new = std::max(m, Steps::row_max(s, nk));
           if (m_new == kNegInf) {  // the row has seen no key yet: nothing to add
             std::fill(s, s + nk, 0.f);
             continue;
           }
           const float alpha = std::exp2(m - m_new);  // 0 when m was -inf (acc is still 0 then)
           float sum = 0.f;
-#ifdef FLASHQUANT_X86
-          if constexpr (SIMD) {
-            exp2_avx2_row(s, nk, m_new, sum);
-          } else
-#endif
-          {
-            exp2_scalar(s, nk, m_new, sum);
-          }
+          Steps::exp2_row(s, nk, m_new, sum);
           l = l * alpha + sum;
           m = m_new;
-          if (alpha != 1.f)
-            for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= alpha;
+          if (alpha != 1.f) Steps::scale_row(acc + i * D, D, alpha);
         }
-#ifdef FLASHQUANT_X86
-        if constexpr (SIMD) {
-          Avx2Tiles<T>::pv[rt - 1](sc, vp, nk, t0 == 0 ? n_ptr : nk, D, acc);
-        } else
-#endif
-        {
-          pv_scalar<T>(sc, rt, vp, nk, D, acc);
-        }
+        Steps::pv(sc, rt, vp, nk, t0 == 0 ? n_ptr : nk, D, acc);
       }
     }
   }
@@ -401,16 +353,20 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
 
 template <typename T>
 void run_tasks(const Problem& p) {
-  const bool simd =
+  const auto run = [&](auto run_one) {
+    at::parallel_for(0, p.B * p.splits * p.head_chunks, 1, [&](int64_t t0, int64_t t1) {
+      Scratch w;
+      for (int64_t t = t0; t < t1; ++t) run_one(p, t, w);
+    });
+  };
 #ifdef FLASHQUANT_X86
-      simd_enabled() && p.D % 8 == 0;
-#else
-      false;
+  // The AVX-512 steps need D % 16 == 0 (bf16 scores take the dot where D % 32 == 0); AVX2's D % 8 == 0.
+  const SimdLevel level = simd_level_enabled();
+  if (level >= SimdLevel::kAvx512Vnni && cpu_has_avx512_bf16() && p.D % 16 == 0)
+    return run(run_task<T, avx512::Steps<T>>);
+  if (level >= SimdLevel::kAvx2 && p.D % 8 == 0) return run(run_task<T, avx2::Steps<T>>);
 #endif
-  at::parallel_for(0, p.B * p.splits * p.head_chunks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch w;
-    for (int64_t t = t0; t < t1; ++t) simd ? run_task<T, true>(p, t, w) : run_task<T, false>(p, t, w);
-  });
+  run(run_task<T, ScalarSteps<T>>);
 }
 
 }  // namespace

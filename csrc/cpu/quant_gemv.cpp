@@ -107,15 +107,6 @@ __attribute__((target("avx2,fma"))) inline float zero_term(const float* scales, 
 }
 
 // One copy of quant_gemv_tile.inc per instruction set, each compiled for that set only (see the note there).
-#define FLASHQUANT_DO_PRAGMA(x) _Pragma(#x)
-#if defined(__clang__)
-#define FLASHQUANT_TARGET_PUSH(T) \
-  FLASHQUANT_DO_PRAGMA(clang attribute push(__attribute__((target(T))), apply_to = function))
-#define FLASHQUANT_TARGET_POP _Pragma("clang attribute pop")
-#else
-#define FLASHQUANT_TARGET_PUSH(T) _Pragma("GCC push_options") FLASHQUANT_DO_PRAGMA(GCC target(T))
-#define FLASHQUANT_TARGET_POP _Pragma("GCC pop_options")
-#endif
 
 // AVX2: 16 int16 products per vpmaddwd, then an int32 add.
 FLASHQUANT_TARGET_PUSH("avx2,fma,f16c")

@@ -24,6 +24,19 @@
 #endif
 #endif
 
+// FLASHQUANT_TARGET_PUSH("avx2,fma") ... FLASHQUANT_TARGET_POP: every function defined between them is compiled for
+// that instruction set (gcc's target pragma, clang's attribute push). A kernel written once in an .inc file is
+// included between them once per instruction set, inside one namespace per set.
+#define FLASHQUANT_DO_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define FLASHQUANT_TARGET_PUSH(T) \
+  FLASHQUANT_DO_PRAGMA(clang attribute push(__attribute__((target(T))), apply_to = function))
+#define FLASHQUANT_TARGET_POP _Pragma("clang attribute pop")
+#else
+#define FLASHQUANT_TARGET_PUSH(T) _Pragma("GCC push_options") FLASHQUANT_DO_PRAGMA(GCC target(T))
+#define FLASHQUANT_TARGET_POP _Pragma("GCC pop_options")
+#endif
+
 namespace flashquant::cpu {
 
 // Instruction-set levels, in order of preference.
@@ -101,6 +114,22 @@ inline const char* simd_level_name(SimdLevel level) {
     case SimdLevel::kAvx2: return "avx2";
     default: return "scalar";
   }
+}
+
+// AVX512-BF16 (vdpbf16ps: 32 bf16 products summed pairwise into 16 fp32 lanes; Cooper Lake, Sapphire Rapids and
+// later Xeons, Zen 4 and later) on top of kAvx512Vnni: CPUID leaf 7 sub-leaf 1, EAX bit 5. Ice Lake servers have
+// kAvx512Vnni without it.
+inline bool cpu_has_avx512_bf16() {
+#ifdef FLASHQUANT_X86
+  static const bool ok = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return cpu_supports(SimdLevel::kAvx512Vnni) && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) &&
+           (eax & (1u << 5));
+  }();
+  return ok;
+#else
+  return false;
+#endif
 }
 
 // The level the kernels use now: the best one this CPU supports, at most FLASHQUANT_CPU_SIMD when that names a
