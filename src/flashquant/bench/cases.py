@@ -436,6 +436,8 @@ def decode_cases(
     page=64,
 ) -> list[Case]:
     out = []
+    # On CPUs whose best path is wider, the C++ kernel's AVX2 path too (its AVX-512 path's baseline).
+    cpu_paths = [None] + (["avx2"] if device == "cpu" and "avx2" in _cpu_simd_narrower() else [])
     for paged in paged_modes:
         for b in batches:
             for s in cache_lens:
@@ -460,21 +462,27 @@ def decode_cases(
                         kc, table = torch.randn(b, s, hkv, d, device=device, dtype=dtype), None
                     return q, kc, torch.randn_like(kc), lens, table
 
-                for be in ("triton", "cuda") if device == "cuda" else ("triton", "cpu"):
+                runs = [("triton", None), ("cuda", None)] if device == "cuda" else [("triton", None)]
+                runs += [("cpu", level) for level in cpu_paths] if device == "cpu" else []
+                for be, level in runs:
                     # The attention kernel alone over all s cached keys, as SDPA is timed (until 2026-11-23 these
                     # cases also appended a token, which SDPA's did not), rotating through cache copies larger
                     # than twice the last-level cache as SDPA's do.
 
-                    def fq_make(be=be, make_one=make_one, kv_bytes=kv_bytes):
+                    def fq_make(be=be, level=level, make_one=make_one, kv_bytes=kv_bytes):
                         def fn(q, kc, vc, lens, table):
                             return fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend=be)
 
-                        return fn, _rotated(device, make_one, kv_bytes)
+                        def fn_capped(*args):
+                            with _cpu_simd_cap(level):  # a few us of a >= 0.5 ms call
+                                return fn(*args)
+
+                        return (fn if level is None else fn_capped), _rotated(device, make_one, kv_bytes)
 
                     c = Case(
                         "decode",
                         group,
-                        f"flashquant {be}",
+                        f"flashquant {be}" + (f" ({level})" if level else ""),
                         False,
                         shape,
                         _dt(dtype),
