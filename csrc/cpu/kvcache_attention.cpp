@@ -26,8 +26,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace flashquant::cpu {
@@ -169,8 +169,8 @@ struct V {
 }  // namespace avx2
 FLASHQUANT_TARGET_POP
 
-// AVX-512 F/BW/VL/DQ + BF16: 16 fp32 lanes in 32 registers; bf16 scores by vdpbf16ps.
-FLASHQUANT_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// AVX-512 F/BW/VL + BF16 (what run_tasks checks): 16 fp32 lanes in 32 registers; bf16 scores by vdpbf16ps.
+FLASHQUANT_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")
 namespace avx512 {
 struct V {
   using fvec = __m512;
@@ -212,7 +212,8 @@ struct V {
   static inline void hsum_group(const fvec* acc, float* out) {
     __m256 half[8];
     for (int i = 0; i < 8; ++i)
-      half[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]), _mm512_extractf32x8_ps(acc[i], 1));
+      half[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1)));
     avx2::V::hsum_group(half, out);
   }
 };
@@ -310,7 +311,7 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
         for (int64_t s = s_first; s <= s_last; ++s) tile_lo = std::min(tile_lo, w.lo[s]), tile_hi = std::max(tile_hi, w.hi[s]);
         if (tile_hi <= j0 || tile_lo >= j0 + nk || tile_hi <= tile_lo) continue;  // no row of the tile sees these keys
         const int64_t row0 = hl * R + t0;
-        const QRows qt{w.q.data() + row0 * D, w.qb.data() + row0 * D, p.q_scale};
+        const QRows qt{w.q.data() + row0 * D, w.qb.empty() ? nullptr : w.qb.data() + row0 * D, p.q_scale};
         float* acc = w.acc.data() + row0 * D;
         float* sc = w.sc.data();
         Steps::scores(qt, D, rt, kp, nk, t0 == 0 ? n_ptr : nk, sc);
