@@ -227,6 +227,7 @@ FLASHQUANT_TARGET_POP
 // n_ptr >= nk row pointers in kp / vp: the SIMD steps prefetch those past nk.
 template <typename T>
 struct ScalarSteps {
+  static constexpr bool kBf16Q = false;  // whether scores read QRows::b
   static void scores(const QRows& q, int64_t D, int rt, const T* const* kp, int64_t nk, int64_t, float* sc) {
     scores_scalar<T>(q.f, D, rt, kp, nk, sc);
   }
@@ -273,7 +274,7 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
       float* dst = w.q.data() + (hl * R + r) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * p.q_scale;
     }
-  if constexpr (std::is_same_v<T, at::BFloat16>) {  // q's bf16 bits for the bf16 dot (q came in as bf16: exact)
+  if constexpr (Steps::kBf16Q) {  // q's bf16 bits for the bf16 dot (q came in as bf16: exact)
     w.qb.resize(nh * R * D);
     for (int64_t hl = 0; hl < nh; ++hl)
       for (int64_t r = 0; r < R; ++r) {
