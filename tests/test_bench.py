@@ -157,32 +157,65 @@ def test_cpu_forced_strategy_cases_run_and_agree():
 def test_a_run_cut_short_keeps_what_it_measured_and_says_what_it_did_not():
     """A lent GPU's calls have hard time limits: past max_seconds, or on SIGINT (KeyboardInterrupt, what
     `timeout -s INT` sends), run_cases stops starting cases and records the rest as not run, so the JSON of
-    what was measured is still written."""
+    what was measured is still written. On the CPU a group is timed as a whole, so the group that was being set
+    up when the interrupt came is not run either."""
     from flashquant.bench import Case
 
     made = []
 
-    def case(name, interrupt=False):
+    def case(name, group, interrupt=False):
         def make():
             made.append(name)
             if interrupt:
                 raise KeyboardInterrupt
             return (lambda: None), [()]
 
-        return Case("decode", "g", name, name == "anchor", {}, "float16", 1, 1, make)
+        return Case("decode", group, name, name == "anchor", {}, "float16", 1, 1, make)
 
-    cases = [case("anchor"), case("ours"), case("cut", interrupt=True), case("after")]
+    cases = [case("anchor", "g1"), case("ours", "g1"), case("made", "g2"), case("cut", "g2", True)]
+    cases.append(case("after", "g3"))
     run = run_cases(cases, "cpu", reps=2)
-    assert made == ["anchor", "ours", "cut"]  # nothing started after the interrupt
-    assert [("median_ms" in r) for r in run["results"]] == [True, True, False, False]
+    assert made == ["anchor", "ours", "made", "cut"]  # nothing started after the interrupt
+    assert [("median_ms" in r) for r in run["results"]] == [True, True, False, False, False]
     assert run["stopped_early"] == "not run: interrupted"
-    assert [r.get("unavailable") for r in run["results"][2:]] == ["not run: interrupted"] * 2
-    assert "stopped early: 2 of 4 cases not run: interrupted" in table(run)
+    assert [r.get("unavailable") for r in run["results"][2:]] == ["not run: interrupted"] * 3
+    assert "stopped early: 3 of 5 cases not run: interrupted" in table(run)
 
     made.clear()
     run = run_cases(cases[:2], "cpu", reps=2, max_seconds=0)
     assert made == [] and run["stopped_early"].startswith("not run: the time budget")
     assert all(r["unavailable"] == run["stopped_early"] for r in run["results"])
+
+
+def test_cpu_cases_of_a_group_are_timed_in_turn_and_a_failing_one_is_reported():
+    """The host drifts by 15-30% over seconds: each round times one repetition of every case of the group,
+    starting one further along each round, so no case carries a slow stretch alone. A case that raises in a
+    repetition is recorded with its error; the others keep all their repetitions."""
+    from flashquant.bench import Case
+
+    calls = []
+
+    def case(name, fail_on_call=None):
+        def make():
+            n = [0]
+
+            def fn():
+                n[0] += 1
+                calls.append(name)
+                if n[0] == fail_on_call:
+                    raise RuntimeError(f"{name} broke")
+
+            return fn, [()]
+
+        return Case("decode", "g", name, name == "a", {}, "float16", 1, 1, make)
+
+    run = run_cases([case("a"), case("b"), case("c", fail_on_call=5)], "cpu", reps=3)
+    # warm-up (3 calls each, one case after the other), then rounds a b c / b c a / c a b; c's 5th call raises
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["a", "b", "c", "b", "c", "a", "a", "b"]
+    a, b, c = run["results"]
+    assert len(a["times_ms"]) == len(b["times_ms"]) == 3
+    assert "median_ms" not in c and c["unavailable"] == "RuntimeError: c broke"
+    assert "speedup_vs" in b and "speedup_vs" not in a
 
 
 def test_llama_presets_interleave_the_op_families_group_by_group():

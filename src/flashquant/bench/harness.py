@@ -3,7 +3,9 @@
 * CUDA: CUDA events around each repetition (optionally one CUDA-graph replay per repetition, to separate launch
   overhead), after warm-up; inputs are rotated through enough copies that the working set exceeds the L2 cache,
   so memory-bound kernels are measured cold.
-* CPU: wall clock around each repetition, inputs rotated through a set larger than the last-level cache.
+* CPU: wall clock around each repetition, inputs rotated through a set larger than the last-level cache; the
+  implementations of one group are timed in turn, one repetition each per round (time_cpu_interleaved), so the
+  host's drift falls on all of them alike.
 Every measurement keeps the raw repetition times; the report derives median, spread, GB/s and TFLOP/s.
 """
 
@@ -49,15 +51,43 @@ def copies_for(bytes_per_copy: int, cache_bytes: int, max_total: int = 2 << 30) 
 
 
 def time_cpu(fn: Callable, inputs: Sequence[tuple], warmup: int = 3, reps: int = 30) -> Timing:
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
-    times = []
+    (t,) = time_cpu_interleaved([(fn, inputs)], warmup=warmup, reps=reps)
+    if isinstance(t, Exception):
+        raise t
+    return t
+
+
+def time_cpu_interleaved(
+    runs: Sequence[tuple[Callable, Sequence[tuple]]], warmup: int = 3, reps: int = 30
+) -> list[Timing | Exception]:
+    """Time several implementations of one computation, `runs` = [(fn, rotated input sets), ...], by rounds: each
+    round times one repetition of every implementation, starting one further along each round. A shared host
+    drifts by 15-30% over the seconds a group takes (its clock, its neighbours); timed in turn, every
+    implementation sees the same drift, where timed one after the other, whichever ran during a slow stretch
+    would carry all of it. Returns one Timing per run, or the exception that run raised (in warm-up or in any
+    repetition; it is then left out of the remaining rounds, the others go on)."""
+    times: list[list[float]] = [[] for _ in runs]
+    failed: list[Exception | None] = [None] * len(runs)
+    for j, (fn, inputs) in enumerate(runs):
+        try:
+            for i in range(warmup):
+                fn(*inputs[i % len(inputs)])
+        except Exception as e:
+            failed[j] = e
     for i in range(reps):
-        args = inputs[i % len(inputs)]
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(times)
+        for k in range(len(runs)):
+            j = (i + k) % len(runs)
+            if failed[j] is not None:
+                continue
+            fn, inputs = runs[j]
+            args = inputs[i % len(inputs)]
+            try:
+                t0 = time.perf_counter()
+                fn(*args)
+                times[j].append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:
+                failed[j] = e
+    return [e if e is not None else Timing(t) for e, t in zip(failed, times)]
 
 
 def time_cuda(

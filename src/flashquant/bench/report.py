@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import time
 import traceback
 
+import torch
+
 from .cases import Case
-from .harness import environment, time_fn
+from .harness import Timing, environment, time_cpu_interleaved, time_cuda
 
 
-def _progress(cases):
+def _progress(items, unit):
     try:
         from tqdm import tqdm
 
-        return tqdm(cases, desc="bench", unit="case", file=sys.stderr)
+        return tqdm(items, desc="bench", unit=unit, file=sys.stderr)
     except ImportError:
-        return cases
+        return items
+
+
+def _groups(cases: list[Case]) -> list[list[int]]:
+    """Indices of `cases`, in runs of consecutive cases with the same group (the presets keep a group's cases,
+    anchors included, together)."""
+    return [[i for i, _ in run] for _, run in itertools.groupby(enumerate(cases), key=lambda ic: ic[1].group)]
+
+
+def _unavailable(e: Exception) -> str:
+    if os.environ.get("FLASHQUANT_BENCH_DEBUG"):
+        traceback.print_exception(e)
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def run_cases(
@@ -28,62 +43,84 @@ def run_cases(
     graph: bool = False,
     max_seconds: float | None = None,
 ) -> dict:
-    """Time every case (its anchors in the same run). Past `max_seconds`, or after Ctrl-C / SIGINT (what
-    `timeout -s INT` sends), the remaining cases are recorded as not run, so a cut-short run still returns
-    everything it measured."""
+    """Time every case (its anchors in the same run). On the CPU a group's cases are timed in turn, one
+    repetition each per round (harness.time_cpu_interleaved), so the host's drift falls on all of them alike; on
+    CUDA each case is timed on its own (CUDA events time the device alone, and one case's rotated inputs at a
+    time keep device memory free). Past `max_seconds`, or after Ctrl-C / SIGINT (what `timeout -s INT` sends),
+    the remaining cases are recorded as not run (on the CPU, the whole group that was being timed), so a cut-short
+    run still returns everything it measured. A case that raises is recorded with its error, never dropped."""
     env = environment(device)
     peak_bw = env.get("peak_bandwidth_gbs") or env["measured_bandwidth_gbs"]
     peak_tf = env.get("peak_bf16_tflops")
     start = time.monotonic()
     stopped = None  # why the remaining cases are not run
-    results = []
-    for case in _progress(cases):
+    results = [
+        {
+            "op": c.op,
+            "group": c.group,
+            "impl": c.impl,
+            "anchor": c.anchor,
+            "shape": c.shape,
+            "dtype": c.dtype,
+            "bytes": c.bytes,
+            "flops": c.flops,
+        }
+        for c in cases
+    ]
+
+    def record(i: int, t: Timing, rotated: int) -> None:
+        r, med = results[i], t.median_ms
+        r.update(
+            times_ms=[round(x, 5) for x in t.times_ms],
+            median_ms=med,
+            p10_ms=t.spread_ms[0],
+            p90_ms=t.spread_ms[1],
+            rotated_inputs=rotated,
+            gbs=cases[i].bytes / (med * 1e-3) / 1e9,
+            tflops=cases[i].flops / (med * 1e-3) / 1e12,
+        )
+        r["pct_peak_bw"] = 100 * r["gbs"] / peak_bw
+        if peak_tf:
+            r["pct_peak_tflops"] = 100 * r["tflops"] / peak_tf
+
+    for members in _progress(_groups(cases), "group"):
         if stopped is None and max_seconds is not None and time.monotonic() - start > max_seconds:
             stopped = f"not run: the time budget ({max_seconds:.0f} s) was spent"
-        r = {
-            "op": case.op,
-            "group": case.group,
-            "impl": case.impl,
-            "anchor": case.anchor,
-            "shape": case.shape,
-            "dtype": case.dtype,
-            "bytes": case.bytes,
-            "flops": case.flops,
-        }
-        if stopped:
-            r["unavailable"] = stopped
-        elif case.unavailable:
-            r["unavailable"] = case.unavailable
-        else:
-            try:
-                fn, inputs = case.make()
-                t = time_fn(device, fn, inputs, reps=reps, graph=graph)
-                med = t.median_ms
-                r.update(
-                    times_ms=[round(x, 5) for x in t.times_ms],
-                    median_ms=med,
-                    p10_ms=t.spread_ms[0],
-                    p90_ms=t.spread_ms[1],
-                    rotated_inputs=len(inputs),
-                    gbs=case.bytes / (med * 1e-3) / 1e9,
-                    tflops=case.flops / (med * 1e-3) / 1e12,
-                )
-                r["pct_peak_bw"] = 100 * r["gbs"] / peak_bw
-                if peak_tf:
-                    r["pct_peak_tflops"] = 100 * r["tflops"] / peak_tf
-                del fn, inputs
-            except KeyboardInterrupt:
-                stopped = "not run: interrupted"
-                r["unavailable"] = stopped
-            except Exception as e:  # an anchor that fails here is reported, never silently dropped
-                r["unavailable"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                if os.environ.get("FLASHQUANT_BENCH_DEBUG"):
-                    traceback.print_exc()
-        results.append(r)
-        if device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        todo = []
+        for i in members:
+            if stopped or cases[i].unavailable:
+                results[i]["unavailable"] = stopped or cases[i].unavailable
+            else:
+                todo.append(i)
+        try:
+            if device == "cuda":
+                for i in todo:
+                    try:
+                        fn, inputs = cases[i].make()
+                        record(i, time_cuda(fn, inputs, reps=reps or 100, graph=graph), len(inputs))
+                    except Exception as e:  # an anchor that fails here is reported, never silently dropped
+                        results[i]["unavailable"] = _unavailable(e)
+                    fn = inputs = None
+                    torch.cuda.empty_cache()
+            else:
+                made = {}
+                for i in todo:
+                    try:
+                        made[i] = cases[i].make()
+                    except Exception as e:
+                        results[i]["unavailable"] = _unavailable(e)
+                timings = time_cpu_interleaved(list(made.values()), reps=reps or 30)
+                for (i, (_, inputs)), t in zip(made.items(), timings):
+                    if isinstance(t, Exception):
+                        results[i]["unavailable"] = _unavailable(t)
+                    else:
+                        record(i, t, len(inputs))
+                made = timings = None
+        except KeyboardInterrupt:
+            stopped = "not run: interrupted"
+            for i in todo:
+                if "median_ms" not in results[i] and "unavailable" not in results[i]:
+                    results[i]["unavailable"] = stopped
     _speedups(results)
     run = {"environment": env, "bandwidth_bound_gbs": peak_bw, "graph": graph, "results": results}
     if stopped:
