@@ -188,9 +188,10 @@ def test_a_run_cut_short_keeps_what_it_measured_and_says_what_it_did_not():
 
 
 def test_cpu_cases_of_a_group_are_timed_in_turn_and_a_failing_one_is_reported():
-    """The host drifts by 15-30% over seconds: each round times one repetition of every case of the group,
-    starting one further along each round, so no case carries a slow stretch alone. A case that raises in a
-    repetition is recorded with its error; the others keep all their repetitions."""
+    """The host drifts by 15-30% over seconds: each round times one repetition of every case of the group, in an
+    order shuffled per round (a call also pays for the one before it: no case always follows the same one), so no
+    case carries a slow stretch alone. A case that raises in a repetition is recorded with its error; the others
+    keep all their repetitions."""
     from flashquant.bench import Case
 
     calls = []
@@ -209,9 +210,16 @@ def test_cpu_cases_of_a_group_are_timed_in_turn_and_a_failing_one_is_reported():
 
         return Case("decode", "g", name, name == "a", {}, "float16", 1, 1, make)
 
-    run = run_cases([case("a"), case("b"), case("c", fail_on_call=5)], "cpu", reps=3)
-    # warm-up (3 calls each, one case after the other), then rounds a b c / b c a / c a b; c's 5th call raises
-    assert calls == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["a", "b", "c", "b", "c", "a", "a", "b"]
+    run = run_cases([case("a"), case("b"), case("c")], "cpu", reps=8)
+    assert calls[:9] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3  # warm-up, one case after the other
+    rounds = [tuple(calls[i : i + 3]) for i in range(9, len(calls), 3)]
+    assert len(rounds) == 8 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert len(set(rounds)) > 1  # shuffled, not one fixed order
+    assert all(len(r["times_ms"]) == 8 for r in run["results"])
+
+    calls.clear()
+    run = run_cases([case("a"), case("b"), case("c", fail_on_call=5)], "cpu", reps=3)  # c's 2nd timed call
+    assert sorted(calls[9:12]) == sorted(calls[12:15]) == ["a", "b", "c"] and sorted(calls[15:]) == ["a", "b"]
     a, b, c = run["results"]
     assert len(a["times_ms"]) == len(b["times_ms"]) == 3
     assert "median_ms" not in c and c["unavailable"] == "RuntimeError: c broke"

@@ -4,8 +4,8 @@
   overhead), after warm-up; inputs are rotated through enough copies that the working set exceeds the L2 cache,
   so memory-bound kernels are measured cold.
 * CPU: wall clock around each repetition, inputs rotated through a set larger than the last-level cache; the
-  implementations of one group are timed in turn, one repetition each per round (time_cpu_interleaved), so the
-  host's drift falls on all of them alike.
+  implementations of one group are timed in turn, one repetition each per round in a shuffled order
+  (time_cpu_interleaved), so the host's drift falls on all of them alike.
 Every measurement keeps the raw repetition times; the report derives median, spread, GB/s and TFLOP/s.
 """
 
@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -61,10 +62,12 @@ def time_cpu_interleaved(
     runs: Sequence[tuple[Callable, Sequence[tuple]]], warmup: int = 3, reps: int = 30
 ) -> list[Timing | Exception]:
     """Time several implementations of one computation, `runs` = [(fn, rotated input sets), ...], by rounds: each
-    round times one repetition of every implementation, starting one further along each round. A shared host
-    drifts by 15-30% over the seconds a group takes (its clock, its neighbours); timed in turn, every
-    implementation sees the same drift, where timed one after the other, whichever ran during a slow stretch
-    would carry all of it. Returns one Timing per run, or the exception that run raised (in warm-up or in any
+    round times one repetition of every implementation, in an order shuffled per round (seeded: runs repeat). A
+    shared host drifts by 15-30% over the seconds a group takes (its clock, its neighbours); timed in turn, every
+    implementation sees the same drift, where timed one after the other, whichever ran during a slow stretch would
+    carry all of it. The order is shuffled because a call also pays for the one before it (the caches it left, a
+    core still clocked down after AMX or AVX-512 work): in a fixed order each implementation would always follow
+    the same neighbour. Returns one Timing per run, or the exception that run raised (in warm-up or in any
     repetition; it is then left out of the remaining rounds, the others go on)."""
     times: list[list[float]] = [[] for _ in runs]
     failed: list[Exception | None] = [None] * len(runs)
@@ -74,9 +77,11 @@ def time_cpu_interleaved(
                 fn(*inputs[i % len(inputs)])
         except Exception as e:
             failed[j] = e
+    order = list(range(len(runs)))
+    shuffle = random.Random(0).shuffle
     for i in range(reps):
-        for k in range(len(runs)):
-            j = (i + k) % len(runs)
+        shuffle(order)
+        for j in order:
             if failed[j] is not None:
                 continue
             fn, inputs = runs[j]
