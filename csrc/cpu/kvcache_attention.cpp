@@ -5,11 +5,11 @@
 // so it reads the cache's (key, head, dim) rows in memory order and the hardware prefetchers see one stream
 // (one task per head, reading 256 B of every 2 KB key row, ran at half the bandwidth). Within a task, each KV
 // head h serves the R = Sq * G query rows that share it (G = Hq / Hkv), so each K/V byte is read once and
-// never once per query head (K/V are not repeated for GQA). Keys go in blocks of kKeyBlock: the scores of every
-// row (QK^T), an online softmax in base 2, then P @ V into fp32 row accumulators; rows are taken kRowTile at a
-// time inside the block, so the block's K and V stay in L1 while every row tile uses them. With fewer
-// sequences than threads (batch 1), the keys are split and the splits' partial outputs are merged with their
-// log-sum-exp at the end (flash-decoding); heads are split only when a cache is too short to split its keys.
+// never once per query head (K/V are not repeated for GQA). Keys go in blocks (key_block: 8 KB of a head's K):
+// the scores of every row (QK^T), an online softmax in base 2, then P @ V into fp32 row accumulators; rows are
+// taken kRowTile at a time inside the block, so the block's K and V stay in L1 while every row tile uses them.
+// With fewer sequences than threads (batch 1), the keys are split and the splits' partial outputs are merged with
+// their log-sum-exp at the end (flash-decoding); heads are split only when a cache is too short to split its keys.
 //
 // Everything is computed in fp32; K and V are converted as they are loaded (bf16: a shift, fp16: F16C), except
 // that bf16 scores on CPUs with AVX512-BF16 multiply q and K as bf16 pairs (vdpbf16ps: each product is exact in
@@ -33,12 +33,21 @@
 namespace flashquant::cpu {
 namespace {
 
-constexpr int64_t kKeyBlock = 64;  // keys per block: K and V blocks of 64 x 128 bf16 are 16 KB each
+constexpr int64_t kKeyBlock = 64;  // the most keys per block (score rows are kKeyBlock apart)
 constexpr int kRowTile = 8;        // query rows per tile: 8 ymm accumulators
 constexpr int64_t kAhead = 16;     // software prefetch distance, in key rows of the walk (heads, then blocks)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Keys per block for key rows of row_bytes (one head): 8 KB of K per head, 16 to kKeyBlock keys (bf16 / fp16 at
+// D = 128: 32 keys, fp32: 16). A task walks its heads block by block, so the block sets how far apart in memory
+// the rows read back to back are; with the cache in DRAM, 8 KB blocks beat 16 KB ones by 2-6% in bf16 and 16 KB
+// ones by 5-10% in fp32 (interleaved A/B, bench/NOTES.md "Session 17"), smaller ones lost to the per-block work.
+constexpr int64_t key_block(int64_t row_bytes) {
+  const int64_t keys = (8 << 10) / row_bytes;
+  return keys >= kKeyBlock ? kKeyBlock : keys <= 16 ? 16 : keys;
+}
 
 struct Problem {
   int64_t B, Sq, Hq, Hkv, D, G, R;  // R = Sq * G rows per task; row r is token r / G, query head h * G + r % G
@@ -287,18 +296,19 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
         }
       }
   }
+  const int64_t block_keys = key_block(D * static_cast<int64_t>(sizeof(T)));
   // This split's share of the keys any row sees, in whole key blocks.
   int64_t start = k_hi, end = k_hi;
   if (k_hi > k_lo) {
-    const int64_t blocks = (k_hi - k_lo + kKeyBlock - 1) / kKeyBlock;
-    const int64_t per = (blocks + p.splits - 1) / p.splits * kKeyBlock;
+    const int64_t blocks = (k_hi - k_lo + block_keys - 1) / block_keys;
+    const int64_t per = (blocks + p.splits - 1) / p.splits * block_keys;
     start = std::min(k_hi, k_lo + split * per);
     end = std::min(k_hi, start + per);
   }
   const T** kp = reinterpret_cast<const T**>(w.kp.data());
   const T** vp = reinterpret_cast<const T**>(w.vp.data());
-  for (int64_t j0 = start; j0 < end; j0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, end - j0);
+  for (int64_t j0 = start; j0 < end; j0 += block_keys) {
+    const int64_t nk = std::min(block_keys, end - j0);
     for (int64_t hl = 0; hl < nh; ++hl) {
       for (int64_t jj = 0; jj < nk; ++jj) {
         kp[jj] = key_row<T>(p, p.k, p.k_stride, b, h0 + hl, j0 + jj);
@@ -307,7 +317,7 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
       // Then the first kAhead rows of the next (head, block) of this walk, which the steps prefetch as this one
       // ends. (Prefetching this head's next block instead, 7 heads of work before it is read, was 4-14% slower
       // in bf16 with the cache in DRAM: those rows had left L1 by then.)
-      const int64_t next_hl = hl + 1 < nh ? hl + 1 : 0, next_j0 = hl + 1 < nh ? j0 : j0 + kKeyBlock;
+      const int64_t next_hl = hl + 1 < nh ? hl + 1 : 0, next_j0 = hl + 1 < nh ? j0 : j0 + block_keys;
       const int64_t n_next = std::clamp<int64_t>(end - next_j0, 0, kAhead);
       for (int64_t jj = 0; jj < n_next; ++jj) {
         kp[nk + jj] = key_row<T>(p, p.k, p.k_stride, b, h0 + next_hl, next_j0 + jj);
