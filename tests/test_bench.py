@@ -226,6 +226,22 @@ def test_cpu_cases_of_a_group_are_timed_in_turn_and_a_failing_one_is_reported():
     assert "speedup_vs" in b and "speedup_vs" not in a
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_sdpa_anchor_computes_what_the_kernel_computes(paged):
+    """The anchor's speed is only a comparison if it does the same work: on each rotated input, SDPA (on the paged
+    cache, after gathering the blocks into its kept buffers) gives flashquant's output."""
+    from flashquant.bench.cases import decode_cases
+
+    torch.manual_seed(0)
+    cases = decode_cases("cpu", [2], [128], (paged,), hq=4, hkv=2, d=32, dtype=torch.float32, page=16)
+    (anchor,) = [c for c in cases if c.anchor]
+    fn, inputs = anchor.make()
+    for q, kc, vc, lens, table in inputs[:3]:  # the second and third reuse the gather buffers
+        want = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="reference")
+        got = fn(q, kc, vc, lens, table).transpose(1, 2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_llama_presets_interleave_the_op_families_group_by_group():
     """So that a run cut short by its time budget has measured some of every family, not only quant_matmul;
     each group stays contiguous (its anchors are timed in the same stretch) and no case is lost."""

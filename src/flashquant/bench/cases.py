@@ -493,11 +493,18 @@ def decode_cases(
                     c.unavailable = _why_not(be, device)
                     out.append(c)
 
-                def sdpa_make(make_one=make_one, paged=paged, kv_bytes=kv_bytes):
+                def sdpa_make(make_one=make_one, paged=paged, kv_bytes=kv_bytes, b=b):
+                    gathered = []  # the gather's outputs, allocated once for every rotated input
+
                     def fn(q, kc, vc, lens, table):
-                        if paged:  # what a PyTorch user does with a paged cache: gather, then SDPA
-                            kc = kc[table.long()].flatten(1, 2)
-                            vc = vc[table.long()].flatten(1, 2)
+                        if paged:  # what a PyTorch user does with a paged cache: gather the blocks, then SDPA
+                            # Into buffers kept between calls: a fresh 30-270 MB tensor per call timed page faults
+                            # (on the CPU), and the host's work on them slowed the cases timed next to it.
+                            idx = table.reshape(-1).long()
+                            if not gathered:
+                                gathered.extend(kc.new_empty((idx.numel(), *kc.shape[1:])) for _ in range(2))
+                            kc = torch.index_select(kc, 0, idx, out=gathered[0]).view(b, -1, *kc.shape[2:])
+                            vc = torch.index_select(vc, 0, idx, out=gathered[1]).view(b, -1, *vc.shape[2:])
                         return F.scaled_dot_product_attention(
                             q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True
                         )
