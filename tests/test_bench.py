@@ -236,9 +236,9 @@ def test_decode_sdpa_anchor_computes_what_the_kernel_computes(paged):
     cases = decode_cases("cpu", [2], [128], (paged,), hq=4, hkv=2, d=32, dtype=torch.float32, page=16)
     (anchor,) = [c for c in cases if c.anchor]
     fn, inputs = anchor.make()
-    for q, kc, vc, lens, table in inputs[:3]:  # the second and third reuse the gather buffers
-        want = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="reference")
-        got = fn(q, kc, vc, lens, table).transpose(1, 2)
+    for q, kc, vc, lens, block_table in inputs[:3]:  # the second and third reuse the gather buffers
+        want = fq.attention_with_kvcache(q, kc, vc, lens, block_table=block_table, backend="reference")
+        got = fn(q, kc, vc, lens, block_table).transpose(1, 2)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
