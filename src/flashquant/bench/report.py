@@ -247,19 +247,22 @@ def plots(run: dict, out_dir: str) -> list[str]:
         ax.legend(fontsize=6)
         save(fig, "prefill_tflops.png")
     dec = [r for r in res if r["op"] == "decode"]
-    if dec:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key in sorted({(r["impl"], r["shape"]["B"], r["shape"]["paged"]) for r in dec}):
-            pts = sorted(
-                (r["shape"]["cache"], r["gbs"])
-                for r in dec
-                if (r["impl"], r["shape"]["B"], r["shape"]["paged"]) == key
-            )
-            ax.plot(*zip(*pts), marker="o", label=f"{key[0]} B={key[1]}{' paged' if key[2] else ''}")
-        ax.axhline(run["bandwidth_bound_gbs"], color="gray", ls="--", lw=0.8, label="bandwidth bound")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="cache length", ylabel="GB/s (K+V bytes / time)", title=f"decode, {dev}")
-        ax.legend(fontsize=6)
+    if dec:  # one panel per dtype: a line joins one implementation's cases of one dtype
+        dtypes = sorted({r["dtype"] for r in dec})
+        fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 4), squeeze=False)
+        for ax, dtype in zip(axes[0], dtypes):
+            rows = [r for r in dec if r["dtype"] == dtype]
+            for key in sorted({(r["impl"], r["shape"]["B"], r["shape"]["paged"]) for r in rows}):
+                pts = sorted(
+                    (r["shape"]["cache"], r["gbs"])
+                    for r in rows
+                    if (r["impl"], r["shape"]["B"], r["shape"]["paged"]) == key
+                )
+                ax.plot(*zip(*pts), marker="o", label=f"{key[0]} B={key[1]}{' paged' if key[2] else ''}")
+            ax.axhline(run["bandwidth_bound_gbs"], color="gray", ls="--", lw=0.8, label="bandwidth bound")
+            ax.set_xscale("log", base=2)
+            ax.set(xlabel="cache length", ylabel="GB/s (K+V bytes / time)", title=f"decode {dtype}, {dev}")
+            ax.legend(fontsize=6)
         save(fig, "decode_gbs.png")
     return written
 
