@@ -2,6 +2,7 @@
 AVX-512, AVX2 and portable paths, fp32/fp16/bf16, contiguous and paged caches, masks, splits of the keys, and the
 dispatch."""
 
+import importlib
 import math
 
 import pytest
@@ -125,16 +126,24 @@ def test_cpu_kvcache_llama_shape_long_cache_splits_by_default():
     assert_one_rounding(fq.attention_with_kvcache(q, kc, vc, lens, backend="cpu"), ref, "llama 3k")
 
 
-def test_auto_picks_the_cpu_kernel_for_decode_on_cpu():
-    from flashquant.attention import CPU_KVCACHE_MAX_SQ, _kvcache_auto_order
+def test_auto_picks_the_cpu_kernel_for_decode_on_cpu(monkeypatch):
+    """The C++ kernel up to 16 new tokens per sequence; in bf16 on CPUs where torch multiplies bf16 on AMX tiles
+    (its SDPA path wins from Sq = 16 there), up to 8."""
+    attention = importlib.import_module("flashquant.attention")  # the module (flashquant.attention is the op)
+    _kvcache_auto_order = attention._kvcache_auto_order
 
     cpu = torch.device("cpu")
-    assert _kvcache_auto_order(cpu, False, 1) == ("cpu", "torch")
-    assert _kvcache_auto_order(cpu, False, CPU_KVCACHE_MAX_SQ) == ("cpu", "torch")
-    assert _kvcache_auto_order(cpu, False, CPU_KVCACHE_MAX_SQ + 1) == ("torch",)
-    assert (
-        _dispatch.resolve("attention_with_kvcache", "auto", cpu, _kvcache_auto_order(cpu, False, 1)) == "cpu"
-    )
+    for amx in (False, True):
+        monkeypatch.setattr(attention, "_torch_has_amx", lambda amx=amx: amx)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            most = 8 if amx and dtype == torch.bfloat16 else 16
+            assert attention.cpu_kvcache_max_sq(dtype) == most
+            assert _kvcache_auto_order(cpu, False, 1, dtype) == ("cpu", "torch")
+            assert _kvcache_auto_order(cpu, False, most, dtype) == ("cpu", "torch")
+            assert _kvcache_auto_order(cpu, False, most + 1, dtype) == ("torch",)
+    monkeypatch.undo()
+    order = _kvcache_auto_order(cpu, False, 1, torch.float32)
+    assert _dispatch.resolve("attention_with_kvcache", "auto", cpu, order) == "cpu"
     kc, vc, lens, _ = make_cache(1, 2, 16, [10], False, capacity=16)
     q = torch.randn(1, 1, 4, 16)
     auto = fq.attention_with_kvcache(q, kc, vc, lens)
