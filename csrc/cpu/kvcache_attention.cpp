@@ -42,8 +42,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Keys per block for key rows of row_bytes (one head): 8 KB of K per head, 16 to kKeyBlock keys (bf16 / fp16 at
 // D = 128: 32 keys, fp32: 16). A task walks its heads block by block, so the block sets how far apart in memory
-// the rows read back to back are; with the cache in DRAM, 8 KB blocks beat 16 KB ones by 2-6% in bf16 and 16 KB
-// ones by 5-10% in fp32 (interleaved A/B, bench/NOTES.md "Session 17"), smaller ones lost to the per-block work.
+// the rows read back to back are. With the cache in DRAM, against 64-key blocks: bf16 0-4% faster, fp32 7-12%
+// faster; 16-key (4 KB) blocks in bf16 were 5-12% slower, the per-block work growing (interleaved A/B runs,
+// bench/NOTES.md "Session 17").
 constexpr int64_t key_block(int64_t row_bytes) {
   const int64_t keys = (8 << 10) / row_bytes;
   return keys >= kKeyBlock ? kKeyBlock : keys <= 16 ? 16 : keys;
