@@ -97,8 +97,8 @@ def test_cpu_kvcache_rows_without_keys_are_zero_with_lse_minus_inf():
 
 
 def test_cpu_kvcache_more_splits_than_key_blocks():
-    """Splits are whole 64-key blocks: 100 keys give two blocks, so 7 of 9 splits are empty and must merge as
-    nothing (lse -inf), not as zeros with weight."""
+    """Splits are whole key blocks (64 keys for fp32 at D = 32): 100 keys give two, so 7 of 9 splits are empty
+    and must merge as nothing (lse -inf), not as zeros with weight."""
     kc, vc, lens, _ = make_cache(1, 1, 32, [100], False, capacity=100)
     q = torch.randn(1, 1, 4, 32)
     ref = fq.attention_with_kvcache(q, kc, vc, lens, backend="reference")
