@@ -186,6 +186,12 @@ def write_json(run: dict, path: str) -> None:
         json.dump(run, f, indent=1)
 
 
+def _lines(ax, rows, key, x, y, label):
+    """One line per distinct key(r) of `rows`: the points (x(r), r[y]), in x order."""
+    for k in sorted({key(r) for r in rows}):
+        ax.plot(*zip(*sorted((x(r), r[y]) for r in rows if key(r) == k)), marker="o", label=label(k))
+
+
 def plots(run: dict, out_dir: str) -> list[str]:
     """PNG plots: speedup vs M for matmuls, TFLOP/s vs seqlen for prefill, GB/s vs cache length for decode."""
     try:
@@ -235,13 +241,14 @@ def plots(run: dict, out_dir: str) -> list[str]:
     pre = [r for r in res if r["op"] == "prefill"]
     if pre:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in sorted({(r["impl"], r["shape"]["D"], r["shape"]["causal"]) for r in pre}):
-            pts = sorted(
-                (r["shape"]["S"], r["tflops"])
-                for r in pre
-                if (r["impl"], r["shape"]["D"], r["shape"]["causal"]) == key
-            )
-            ax.plot(*zip(*pts), marker="o", label=f"{key[0]} D={key[1]}{' causal' if key[2] else ''}")
+        _lines(
+            ax,
+            pre,
+            key=lambda r: (r["impl"], r["shape"]["D"], r["shape"]["causal"]),
+            x=lambda r: r["shape"]["S"],
+            y="tflops",
+            label=lambda k: f"{k[0]} D={k[1]}{' causal' if k[2] else ''}",
+        )
         ax.set_xscale("log", base=2)
         ax.set(xlabel="sequence length", ylabel="TFLOP/s", title=f"prefill, {dev}")
         ax.legend(fontsize=6)
@@ -251,14 +258,14 @@ def plots(run: dict, out_dir: str) -> list[str]:
         dtypes = sorted({r["dtype"] for r in dec})
         fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 4), squeeze=False)
         for ax, dtype in zip(axes[0], dtypes):
-            rows = [r for r in dec if r["dtype"] == dtype]
-            for key in sorted({(r["impl"], r["shape"]["B"], r["shape"]["paged"]) for r in rows}):
-                pts = sorted(
-                    (r["shape"]["cache"], r["gbs"])
-                    for r in rows
-                    if (r["impl"], r["shape"]["B"], r["shape"]["paged"]) == key
-                )
-                ax.plot(*zip(*pts), marker="o", label=f"{key[0]} B={key[1]}{' paged' if key[2] else ''}")
+            _lines(
+                ax,
+                [r for r in dec if r["dtype"] == dtype],
+                key=lambda r: (r["impl"], r["shape"]["B"], r["shape"]["paged"]),
+                x=lambda r: r["shape"]["cache"],
+                y="gbs",
+                label=lambda k: f"{k[0]} B={k[1]}{' paged' if k[2] else ''}",
+            )
             ax.axhline(run["bandwidth_bound_gbs"], color="gray", ls="--", lw=0.8, label="bandwidth bound")
             ax.set_xscale("log", base=2)
             ax.set(xlabel="cache length", ylabel="GB/s (K+V bytes / time)", title=f"decode {dtype}, {dev}")
