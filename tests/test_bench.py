@@ -242,6 +242,39 @@ def test_decode_sdpa_anchor_computes_what_the_kernel_computes(paged):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_plots_draw_every_family_and_one_decode_panel_per_dtype(tmp_path):
+    """The PNGs a run writes: a decode run with two dtypes gets one panel per dtype (a line never joins a bf16
+    point to an fp32 one)."""
+    pytest.importorskip("matplotlib")
+    from flashquant.bench.report import plots
+
+    def row(op, impl, shape, dtype, **fig):
+        return {
+            "op": op,
+            "impl": impl,
+            "anchor": False,
+            "shape": shape,
+            "dtype": dtype,
+            "median_ms": 1.0,
+            **fig,
+        }
+
+    results = [
+        row("decode", "flashquant cpu", {"B": 1, "cache": s, "paged": False}, dt, gbs=float(s % 7))
+        for s in (1024, 2048)
+        for dt in ("bfloat16", "float32")
+    ]
+    results += [row("prefill", "flashquant triton", {"S": s, "D": 128, "causal": True}, "bfloat16", tflops=1.0)
+                for s in (512, 1024)]  # fmt: skip
+    run = {"environment": {"device": "test"}, "bandwidth_bound_gbs": 10.0, "results": results}
+    written = plots(run, str(tmp_path))
+    assert sorted(pathlib.Path(p).name for p in written) == ["decode_gbs.png", "prefill_tflops.png"]
+    from PIL import Image  # matplotlib's own dependency
+
+    width = {n: Image.open(tmp_path / n).size[0] for n in ("decode_gbs.png", "prefill_tflops.png")}
+    assert width["decode_gbs.png"] == 2 * width["prefill_tflops.png"]  # two 7-inch panels against one
+
+
 def test_llama_presets_interleave_the_op_families_group_by_group():
     """So that a run cut short by its time budget has measured some of every family, not only quant_matmul;
     each group stays contiguous (its anchors are timed in the same stretch) and no case is lost."""
