@@ -159,6 +159,27 @@ def test_cpu_kernel_paths_match_reference(cpu_level, bits, group_size, symmetric
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_kernel_converts_half_scales_per_task_exactly(cpu_level, dtype, symmetric):
+    """fp16 / bf16 scales and uint8 zero points are converted to fp32 by each task for its own rows, 64 rows at a
+    time at decode sizes (N = 301: several chunks and a partial one per task) and its whole range when M spans
+    several activation blocks (M = 30 at K = 4096). The conversion is exact, so the output equals the kernel's on
+    the same scales and zeros given as fp32, bit for bit."""
+    torch.manual_seed(0)
+    for n, k, group_size, ms in ((301, 256, 64, (1, 5)), (70, 4096, 128, (30,)), (301, 768, 48, (2,))):
+        qw = fq.quantize(torch.randn(n, k, dtype=dtype), 4, group_size, symmetric)
+        assert qw.scales.dtype == dtype and (symmetric or qw.zeros.dtype == torch.uint8)
+        zeros_f = None if qw.zeros is None else qw.zeros.float()
+        for m in ms:
+            x = torch.randn(m, k, dtype=dtype)
+            got = torch.ops.flashquant.quant_matmul_packed(x, qw.qdata, qw.scales, qw.zeros, 4, group_size)
+            want = torch.ops.flashquant.quant_matmul_packed(
+                x, qw.qdata, qw.scales.float(), zeros_f, 4, group_size
+            )
+            assert torch.equal(got, want), f"{cpu_level} {dtype} n={n} k={k} g={group_size} m={m}"
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cpu_kernel_long_groups_do_not_overflow_int32(cpu_level, bits):
     """Per-channel rows of 16k codes at their largest (255 / 15) against all-positive activations: the SIMD

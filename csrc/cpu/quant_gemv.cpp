@@ -37,8 +37,9 @@ struct Problem {
   int64_t M, N, K, G, group_size;
   const uint8_t* q;     // packed weights, row n starts at q + n * row_bytes
   int64_t row_bytes;
-  const float* scales;  // (N, G) fp32
-  const float* zeros;   // (N, G) fp32, or nullptr => default_zero
+  const float* scales;  // fp32 scales of rows scale_row0.. (G per row): scales_of(p, n)
+  const float* zeros;   // the same for zero points, or nullptr => default_zero
+  int64_t scale_row0;   // the first row in scales / zeros (a task converts its own rows' scales, see rows_chunked)
   float default_zero;
   float* out;           // (M, N) fp32
   const float* xsum;    // (M, G): each group's sum of activations (SIMD paths: of the quantized ones, sx * sum xq)
@@ -48,6 +49,12 @@ struct Problem {
   const int16_t* xq;    // (M, K) int16, chunk-permuted for int4
   const float* xscale;  // (M, G)
 };
+
+// Row n's G scales / zero points (fp32).
+inline const float* scales_of(const Problem& p, int64_t n) { return p.scales + (n - p.scale_row0) * p.G; }
+inline const float* zeros_of(const Problem& p, int64_t n) {
+  return p.zeros ? p.zeros + (n - p.scale_row0) * p.G : nullptr;
+}
 
 // ---- portable path ---------------------------------------------------------------------------------
 template <int BITS>
@@ -61,11 +68,80 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
         float dot = 0.f;
         const int64_t k0 = g * p.group_size;
         for (int64_t k = k0; k < k0 + p.group_size; ++k) dot += static_cast<float>(code_at<BITS>(row, k)) * xm[k];
-        const float zero = p.zeros ? p.zeros[n * p.G + g] : p.default_zero;
-        total += p.scales[n * p.G + g] * (dot - zero * p.xsum[m * p.G + g]);
+        const float zero = p.zeros ? zeros_of(p, n)[g] : p.default_zero;
+        total += scales_of(p, n)[g] * (dot - zero * p.xsum[m * p.G + g]);
       }
       p.out[m * p.N + n] = total;
     }
+  }
+}
+
+// Activation rows are taken in blocks whose int16 copy fits in L2 (~192 KB of Zen 3's / Skylake's 512 KB /
+// 1 MB), and every weight row of the thread's range is run against one block before the next: otherwise each
+// weight row would stream all M x K activations from L3 again (32 GB at M = 1024, K = N = 4096), which made
+// large M (prefill) bound by L3 bandwidth. Weights are re-read once per block instead (M / block times).
+constexpr int64_t kActivationBlockBytes = 192 * 1024;
+inline int64_t activation_block_rows(int64_t K) {
+  const int64_t block = (kActivationBlockBytes / (2 * K)) & ~int64_t(3);
+  return block < 4 ? 4 : block;
+}
+
+// Weight rows whose fp16 / bf16 scales a task converts to fp32 at a time: 64 x G floats (8 KB at K = 4096, g128).
+// Converting the whole (N, G) tensor up front (a 1.8 MB fp32 copy for 14336x4096 g128, written out and read back)
+// cost 6-9% of an int4 M = 1 call (bench/NOTES.md, "Session 17").
+constexpr int64_t kScaleChunkRows = 64;
+
+#ifdef FLASHQUANT_X86
+// Elements [begin, end) of a contiguous fp16 / bf16 tensor as fp32 into dst, 8 at a time.
+__attribute__((target("avx2,f16c"))) void rows_to_float_avx2(const at::Tensor& t, int64_t begin, int64_t end,
+                                                              float* dst) {
+  const auto* src = static_cast<const uint16_t*>(t.const_data_ptr()) + begin;
+  const int64_t n = end - begin;
+  int64_t i = 0;
+  if (t.scalar_type() == at::kBFloat16) {  // bf16 -> fp32: the 16 bits become the high half
+    for (; i + 8 <= n; i += 8) {
+      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+    }
+    for (; i < n; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(dst + i, &bits, 4);
+    }
+  } else {  // fp16
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+  }
+}
+#endif
+
+// Rows [n0, n1) of a contiguous (N, G) fp32 / fp16 / bf16 / uint8 tensor as fp32, G per row, into dst.
+void rows_to_float(const at::Tensor& t, int64_t n0, int64_t n1, bool simd, float* dst) {
+  const int64_t G = t.size(1), begin = n0 * G, end = n1 * G;
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      std::memcpy(dst, t.const_data_ptr<float>() + begin, (end - begin) * sizeof(float));
+      return;
+    case at::kBFloat16:
+    case at::kHalf:
+#ifdef FLASHQUANT_X86
+      if (simd) return rows_to_float_avx2(t, begin, end, dst);
+#endif
+      if (t.scalar_type() == at::kBFloat16) {
+        const auto* src = t.const_data_ptr<at::BFloat16>();
+        for (int64_t i = begin; i < end; ++i) dst[i - begin] = static_cast<float>(src[i]);
+      } else {
+        const auto* src = t.const_data_ptr<at::Half>();
+        for (int64_t i = begin; i < end; ++i) dst[i - begin] = static_cast<float>(src[i]);
+      }
+      return;
+    case at::kByte: {  // zero points as QuantizedWeight stores them
+      const auto* src = t.const_data_ptr<uint8_t>();
+      for (int64_t i = begin; i < end; ++i) dst[i - begin] = static_cast<float>(src[i]);
+      return;
+    }
+    default:  // quant_matmul_cpu converts any other dtype to fp32 up front
+      TORCH_CHECK(false, "rows_to_float: unexpected dtype ", t.scalar_type());
   }
 }
 
@@ -285,22 +361,32 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
   const int64_t M = x.size(0), N = qdata.size(0), G = K / group_size;
   TORCH_CHECK(x.device().is_cpu(), "quant_matmul_cpu: x must be on the CPU, got ", x.device());
 
-  const at::Tensor sf = scales.to(at::kFloat).contiguous();
-  const std::optional<at::Tensor> zf =
-      zeros ? std::optional<at::Tensor>(zeros->to(at::kFloat).contiguous()) : std::nullopt;
   const at::Tensor q = qdata.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out.to(x.scalar_type());
-  if (amx_takes(x, group_size)) {
+  if (amx_takes(x, group_size)) {  // compute-bound: one fp32 copy of the scales up front costs nothing there
+    const at::Tensor sf = scales.to(at::kFloat).contiguous();
+    const std::optional<at::Tensor> zf =
+        zeros ? std::optional<at::Tensor>(zeros->to(at::kFloat).contiguous()) : std::nullopt;
     quant_matmul_amx_bf16(x, q, sf, zf ? &*zf : nullptr, bits, group_size, out);
     return out.to(x.scalar_type());
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const auto per_task = [](const at::Tensor& t) {  // what rows_to_float reads; any other dtype as fp32 up front
+    const at::ScalarType st = t.scalar_type();
+    const bool direct = st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kByte;
+    return direct ? t.contiguous() : t.to(at::kFloat).contiguous();
+  };
+  const at::Tensor sc = per_task(scales);
+  const std::optional<at::Tensor> zc = zeros ? std::optional<at::Tensor>(per_task(*zeros)) : std::nullopt;
+  // fp16 / bf16 scales (and uint8 zeros) are converted by each task for its own rows, just before it reads them
+  // (rows_to_float), not into an fp32 copy of the whole (N, G) tensor up front.
+  const bool convert = sc.scalar_type() != at::kFloat || (zc && zc->scalar_type() != at::kFloat);
 
   Problem p{};
   p.M = M, p.N = N, p.K = K, p.G = G, p.group_size = group_size;
   p.q = q.data_ptr<uint8_t>(), p.row_bytes = q.size(1);
-  p.scales = sf.data_ptr<float>(), p.zeros = zf ? zf->data_ptr<float>() : nullptr;
+  if (!convert) p.scales = sc.data_ptr<float>(), p.zeros = zc ? zc->data_ptr<float>() : nullptr;
   p.default_zero = static_cast<float>(1 << (bits - 1));
   p.out = out.data_ptr<float>();
   const SimdLevel level = simd_level_enabled();
@@ -325,27 +411,38 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
     xsum = xf.view({M, G, group_size}).sum(-1).contiguous();
     p.x = xf.data_ptr<float>(), p.xsum = xsum.data_ptr<float>();
   }
+  const auto run = [&](const Problem& pt, int64_t n0, int64_t n1) {
+#ifdef FLASHQUANT_X86
+    if (zmm) return bits == 4 ? vnni512::rows<4>(pt, n0, n1) : vnni512::rows<8>(pt, n0, n1);
+    if (level >= SimdLevel::kAvx512Vnni)
+      return bits == 4 ? vnni256::rows<4>(pt, n0, n1) : vnni256::rows<8>(pt, n0, n1);
+    if (level == SimdLevel::kAvxVnni)
+      return bits == 4 ? avxvnni::rows<4>(pt, n0, n1) : avxvnni::rows<8>(pt, n0, n1);
+    if (simd) return bits == 4 ? avx2::rows<4>(pt, n0, n1) : avx2::rows<8>(pt, n0, n1);
+#endif
+    bits == 4 ? rows_scalar<4>(pt, n0, n1) : rows_scalar<8>(pt, n0, n1);
+  };
+  // With one block of activation rows (decode) a task converts kScaleChunkRows rows' scales at a time, an
+  // L1/L2-sized buffer; with several (rows() re-reads its weight rows once per block), its whole range at once, so
+  // the activation blocks are still walked once per task.
+  const int64_t chunk_rows = M <= activation_block_rows(K) ? kScaleChunkRows : N;
   // ~16 rows of 4096 int4 weights = 32 KB per task: big enough to amortise scheduling.
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-#ifdef FLASHQUANT_X86
-    if (zmm) {
-      bits == 4 ? vnni512::rows<4>(p, n0, n1) : vnni512::rows<8>(p, n0, n1);
-      return;
+    if (!convert) return run(p, n0, n1);
+    const int64_t rows_per_chunk = std::min(chunk_rows, n1 - n0);
+    std::vector<float> s_buf(rows_per_chunk * G), z_buf(zc ? rows_per_chunk * G : 0);
+    for (int64_t c0 = n0; c0 < n1; c0 += rows_per_chunk) {
+      const int64_t c1 = std::min(n1, c0 + rows_per_chunk);
+      Problem pt = p;
+      pt.scale_row0 = c0;
+      rows_to_float(sc, c0, c1, simd, s_buf.data());
+      pt.scales = s_buf.data();
+      if (zc) {
+        rows_to_float(*zc, c0, c1, simd, z_buf.data());
+        pt.zeros = z_buf.data();
+      }
+      run(pt, c0, c1);
     }
-    if (level >= SimdLevel::kAvx512Vnni) {
-      bits == 4 ? vnni256::rows<4>(p, n0, n1) : vnni256::rows<8>(p, n0, n1);
-      return;
-    }
-    if (level == SimdLevel::kAvxVnni) {
-      bits == 4 ? avxvnni::rows<4>(p, n0, n1) : avxvnni::rows<8>(p, n0, n1);
-      return;
-    }
-    if (simd) {
-      bits == 4 ? avx2::rows<4>(p, n0, n1) : avx2::rows<8>(p, n0, n1);
-      return;
-    }
-#endif
-    bits == 4 ? rows_scalar<4>(p, n0, n1) : rows_scalar<8>(p, n0, n1);
   });
   return out.to(x.scalar_type());
 }
