@@ -39,7 +39,7 @@ struct Problem {
   int64_t row_bytes;
   const float* scales;  // fp32 scales of rows scale_row0.. (G per row): scales_of(p, n)
   const float* zeros;   // the same for zero points, or nullptr => default_zero
-  int64_t scale_row0;   // the first row in scales / zeros (a task converts its own rows' scales, see rows_chunked)
+  int64_t scale_row0;   // the first row in scales / zeros (tasks convert their own rows' scales: quant_matmul_cpu)
   float default_zero;
   float* out;           // (M, N) fp32
   const float* xsum;    // (M, G): each group's sum of activations (SIMD paths: of the quantized ones, sx * sum xq)

@@ -43,7 +43,7 @@ def run_cases(
     graph: bool = False,
     max_seconds: float | None = None,
 ) -> dict:
-    """Time every case (its anchors in the same run). On the CPU a group's cases are timed in turn, one
+    """Time every case (its anchors in the same run). On the CPU a group's cases are timed in turn (shuffled), one
     repetition each per round (harness.time_cpu_interleaved), so the host's drift falls on all of them alike; on
     CUDA each case is timed on its own (CUDA events time the device alone, and one case's rotated inputs at a
     time keep device memory free). Past `max_seconds`, or after Ctrl-C / SIGINT (what `timeout -s INT` sends),
