@@ -121,10 +121,13 @@ def time_cuda(
     return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+DEFAULT_REPS = {"cuda": 100, "cpu": 30}  # repetitions per case when the caller gives none
+
+
 def time_fn(device: str, fn, inputs, reps: int | None = None, graph: bool = False) -> Timing:
     if device == "cuda":
-        return time_cuda(fn, inputs, reps=reps or 100, graph=graph)
-    return time_cpu(fn, inputs, reps=reps or 30)
+        return time_cuda(fn, inputs, reps=reps or DEFAULT_REPS["cuda"], graph=graph)
+    return time_cpu(fn, inputs, reps=reps or DEFAULT_REPS["cpu"])
 
 
 # ---- the machine ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import traceback
 import torch
 
 from .cases import Case
-from .harness import Timing, environment, time_cpu_interleaved, time_cuda
+from .harness import DEFAULT_REPS, Timing, environment, time_cpu_interleaved, time_fn
 
 
 def _progress(items, unit):
@@ -97,7 +97,7 @@ def run_cases(
                 for i in todo:
                     try:
                         fn, inputs = cases[i].make()
-                        record(i, time_cuda(fn, inputs, reps=reps or 100, graph=graph), len(inputs))
+                        record(i, time_fn(device, fn, inputs, reps=reps, graph=graph), len(inputs))
                     except Exception as e:  # an anchor that fails here is reported, never silently dropped
                         results[i]["unavailable"] = _unavailable(e)
                     fn = inputs = None
@@ -109,7 +109,7 @@ def run_cases(
                         made[i] = cases[i].make()
                     except Exception as e:
                         results[i]["unavailable"] = _unavailable(e)
-                timings = time_cpu_interleaved(list(made.values()), reps=reps or 30)
+                timings = time_cpu_interleaved(list(made.values()), reps=reps or DEFAULT_REPS["cpu"])
                 for (i, (_, inputs)), t in zip(made.items(), timings):
                     if isinstance(t, Exception):
                         results[i]["unavailable"] = _unavailable(t)
