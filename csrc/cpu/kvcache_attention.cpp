@@ -75,6 +75,13 @@ inline void row_bounds(const Problem& p, int64_t len, int64_t s, int64_t& lo, in
   hi = std::max(hi, lo);
 }
 
+// The top half of an fp32 that came from a bf16 (exact): its bf16 bits.
+inline uint16_t bf16_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 template <typename T>
 inline const T* key_row(const Problem& p, const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j) {
   int64_t off;
@@ -261,26 +268,75 @@ struct Scratch {
   std::vector<uint16_t> qb;
   std::vector<int64_t> lo, hi;
   std::vector<const void*> kp, vp;
+  // the AMX path's (run_task_amx)
+  std::vector<uint32_t> qpack, vpack, pack;
+  std::vector<uint16_t> kbuf;
+  std::vector<int32_t> lo_row, hi_row;
+  std::vector<int64_t> tile_lo, tile_hi;
 };
+
+// What a task covers: KV heads [h0, h0 + nh) of sequence b (len visible keys), keys [start, end) (this split's
+// share of the keys any row sees, in whole blocks of block_keys). Fills w.lo / w.hi: each token's keys.
+struct Task {
+  int64_t b, split, h0, nh, len, start, end;
+};
+
+inline Task task_keys(const Problem& p, int64_t task, int64_t block_keys, Scratch& w) {
+  Task t{};
+  const int64_t hc = task % p.head_chunks;
+  t.split = task / p.head_chunks % p.splits;
+  t.b = task / (p.head_chunks * p.splits);
+  t.h0 = hc * p.heads_per_task, t.nh = std::min(p.Hkv, t.h0 + p.heads_per_task) - t.h0;
+  t.len = p.seqlens[t.b];
+  w.lo.resize(p.Sq), w.hi.resize(p.Sq);
+  int64_t k_lo = t.len, k_hi = 0;
+  for (int64_t s = 0; s < p.Sq; ++s) {
+    row_bounds(p, t.len, s, w.lo[s], w.hi[s]);
+    if (w.hi[s] > w.lo[s]) k_lo = std::min(k_lo, w.lo[s]), k_hi = std::max(k_hi, w.hi[s]);
+  }
+  t.start = t.end = k_hi;
+  if (k_hi > k_lo) {
+    const int64_t blocks = (k_hi - k_lo + block_keys - 1) / block_keys;
+    const int64_t per = (blocks + p.splits - 1) / p.splits * block_keys;
+    t.start = std::min(k_hi, k_lo + t.split * per);
+    t.end = std::min(k_hi, t.start + per);
+  }
+  return t;
+}
+
+// The task's query row r of KV head h0 + hl: token r / G, query head (h0 + hl) * G + r % G; its fp32 values.
+inline const float* q_row(const Problem& p, const Task& t, int64_t hl, int64_t r) {
+  return p.q + ((t.b * p.Sq + r / p.G) * p.Hq + (t.h0 + hl) * p.G + r % p.G) * p.D;
+}
+
+// Normalizes the task's rows and writes them, with their log2-sum-exp2, to this split's partial results. Row r of
+// KV head hl sits at hl * row_stride + r in acc (rows of D), m and l.
+void write_task(const Problem& p, const Task& t, int64_t row_stride, const float* acc, const float* m,
+                const float* l) {
+  const int64_t D = p.D, G = p.G;
+  for (int64_t hl = 0; hl < t.nh; ++hl)
+    for (int64_t r = 0; r < p.R; ++r) {
+      const int64_t i = hl * row_stride + r;
+      const int64_t out_row = ((t.split * p.B + t.b) * p.Sq + r / G) * p.Hq + (t.h0 + hl) * G + r % G;
+      const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+      for (int64_t d = 0; d < D; ++d) p.part_out[out_row * D + d] = acc[i * D + d] * inv;
+      p.part_lse[out_row] = l[i] > 0.f ? m[i] + std::log2(l[i]) : kNegInf;
+    }
+}
 
 template <typename T, typename Steps>
 void run_task(const Problem& p, int64_t task, Scratch& w) {
-  const int64_t hc = task % p.head_chunks, split = task / p.head_chunks % p.splits;
-  const int64_t b = task / (p.head_chunks * p.splits);
-  const int64_t h0 = hc * p.heads_per_task, nh = std::min(p.Hkv, h0 + p.heads_per_task) - h0;
-  const int64_t R = p.R, D = p.D, G = p.G, len = p.seqlens[b];
+  const int64_t block_keys = key_block(p.D * static_cast<int64_t>(sizeof(T)));
+  const Task t = task_keys(p, task, block_keys, w);
+  const int64_t R = p.R, D = p.D, G = p.G, nh = t.nh, b = t.b, h0 = t.h0, len = t.len, start = t.start,
+                end = t.end;
   // Rows hl * R + r: KV head h0 + hl, token r / G, query head (h0 + hl) * G + r % G.
   w.q.resize(nh * R * D), w.acc.assign(nh * R * D, 0.f), w.m.assign(nh * R, kNegInf), w.l.assign(nh * R, 0.f);
-  w.lo.resize(p.Sq), w.hi.resize(p.Sq), w.sc.resize(kRowTile * kKeyBlock);
+  w.sc.resize(kRowTile * kKeyBlock);
   w.kp.resize(kKeyBlock + kAhead), w.vp.resize(kKeyBlock + kAhead);
-  int64_t k_lo = len, k_hi = 0;
-  for (int64_t s = 0; s < p.Sq; ++s) {
-    row_bounds(p, len, s, w.lo[s], w.hi[s]);
-    if (w.hi[s] > w.lo[s]) k_lo = std::min(k_lo, w.lo[s]), k_hi = std::max(k_hi, w.hi[s]);
-  }
   for (int64_t hl = 0; hl < nh; ++hl)
     for (int64_t r = 0; r < R; ++r) {
-      const float* src = p.q + ((b * p.Sq + r / G) * p.Hq + (h0 + hl) * G + r % G) * D;
+      const float* src = q_row(p, t, hl, r);
       float* dst = w.q.data() + (hl * R + r) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * p.q_scale;
     }
@@ -288,23 +344,10 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
     w.qb.resize(nh * R * D);
     for (int64_t hl = 0; hl < nh; ++hl)
       for (int64_t r = 0; r < R; ++r) {
-        const float* src = p.q + ((b * p.Sq + r / G) * p.Hq + (h0 + hl) * G + r % G) * D;
+        const float* src = q_row(p, t, hl, r);
         uint16_t* dst = w.qb.data() + (hl * R + r) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          uint32_t bits;
-          std::memcpy(&bits, src + d, 4);
-          dst[d] = static_cast<uint16_t>(bits >> 16);
-        }
+        for (int64_t d = 0; d < D; ++d) dst[d] = bf16_bits(src[d]);
       }
-  }
-  const int64_t block_keys = key_block(D * static_cast<int64_t>(sizeof(T)));
-  // This split's share of the keys any row sees, in whole key blocks.
-  int64_t start = k_hi, end = k_hi;
-  if (k_hi > k_lo) {
-    const int64_t blocks = (k_hi - k_lo + block_keys - 1) / block_keys;
-    const int64_t per = (blocks + p.splits - 1) / p.splits * block_keys;
-    start = std::min(k_hi, k_lo + split * per);
-    end = std::min(k_hi, start + per);
   }
   const T** kp = reinterpret_cast<const T**>(w.kp.data());
   const T** vp = reinterpret_cast<const T**>(w.vp.data());
@@ -362,15 +405,7 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
       }
     }
   }
-  for (int64_t hl = 0; hl < nh; ++hl)
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t i = hl * R + r;
-      const int64_t out_row = ((split * p.B + b) * p.Sq + r / G) * p.Hq + (h0 + hl) * G + r % G;
-      const float l = w.l[i];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      for (int64_t d = 0; d < D; ++d) p.part_out[out_row * D + d] = w.acc[i * D + d] * inv;
-      p.part_lse[out_row] = l > 0.f ? w.m[i] + std::log2(l) : kNegInf;
-    }
+  write_task(p, t, R, w.acc.data(), w.m.data(), w.l.data());
 }
 
 template <typename T>

@@ -17,6 +17,7 @@
 // call from x. C tiles: 16 weight rows x 16 activation rows, fp32. Per thread, blocks of 32 weight rows
 // (2 A tiles) against pairs of 16-row activation blocks (2 B tiles): 4 C tiles, 4 products per 4 tile loads.
 #include "cpu/quant_gemm_amx.h"
+#include "cpu/amx.h"
 #include "cpu/simd.h"
 
 #include <ATen/ATen.h>
@@ -28,8 +29,6 @@
 namespace flashquant::cpu {
 
 #ifdef FLASHQUANT_AMX
-#define FLASHQUANT_AMX_TARGET \
-  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 
 namespace {
 
@@ -59,26 +58,6 @@ struct Problem {
   const float* xsum_t;   // (G, m_blocks * 16): per group sums of the activations, transposed
   float* out;            // (M, N) fp32
 };
-
-// 64-byte tile configuration (palette 1): tmm0-7, all 16 rows x 64 bytes.
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-FLASHQUANT_AMX_TARGET void load_tile_config() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  // gcc 12's _tile_loadconfig declares an 8-byte memory operand, so without this barrier the stores above may be
-  // dropped as dead (the tiles then stay unconfigured and the first tile instruction faults with SIGILL)
-  __asm__ volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-FLASHQUANT_AMX_TARGET void release_tiles() { _tile_release(); }
 
 // 32 int4 codes (16 bytes; k = 2j in byte j's low nibble, 2j+1 in its high one) -> 32 bf16 in k order. Each 32-bit
 // lane gets one byte b: (b | b << 12) & 0x000F000F puts the low nibble in bits 0-3 and the high one in bits 16-19,
