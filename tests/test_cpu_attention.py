@@ -18,6 +18,8 @@ pytestmark = pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
 
 # (B, Sq, Hq, Hkv, D): Llama-3 heads (GQA 4), MQA with two 8-row tiles per KV head, MHA, a row count that leaves a
 # partial tile (Sq=3 x G=4 = 12 rows), head_dim 40 (not a multiple of 8: the portable path even with AVX2), tiny D.
+# In bf16 on CPUs with AMX, rows per KV head (Sq x G) >= 12 and D % 32 == 0 take the tile path: one 16-row tile
+# (Sq=2 x G=8, D=64), 12 rows at D=256 (the fewest it takes), and a full tile plus a partial one (20 rows, D=96).
 SHAPES = [
     (2, 1, 8, 2, 128),
     (1, 2, 8, 1, 64),
@@ -25,6 +27,8 @@ SHAPES = [
     (2, 3, 8, 2, 16),
     (2, 2, 6, 3, 40),
     (1, 1, 2, 1, 8),
+    (2, 3, 4, 1, 256),
+    (1, 5, 8, 2, 96),
 ]
 # (causal, window, softcap)
 MASKS = [(True, (-1, -1), 0.0), (False, (-1, -1), 0.0), (True, (37, -1), 0.0), (False, (20, 3), 2.5)]
@@ -41,9 +45,10 @@ def check(out, ref, lse, ref_lse, dtype, what):
     assert max_err(lse, ref_lse) < 1e-5, f"{what}: lse error {max_err(lse, ref_lse):.3g}"
 
 
-# FLASHQUANT_CPU_SIMD: "1" the best path this CPU has (AVX-512 with AVX512-BF16 where present), "avx2" the AVX2 path
-# even there, "0" the portable one.
-@pytest.mark.parametrize("simd", ["1", "avx2", "0"])
+# FLASHQUANT_CPU_SIMD: "1" the best path this CPU has (AMX tiles for bf16 where present, AVX-512 with AVX512-BF16
+# otherwise where present), "avx512_vnni" the AVX-512 vector path even on AMX CPUs, "avx2" the AVX2 path, "0" the
+# portable one. A path the CPU lacks runs the best one below it.
+@pytest.mark.parametrize("simd", ["1", "avx512_vnni", "avx2", "0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("paged", [False, True])
@@ -118,6 +123,29 @@ def test_cpu_kvcache_strided_cache_views():
     assert_close(fq.attention_with_kvcache(q, kc, vc, lens, backend="cpu"), ref, torch.float32)
 
 
+@pytest.mark.parametrize("simd", ["1", "avx512_vnni", "avx2", "0"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_cpu_kvcache_never_reads_past_the_lengths(monkeypatch, simd, paged):
+    """Cache slots past each sequence's length hold NaN (as torch.empty may): no path may read them into the output,
+    in particular not the AMX path's tiles of 16 / 32 keys over ragged lengths (bf16, 20 rows per KV head)."""
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    B, sq, hq, hkv, d = 3, 5, 8, 2, 64
+    kc, vc, lens, table = make_cache(B, hkv, d, [37, 5, 64], paged, capacity=64, dtype=torch.bfloat16)
+    for b, n in enumerate(lens.tolist()):
+        for cache in (kc, vc):
+            if table is None:
+                cache[b, n:] = float("nan")
+            else:  # the slots of sequence b's pages from position n on
+                for pos in range(n, table.shape[1] * kc.shape[1]):
+                    cache[table[b, pos // kc.shape[1]], pos % kc.shape[1]] = float("nan")
+    q = torch.randn(B, sq, hq, d, dtype=torch.bfloat16)
+    ref = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, backend="reference")
+    assert not torch.isnan(ref).any()
+    for splits in (1, 3):
+        out = fq.attention_with_kvcache(q, kc, vc, lens, block_table=table, num_splits=splits, backend="cpu")
+        assert_one_rounding(out, ref, f"NaN past the lengths, paged={paged} splits={splits} simd={simd}")
+
+
 def test_cpu_kvcache_llama_shape_long_cache_splits_by_default():
     """Batch 1, 32/8 heads, 3000 cached bf16 keys: the default split count (2 tasks per thread) is used."""
     kc, vc, lens, _ = make_cache(1, 8, 128, [3000], False, capacity=3072, dtype=torch.bfloat16)
@@ -127,22 +155,38 @@ def test_cpu_kvcache_llama_shape_long_cache_splits_by_default():
 
 
 def test_auto_picks_the_cpu_kernel_for_decode_on_cpu(monkeypatch):
-    """The C++ kernel up to 16 new tokens per sequence; in bf16 on CPUs where torch multiplies bf16 on AMX tiles
-    (its SDPA path wins from Sq = 16 there), up to 8."""
+    """The C++ kernel up to 16 new tokens per sequence. In bf16: up to 48 where the kernel multiplies on AMX tiles
+    (head_dim % 32 == 0); else up to 8 on CPUs where torch multiplies bf16 on AMX tiles (its SDPA path wins from
+    Sq = 16 there)."""
     attention = importlib.import_module("flashquant.attention")  # the module (flashquant.attention is the op)
     _kvcache_auto_order = attention._kvcache_auto_order
 
     cpu = torch.device("cpu")
-    for amx in (False, True):
-        monkeypatch.setattr(attention, "_torch_has_amx", lambda amx=amx: amx)
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            most = 8 if amx and dtype == torch.bfloat16 else 16
-            assert attention.cpu_kvcache_max_sq(dtype) == most
-            assert _kvcache_auto_order(cpu, False, 1, dtype) == ("cpu", "torch")
-            assert _kvcache_auto_order(cpu, False, most, dtype) == ("cpu", "torch")
-            assert _kvcache_auto_order(cpu, False, most + 1, dtype) == ("torch",)
+    for torch_amx in (False, True):
+        for kernel_amx in (False, True):
+            monkeypatch.setattr(attention, "_torch_has_amx", lambda a=torch_amx: a)
+            monkeypatch.setattr(attention, "_kernel_has_amx", lambda a=kernel_amx: a)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                for head_dim in (128, 40):
+                    bf16 = dtype == torch.bfloat16
+                    most = 16
+                    if bf16 and kernel_amx and head_dim % 32 == 0:
+                        most = 48
+                    elif bf16 and torch_amx:
+                        most = 8
+                    assert attention.cpu_kvcache_max_sq(dtype, head_dim) == most
+                    for sq, order in (
+                        (1, ("cpu", "torch")),
+                        (most, ("cpu", "torch")),
+                        (most + 1, ("torch",)),
+                    ):
+                        assert _kvcache_auto_order(cpu, False, sq, dtype, head_dim) == order, (
+                            dtype,
+                            head_dim,
+                            sq,
+                        )
     monkeypatch.undo()
-    order = _kvcache_auto_order(cpu, False, 1, torch.float32)
+    order = _kvcache_auto_order(cpu, False, 1, torch.float32, 16)
     assert _dispatch.resolve("attention_with_kvcache", "auto", cpu, order) == "cpu"
     kc, vc, lens, _ = make_cache(1, 2, 16, [10], False, capacity=16)
     q = torch.randn(1, 1, 4, 16)

@@ -98,6 +98,6 @@ def test_kvcache_auto_order_tries_the_cuda_decode_kernel_first_where_it_applies(
     from flashquant.attention import _kvcache_auto_order
 
     cuda = torch.device("cuda")
-    assert _kvcache_auto_order(cuda, True, 1, torch.bfloat16) == ("cuda", "triton", "torch")
-    assert _kvcache_auto_order(cuda, False, 1, torch.bfloat16) == ("triton", "torch")
-    assert _kvcache_auto_order(torch.device("cpu"), True, 1, torch.bfloat16) == ("cpu", "torch")
+    assert _kvcache_auto_order(cuda, True, 1, torch.bfloat16, 128) == ("cuda", "triton", "torch")
+    assert _kvcache_auto_order(cuda, False, 1, torch.bfloat16, 128) == ("triton", "torch")
+    assert _kvcache_auto_order(torch.device("cpu"), True, 1, torch.bfloat16, 128) == ("cpu", "torch")

@@ -18,6 +18,7 @@
 // degree-6 polynomial on [-0.5, 0.5] (relative error ~2e-7, about one fp32 ulp). The portable path (other CPUs,
 // D % 8 != 0, or FLASHQUANT_CPU_SIMD=0) has the same structure with std::exp2.
 #include "cpu/kvcache_attention.h"
+#include "cpu/amx.h"
 #include "cpu/simd.h"
 
 #include <ATen/ATen.h>
@@ -408,6 +409,239 @@ void run_task(const Problem& p, int64_t task, Scratch& w) {
   write_task(p, t, R, w.acc.data(), w.m.data(), w.l.data());
 }
 
+#ifdef FLASHQUANT_AMX
+// ---- AMX path: bf16 caches with at least amx::kMinRows query rows per KV head ------------------------------
+// From a few rows per KV head on (speculative decoding, chunked prefill), the vector steps are bound by their
+// multiplies, not by memory (bench/NOTES.md "Session 17"); one tdpbf16ps does 16 x 16 x 32 products. Per block of 32
+// keys and KV head, for each tile of 16 query rows:
+//   scores  S^T (32 keys x 16 rows) = K q^T: K rows are the A operand as they lie in the cache (tileloadd takes a
+//           row stride; a tile of 16 keys that crosses a page, or the block's partial tail, is copied first), q is
+//           the B operand, packed once per task into bf16 pairs. Products exact, sums fp32: as the vector path.
+//   softmax in that transposed layout a vector holds one key's scores for the 16 rows, so the running max, exp2
+//           and row sums are plain lane-wise vector steps.
+//   P @ V   O (16 rows x D) += P V, on O's fp32 rows in memory. P (fp32) is split into two bf16 parts, P = hi + lo
+//           (relative error 2^-17), so the output keeps the vector path's accuracy (one rounding of an fp32
+//           result); its A tiles are the transpose of the softmax's layout (16 gathers). V is packed per block into
+//           the key pairs tdpbf16ps wants as B.
+namespace amx {
+
+constexpr int64_t kRows = 16;  // query rows per tile; keys per score tile
+constexpr int64_t kKeys = 32;  // keys per block: one tdpbf16ps of P @ V
+// Fewest query rows per KV head (Sq * G) for this path. Its step costs about the same for 1 to 16 rows; the vector
+// steps' cost grows with the rows. Interleaved, Llama-3-8B heads (G = 4), bf16, caches of 2k-8k keys, vector time /
+// this path's: 12 rows (Sq = 3) 1.20-1.39, 8 rows 0.88-0.99, 4 rows 0.57-0.64 (bench/NOTES.md "Session 18").
+constexpr int64_t kMinRows = 12;
+
+// A tile of n <= 16 K rows (D bf16 each) as tileloadd reads it: the cache itself when the rows are 16 and evenly
+// spaced, else copied into buf (16 x D, zero rows past n).
+FLASHQUANT_AMX_TARGET inline void k_tile_source(const at::BFloat16* const* rows, int64_t n, int64_t D, uint16_t* buf,
+                                                const void*& src, int64_t& stride) {
+  if (n == kRows) {
+    const char* first = reinterpret_cast<const char*>(rows[0]);
+    const int64_t step = reinterpret_cast<const char*>(rows[1]) - first;
+    bool even = step > 0;
+    for (int64_t i = 2; i < kRows && even; ++i) even = reinterpret_cast<const char*>(rows[i]) - first == i * step;
+    if (even) {
+      src = first, stride = step;
+      return;
+    }
+  }
+  for (int64_t i = 0; i < kRows; ++i) {
+    if (i < n)
+      std::memcpy(buf + i * D, rows[i], D * 2);
+    else
+      std::memset(buf + i * D, 0, D * 2);
+  }
+  src = buf, stride = D * 2;
+}
+
+// V rows of a block (nk <= 32; zeros past nk) -> vpack[dt][jp][16]: per tile of 16 columns, key pair jp's two values
+// of each column as one bf16 pair, the B operand of P @ V.
+FLASHQUANT_AMX_TARGET inline void pack_v(const at::BFloat16* const* rows, int64_t nk, int64_t D, uint32_t* vpack) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx_lo = _mm512_load_si512(kLo);
+  const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+  for (int64_t jp = 0; jp < kKeys / 2; ++jp) {
+    const at::BFloat16* a = 2 * jp < nk ? rows[2 * jp] : nullptr;
+    const at::BFloat16* b = 2 * jp + 1 < nk ? rows[2 * jp + 1] : nullptr;
+    for (int64_t c = 0; c < D / 32; ++c) {
+      const __m512i va = a ? _mm512_loadu_si512(a + 32 * c) : _mm512_setzero_si512();
+      const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vpack + (2 * c * kRows + jp) * 16, _mm512_permutex2var_epi16(va, idx_lo, vb));
+      _mm512_storeu_si512(vpack + ((2 * c + 1) * kRows + jp) * 16, _mm512_permutex2var_epi16(va, idx_hi, vb));
+    }
+  }
+}
+
+// fp32 lanes -> bf16 bits (round to nearest even) in the low half of each 32-bit lane, and the fp32 value of that.
+FLASHQUANT_AMX_TARGET inline __m512i to_bf16(__m512 x, __m512& back) {
+  const __m512i h = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+  back = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  return h;
+}
+
+// P (sc: [32 keys][16 rows] fp32) -> the A operands of P @ V: pack[0] = hi, pack[1] = lo parts, each [16 rows][16
+// key pairs] of bf16 pairs, P = hi + lo up to 2^-17 relative. tmp: 2 x 256 words.
+FLASHQUANT_AMX_TARGET inline void pack_p(const float* sc, uint32_t* tmp, uint32_t* pack) {
+  for (int64_t jp = 0; jp < kKeys / 2; ++jp) {
+    __m512 a_back, b_back, unused;
+    const __m512 a = _mm512_loadu_ps(sc + 2 * jp * kRows), b = _mm512_loadu_ps(sc + (2 * jp + 1) * kRows);
+    const __m512i a_hi = to_bf16(a, a_back), b_hi = to_bf16(b, b_back);
+    const __m512i a_lo = to_bf16(_mm512_sub_ps(a, a_back), unused), b_lo = to_bf16(_mm512_sub_ps(b, b_back), unused);
+    _mm512_storeu_si512(tmp + jp * 16, _mm512_or_si512(a_hi, _mm512_slli_epi32(b_hi, 16)));
+    _mm512_storeu_si512(tmp + 256 + jp * 16, _mm512_or_si512(a_lo, _mm512_slli_epi32(b_lo, 16)));
+  }
+  const __m512i by_pair = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(16));
+  for (int part = 0; part < 2; ++part)
+    for (int64_t m = 0; m < kRows; ++m)  // row m: its 16 key pairs, a column of tmp
+      _mm512_storeu_si512(pack + part * 256 + m * 16, _mm512_i32gather_epi32(by_pair, tmp + part * 256 + m, 4));
+}
+
+// The lane-wise online softmax of one row tile over one block: sc ([32][16] raw q.k sums) -> P (fp32, 0 for keys
+// a row does not see), updating the tile's running max m (log2 units) and sum l, and scaling the rows of acc
+// (16 x D) whose max moved.
+FLASHQUANT_AMX_TARGET inline void softmax_block(const Problem& p, int64_t j0, int64_t nk, const int32_t* lo_row,
+                                                const int32_t* hi_row, float* sc, float* m, float* l, float* acc) {
+  if (p.softcap > 0.f)  // rare (Gemma-2-style models): the scalar tanh of run_task's path
+    for (int64_t i = 0; i < nk * kRows; ++i) sc[i] = p.softcap * std::tanh(sc[i] * p.q_scale / p.softcap) * kLog2e;
+  const __m512 scale = _mm512_set1_ps(p.softcap > 0.f ? 1.f : p.q_scale);
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  const __m512i lo = _mm512_loadu_si512(lo_row), hi = _mm512_loadu_si512(hi_row);
+  __m512 block_max = neg_inf;
+  for (int64_t j = 0; j < kKeys; ++j) {
+    const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(j0 + j));
+    const __mmask16 sees = j < nk ? _mm512_cmpge_epi32_mask(key, lo) & _mm512_cmplt_epi32_mask(key, hi) : 0;
+    const __m512 s = _mm512_mask_mul_ps(neg_inf, sees, _mm512_loadu_ps(sc + j * kRows), scale);
+    _mm512_storeu_ps(sc + j * kRows, s);
+    block_max = _mm512_max_ps(block_max, s);
+  }
+  const __m512 m_old = _mm512_loadu_ps(m);
+  const __m512 m_new = _mm512_max_ps(m_old, block_max);
+  // rows that have seen no key yet subtract 0 instead of -inf (their scores are all -inf: P = 0, alpha = 0)
+  const __m512 m_sub = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_EQ_OQ), _mm512_setzero_ps());
+  const __m512 alpha = avx512::exp2v(_mm512_sub_ps(m_old, m_sub));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < kKeys; ++j) {
+    const __m512 e = avx512::exp2v(_mm512_sub_ps(_mm512_loadu_ps(sc + j * kRows), m_sub));
+    _mm512_storeu_ps(sc + j * kRows, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), alpha, sum));
+  _mm512_storeu_ps(m, m_new);
+  const __mmask16 moved = _mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ);
+  if (moved) {
+    alignas(64) float a[kRows];
+    _mm512_store_ps(a, alpha);
+    for (int64_t r = 0; r < kRows; ++r)
+      if (moved >> r & 1) avx512::scale_acc(acc + r * p.D, p.D, a[r]);
+  }
+}
+
+// One row tile's scores for a block: tmm0 / tmm1 = keys 0-15 / 16-31 x 16 rows, stored to sc ([32][16] fp32).
+FLASHQUANT_AMX_TARGET inline void scores(const uint32_t* qpack, int64_t chunks, const void* const* ksrc,
+                                         const int64_t* kstride, bool two, float* sc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(3, qpack + c * 256, 64);
+    _tile_loadd(2, static_cast<const char*>(ksrc[0]) + c * 64, kstride[0]);
+    _tile_dpbf16ps(0, 2, 3);
+    if (two) {
+      _tile_loadd(4, static_cast<const char*>(ksrc[1]) + c * 64, kstride[1]);
+      _tile_dpbf16ps(1, 4, 3);
+    }
+  }
+  _tile_stored(0, sc, 64);
+  _tile_stored(1, sc + kRows * kRows, 64);
+}
+
+// acc (16 rows x D fp32, row stride D) += (hi + lo) @ V: pack = P's A operands (tmm4, tmm5), vpack = V's B operands.
+// (Three column tiles in flight instead of two measured the same.)
+FLASHQUANT_AMX_TARGET inline void pv(const uint32_t* pack, const uint32_t* vpack, int64_t D, float* acc) {
+  _tile_loadd(4, pack, 64);
+  _tile_loadd(5, pack + 256, 64);
+  for (int64_t dt = 0; dt < D / 16; dt += 2) {  // D % 32 == 0: column tiles in pairs, so two chains overlap
+    _tile_loadd(0, acc + dt * 16, D * 4);
+    _tile_loadd(1, acc + (dt + 1) * 16, D * 4);
+    _tile_loadd(2, vpack + dt * 256, 64);
+    _tile_loadd(3, vpack + (dt + 1) * 256, 64);
+    _tile_dpbf16ps(0, 4, 2);
+    _tile_dpbf16ps(1, 4, 3);
+    _tile_dpbf16ps(0, 5, 2);
+    _tile_dpbf16ps(1, 5, 3);
+    _tile_stored(0, acc + dt * 16, D * 4);
+    _tile_stored(1, acc + (dt + 1) * 16, D * 4);
+  }
+}
+
+// One task (run_task's split of the work) on tiles. Rows of KV head hl: hl * Rp + r, r < R real, R <= r < Rp zero
+// padding (they see no key).
+FLASHQUANT_AMX_TARGET void run_task_amx(const Problem& p, int64_t task, Scratch& w) {
+  const Task t = task_keys(p, task, kKeys, w);
+  const int64_t R = p.R, D = p.D, nh = t.nh, tiles = (R + kRows - 1) / kRows, Rp = tiles * kRows, chunks = D / 32;
+  w.acc.assign(nh * Rp * D, 0.f), w.m.assign(nh * Rp, kNegInf), w.l.assign(nh * Rp, 0.f);
+  // q as bf16 pairs: [hl][tile][chunk of 32 columns][16 column pairs][16 rows]
+  w.qpack.assign(nh * tiles * chunks * 256, 0u);
+  for (int64_t hl = 0; hl < nh; ++hl)
+    for (int64_t r = 0; r < R; ++r) {
+      const float* src = q_row(p, t, hl, r);
+      uint32_t* dst = w.qpack.data() + (hl * tiles + r / kRows) * chunks * 256 + r % kRows;
+      for (int64_t d = 0; d < D; d += 2)
+        dst[(d / 32) * 256 + (d % 32) / 2 * kRows] = bf16_bits(src[d]) | uint32_t{bf16_bits(src[d + 1])} << 16;
+    }
+  // Each row's keys, lane-wise; each row tile's union of them.
+  w.lo_row.assign(Rp, 0), w.hi_row.assign(Rp, 0), w.tile_lo.assign(tiles, t.len), w.tile_hi.assign(tiles, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t lo = w.lo[r / p.G], hi = w.hi[r / p.G];
+    w.lo_row[r] = static_cast<int32_t>(lo), w.hi_row[r] = static_cast<int32_t>(hi);
+    if (hi > lo) w.tile_lo[r / kRows] = std::min(w.tile_lo[r / kRows], lo), w.tile_hi[r / kRows] = std::max(w.tile_hi[r / kRows], hi);
+  }
+  w.sc.resize(kKeys * kRows), w.kbuf.resize(kKeys * D), w.vpack.resize(D / 16 * 256), w.pack.resize(4 * 256);
+  w.kp.resize(kKeys), w.vp.resize(kKeys);
+  const at::BFloat16** kp = reinterpret_cast<const at::BFloat16**>(w.kp.data());
+  const at::BFloat16** vp = reinterpret_cast<const at::BFloat16**>(w.vp.data());
+  // No software prefetch here: issuing the next (head, block)'s rows one, two or four steps ahead was 0-5%, 9-25%
+  // and 7-16% slower than issuing each step's own rows as it starts (no lead: in effect none), interleaved runs.
+  for (int64_t j0 = t.start; j0 < t.end; j0 += kKeys) {
+    const int64_t nk = std::min(kKeys, t.end - j0);
+    for (int64_t hl = 0; hl < nh; ++hl) {
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        kp[jj] = key_row<at::BFloat16>(p, p.k, p.k_stride, t.b, t.h0 + hl, j0 + jj);
+        vp[jj] = key_row<at::BFloat16>(p, p.v, p.v_stride, t.b, t.h0 + hl, j0 + jj);
+      }
+      const void* ksrc[2] = {nullptr, nullptr};
+      int64_t kstride[2] = {0, 0};
+      for (int64_t half = 0; half * kRows < nk; ++half)
+        k_tile_source(kp + half * kRows, std::min(kRows, nk - half * kRows), D, w.kbuf.data() + half * kRows * D,
+                      ksrc[half], kstride[half]);
+      pack_v(vp, nk, D, w.vpack.data());
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        if (w.tile_hi[tile] <= j0 || w.tile_lo[tile] >= j0 + nk || w.tile_hi[tile] <= w.tile_lo[tile]) continue;
+        const int64_t row0 = hl * Rp + tile * kRows;
+        float* acc = w.acc.data() + row0 * D;
+        scores(w.qpack.data() + (hl * tiles + tile) * chunks * 256, chunks, ksrc, kstride, nk > kRows, w.sc.data());
+        softmax_block(p, j0, nk, w.lo_row.data() + tile * kRows, w.hi_row.data() + tile * kRows, w.sc.data(),
+                      w.m.data() + row0, w.l.data() + row0, acc);
+        pack_p(w.sc.data(), w.pack.data() + 512, w.pack.data());
+        pv(w.pack.data(), w.vpack.data(), D, acc);
+      }
+    }
+  }
+  write_task(p, t, Rp, w.acc.data(), w.m.data(), w.l.data());
+}
+
+// Whether run_tasks takes this path for T: bf16, D a multiple of 32 (one tile product's columns), enough rows.
+template <typename T>
+bool takes(const Problem& p) {
+  return std::is_same_v<T, at::BFloat16> && p.D % 32 == 0 && p.R >= kMinRows &&
+         simd_level_enabled() >= SimdLevel::kAmxBf16;
+}
+
+}  // namespace amx
+#endif  // FLASHQUANT_AMX
+
 template <typename T>
 void run_tasks(const Problem& p) {
   const auto run = [&](auto run_one) {
@@ -416,6 +650,14 @@ void run_tasks(const Problem& p) {
       for (int64_t t = t0; t < t1; ++t) run_one(p, t, w);
     });
   };
+#ifdef FLASHQUANT_AMX
+  if (amx::takes<T>(p))
+    return run([](const Problem& pr, int64_t task, Scratch& w) {
+      load_tile_config();
+      amx::run_task_amx(pr, task, w);
+      release_tiles();
+    });
+#endif
 #ifdef FLASHQUANT_X86
   // The AVX-512 steps need D % 16 == 0 (bf16 scores take the dot where D % 32 == 0); AVX2's D % 8 == 0.
   const SimdLevel level = simd_level_enabled();

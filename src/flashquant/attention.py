@@ -551,11 +551,14 @@ def attention_varlen(
 
 # Up to this many new tokens per sequence, `auto` runs attention_with_kvcache on CPUs with the C++ kernel; above it
 # (chunked prefill) with SDPA, whose blocked matmuls win once there are many query rows per key. Measured
-# (bench/NOTES.md, "CPU decode attention" and "Session 17"; B = 1, 2k-4k cached keys, G = 1-8 query heads per KV
-# head): in fp32 and fp16 the kernel is 1.03-1.29x the SDPA path at Sq = 16 and 0.81-0.97x at 32; in bf16 on CPUs
-# whose torch multiplies bf16 on AMX tiles, 0.91-1.32x at Sq = 8 and 0.59-0.73x at 16, hence the lower bound there.
+# (bench/NOTES.md, "CPU decode attention", "Session 17" and "Session 18"; B = 1-4, 2k-8k cached keys, G = 1-8 query
+# heads per KV head): in fp32 and fp16 the kernel is 1.03-1.29x the SDPA path at Sq = 16 and 0.81-0.97x at 32; in
+# bf16 on CPUs whose torch multiplies bf16 on AMX tiles, 0.91-1.32x at Sq = 8 and 0.59-0.73x at 16, hence the lower
+# bound there, unless the kernel multiplies on AMX tiles too (bf16, head_dim % 32 == 0): then 1.5-2.7x at Sq = 48
+# and 0.69-1.44x at 64.
 CPU_KVCACHE_MAX_SQ = 16
 CPU_KVCACHE_MAX_SQ_BF16_AMX = 8
+CPU_KVCACHE_MAX_SQ_BF16_AMX_KERNEL = 48
 
 
 @functools.cache
@@ -565,14 +568,24 @@ def _torch_has_amx() -> bool:
     return bool(probe and probe())
 
 
-def cpu_kvcache_max_sq(dtype: torch.dtype) -> int:
+def _kernel_has_amx() -> bool:
+    """Whether the C++ kernel multiplies bf16 on AMX tiles now (FLASHQUANT_CPU_SIMD can cap it; read per call)."""
+    return _dispatch._available("cpu") and torch.ops.flashquant.cpu_simd_level() == "amx_bf16"
+
+
+def cpu_kvcache_max_sq(dtype: torch.dtype, head_dim: int) -> int:
     """The most new tokens per sequence for which `auto` takes the C++ kernel on CPU tensors of `dtype`."""
-    if dtype == torch.bfloat16 and _torch_has_amx():
-        return CPU_KVCACHE_MAX_SQ_BF16_AMX
+    if dtype == torch.bfloat16:
+        if head_dim % 32 == 0 and _kernel_has_amx():
+            return CPU_KVCACHE_MAX_SQ_BF16_AMX_KERNEL
+        if _torch_has_amx():
+            return CPU_KVCACHE_MAX_SQ_BF16_AMX
     return CPU_KVCACHE_MAX_SQ
 
 
-def _kvcache_auto_order(device: torch.device, cuda_ok: bool, sq: int, dtype: torch.dtype) -> tuple[str, ...]:
+def _kvcache_auto_order(
+    device: torch.device, cuda_ok: bool, sq: int, dtype: torch.dtype, head_dim: int
+) -> tuple[str, ...]:
     """Backends `auto` tries for attention_with_kvcache. On CUDA, the compiled flash-decoding kernel first where it
     applies. Measured on an H100 (bench/NOTES.md, "First H100 session"), Llama-3-8B heads, bf16: eager at batch
     1-16 with an 8k cache it takes 0.16-0.30 ms a call against Triton's 0.28-0.43 ms (both host-bound there: the
@@ -582,7 +595,9 @@ def _kvcache_auto_order(device: torch.device, cuda_ok: bool, sq: int, dtype: tor
     step, so the CUDA kernel stays first; `backend="triton"` is the choice for large batches. On CPUs, the C++
     kernel for decode-sized Sq (cpu_kvcache_max_sq)."""
     if device.type != "cuda":
-        return ("cpu", "torch") if sq <= cpu_kvcache_max_sq(dtype) else ("torch",)
+        # every bound is at least CPU_KVCACHE_MAX_SQ_BF16_AMX: decode-sized Sq skips the query
+        fits = sq <= CPU_KVCACHE_MAX_SQ_BF16_AMX or sq <= cpu_kvcache_max_sq(dtype, head_dim)
+        return ("cpu", "torch") if fits else ("torch",)
     return (("cuda",) if cuda_ok else ()) + ("triton", "torch")
 
 
@@ -617,7 +632,8 @@ def attention_with_kvcache(
         num_splits: split-KV parallelism of the Triton, CUDA and CPU kernels (0 = choose from the cache capacity,
             on CPUs from the thread count).
         backend: "auto", "reference", "torch", "triton", "cuda" or "cpu" (the C++ kernel for CPU tensors, any
-            option; auto picks it for Sq <= cpu_kvcache_max_sq(dtype): 16, 8 in bf16 where torch has AMX).
+            option; auto picks it for Sq <= cpu_kvcache_max_sq(dtype, D): 16; in bf16 48 where the kernel
+            multiplies on AMX tiles (D % 32 == 0), else 8 where torch does).
     Returns:
         out (B, Sq, Hq, D), or (out, lse (B, Hq, Sq) fp32).
     On CUDA the capacity bound (cache_seqlens + Snew <= capacity) is not checked on the host (that would
@@ -693,7 +709,7 @@ def attention_with_kvcache(
         and (block_table is None or k_cache.shape[1] % 16 == 0)
         and q.dtype in (torch.float16, torch.bfloat16)
     )
-    order = _kvcache_auto_order(device, cuda_ok, Sq, q.dtype)
+    order = _kvcache_auto_order(device, cuda_ok, Sq, q.dtype, D)
     name = _dispatch.resolve("attention_with_kvcache", backend, device, order)
     if name == "cuda" and not cuda_ok:
         raise ValueError(
