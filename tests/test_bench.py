@@ -226,14 +226,16 @@ def test_cpu_cases_of_a_group_are_timed_in_turn_and_a_failing_one_is_reported():
     assert "speedup_vs" in b and "speedup_vs" not in a
 
 
+@pytest.mark.parametrize("sq", [1, 5])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_decode_sdpa_anchor_computes_what_the_kernel_computes(paged):
+def test_decode_sdpa_anchor_computes_what_the_kernel_computes(paged, sq):
     """The anchor's speed is only a comparison if it does the same work: on each rotated input, SDPA (on the paged
-    cache, after gathering the blocks into its kept buffers) gives flashquant's output."""
+    cache, after gathering the blocks into its kept buffers; with the kernel's bottom-right causal mask for several
+    new tokens) gives flashquant's output."""
     from flashquant.bench.cases import decode_cases
 
     torch.manual_seed(0)
-    cases = decode_cases("cpu", [2], [128], (paged,), hq=4, hkv=2, d=32, dtype=torch.float32, page=16)
+    cases = decode_cases("cpu", [2], [128], (paged,), hq=4, hkv=2, d=32, dtype=torch.float32, page=16, sq=sq)
     (anchor,) = [c for c in cases if c.anchor]
     fn, inputs = anchor.make()
     for q, kc, vc, lens, block_table in inputs[:3]:  # the second and third reuse the gather buffers

@@ -434,10 +434,14 @@ def decode_cases(
     d=128,
     dtype=torch.bfloat16,
     page=64,
+    sq=1,
 ) -> list[Case]:
+    """attention_with_kvcache of sq new tokens per sequence (1: decode; a few: speculative verification), causal,
+    over b x s cached tokens, next to SDPA. On CPUs whose best path is wider, the C++ kernel's AVX2 path too (its
+    AVX-512 path's baseline), and for sq > 1 on AMX CPUs its AVX-512 vector path (the tile path's baseline)."""
     out = []
-    # On CPUs whose best path is wider, the C++ kernel's AVX2 path too (its AVX-512 path's baseline).
-    cpu_paths = [None] + (["avx2"] if device == "cpu" and "avx2" in _cpu_simd_narrower() else [])
+    narrower = _cpu_simd_narrower() if device == "cpu" else []
+    cpu_paths = [None] + [lvl for lvl in ("avx512_vnni",) * (sq > 1) + ("avx2",) if lvl in narrower]
     for paged in paged_modes:
         for b in batches:
             for s in cache_lens:
@@ -449,11 +453,22 @@ def decode_cases(
                     group += f" Hq/Hkv={hq}/{hkv}"
                 if dtype != torch.bfloat16:  # so is any dtype but bf16's (a group compares one dtype)
                     group += f" {_dt(dtype)}"
-                shape = {"B": b, "cache": s, "Hq": hq, "Hkv": hkv, "D": d, "paged": paged, "page": page}
+                if sq != 1:
+                    group += f" Sq={sq}"
+                shape = {
+                    "B": b,
+                    "Sq": sq,
+                    "cache": s,
+                    "Hq": hq,
+                    "Hkv": hkv,
+                    "D": d,
+                    "paged": paged,
+                    "page": page,
+                }
 
                 def make_one(b=b, s=s, paged=paged):  # (q, k_cache, v_cache, cache_seqlens, block_table)
                     lens = torch.full((b,), s, dtype=torch.int32, device=device)
-                    q = torch.randn(b, 1, hq, d, device=device, dtype=dtype)
+                    q = torch.randn(b, sq, hq, d, device=device, dtype=dtype)
                     if paged:
                         nblk = b * s // page
                         kc = torch.randn(nblk, page, hkv, d, device=device, dtype=dtype)
@@ -487,14 +502,16 @@ def decode_cases(
                         shape,
                         _dt(dtype),
                         kv_bytes,
-                        4 * b * hq * s * d,
+                        4 * b * hq * sq * s * d,
                         fq_make,
                     )
                     c.unavailable = _why_not(be, device)
                     out.append(c)
 
-                def sdpa_make(make_one=make_one, paged=paged, kv_bytes=kv_bytes, b=b):
+                def sdpa_make(make_one=make_one, paged=paged, kv_bytes=kv_bytes, b=b, s=s):
                     gathered = []  # the gather's outputs, allocated once for every rotated input
+                    # the kernel's causal mask for sq > 1: new token i sees keys j <= s - sq + i (bottom-right)
+                    mask = torch.ones(sq, s, dtype=torch.bool, device=device).tril(s - sq) if sq > 1 else None
 
                     def fn(q, kc, vc, lens, table):
                         if paged:  # what a PyTorch user does with a paged cache: gather the blocks, then SDPA
@@ -506,7 +523,11 @@ def decode_cases(
                             kc = torch.index_select(kc, 0, idx, out=gathered[0]).view(b, -1, *kc.shape[2:])
                             vc = torch.index_select(vc, 0, idx, out=gathered[1]).view(b, -1, *vc.shape[2:])
                         return F.scaled_dot_product_attention(
-                            q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True
+                            q.transpose(1, 2),
+                            kc.transpose(1, 2),
+                            vc.transpose(1, 2),
+                            attn_mask=mask,
+                            enable_gqa=True,
                         )
 
                     return fn, _rotated(device, make_one, kv_bytes)
@@ -520,7 +541,7 @@ def decode_cases(
                         shape,
                         _dt(dtype),
                         kv_bytes,
-                        4 * b * hq * s * d,
+                        4 * b * hq * sq * s * d,
                         sdpa_make,
                     )
                 )
@@ -556,6 +577,8 @@ def preset(name: str, device: str) -> list[Case]:
             quant_matmul_cases("cpu", [(4096, 4096), (14336, 4096)], ms)
             + decode_cases("cpu", batches, lens, dtype=torch.bfloat16)
             + decode_cases("cpu", batches, lens, dtype=torch.float32)
+            # speculative verification: a few new tokens per sequence (bf16: the AMX tile path where present)
+            + [c for sq in (4, 16) for c in decode_cases("cpu", batches, lens, dtype=torch.bfloat16, sq=sq)]
         )
     if name == "quick":
         return (

@@ -261,10 +261,12 @@ def plots(run: dict, out_dir: str) -> list[str]:
             _lines(
                 ax,
                 [r for r in dec if r["dtype"] == dtype],
-                key=lambda r: (r["impl"], r["shape"]["B"], r["shape"]["paged"]),
+                key=lambda r: (r["impl"], r["shape"]["B"], r["shape"]["paged"], r["shape"].get("Sq", 1)),
                 x=lambda r: r["shape"]["cache"],
                 y="gbs",
-                label=lambda k: f"{k[0]} B={k[1]}{' paged' if k[2] else ''}",
+                label=lambda k: (
+                    f"{k[0]} B={k[1]}{' paged' if k[2] else ''}{f' Sq={k[3]}' if k[3] != 1 else ''}"
+                ),
             )
             ax.axhline(run["bandwidth_bound_gbs"], color="gray", ls="--", lw=0.8, label="bandwidth bound")
             ax.set_xscale("log", base=2)
