@@ -16,7 +16,8 @@
 // fp32, the sums are fp32). The SIMD steps (kvcache_attention_tile.inc) are compiled for AVX2 (8 lanes) and for
 // AVX-512 (16 lanes, 32 registers; used where the CPU also has AVX512-BF16 and D % 16 == 0); their exp2 is a
 // degree-6 polynomial on [-0.5, 0.5] (relative error ~2e-7, about one fp32 ulp). The portable path (other CPUs,
-// D % 8 != 0, or FLASHQUANT_CPU_SIMD=0) has the same structure with std::exp2.
+// D % 8 != 0, or FLASHQUANT_CPU_SIMD=0) has the same structure with std::exp2. bf16 caches with amx::kMinRows or
+// more rows per KV head run the same walk on AMX tiles where the CPU has them (run_task_amx, "AMX path" below).
 #include "cpu/kvcache_attention.h"
 #include "cpu/amx.h"
 #include "cpu/simd.h"
