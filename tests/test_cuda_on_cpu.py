@@ -205,7 +205,8 @@ def test_on_cpu_harness_detects_a_wrong_result(lib, tmp_path):
 # are and are not powers of two, and per channel; M = 1..8 (one n8 tile of activation rows) and 9..16 (two).
 # The last rows run more steps than the kernel's ring of prefetched steps (kStepsAhead + 1 = 4) per slice, with
 # a partial last step, and N = 100 leaves a dead warp (rows 112..127) in a block whose slices are summed by the
-# kernel (split-K barriers with warps that have no rows).
+# kernel (split-K barriers with warps that have no rows). Odd M also has a bias, added where the output is
+# written, with split K (by the block that sums the slices) and without.
 GEMV_CASES = [
     (4, torch.float16, 32, True, 1, 20, 160, 1),
     (4, torch.float16, 64, False, 5, 17, 192, 2),
@@ -229,6 +230,7 @@ def test_cuda_gemv_kernel_on_cpu_matches_reference(
     torch.manual_seed(bits * 1000 + M * 10 + split_k)
     qw = fq.quantize(torch.randn(N, K, dtype=dtype), bits, group_size, symmetric)
     x = torch.randn(M, K, dtype=dtype)
+    bias = torch.randn(N, dtype=dtype) * 4 if M % 2 else None
     out = run_in_child(
         lib,
         tmp_path,
@@ -240,11 +242,16 @@ def test_cuda_gemv_kernel_on_cpu_matches_reference(
         bits=bits,
         group_size=qw.effective_group_size,
         split_k=split_k,
+        bias=bias,
     )
-    # Exact products of dtype-rounded dequantized weights, fp32 sums: only the summation order differs.
-    same_rounding = (x.float() @ qw.dequantize().to(dtype).float().t()).to(dtype)
-    assert_qmm_same_rounding(out, same_rounding, "cuda gemv on the CPU vs the same-rounding model")
-    assert_qmm_close(out, fq.quant_matmul(x, qw, backend="reference"), "cuda gemv on the CPU vs reference")
+    # Exact products of dtype-rounded dequantized weights, fp32 sums (the bias among them), one rounding: only the
+    # summation order differs.
+    same_rounding = x.float() @ qw.dequantize().to(dtype).float().t()
+    if bias is not None:
+        same_rounding += bias.float()
+    assert_qmm_same_rounding(out, same_rounding.to(dtype), "cuda gemv on the CPU vs the same-rounding model")
+    ref = fq.quant_matmul(x, qw, bias, backend="reference")
+    assert_qmm_close(out, ref, f"cuda gemv on the CPU vs reference, bias={bias is not None}")
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,53 @@ def test_quant_matmul_matches_reference(backend, bits, group_size, symmetric, m)
     assert_qmm_close(out, ref, f"{backend} bits={bits} g={group_size} sym={symmetric} m={m}", backend)
 
 
+def _bias_backends():
+    """(backend, device, dtypes, ms) for the bias test: the C++ CPU kernel, the Triton kernel (the interpreter on
+    CPUs: fp16 only) and the CUDA GEMV (M <= 16) where each can run."""
+    out = [("cpu", "cpu", (torch.float16, torch.bfloat16), (1, 9))] if CPU_OK else []
+    if fq.backends()["triton"].available:
+        gpu = torch.cuda.is_available()
+        dtypes = (torch.float16, torch.bfloat16) if gpu else (torch.float16,)
+        out.append(("triton", "cuda" if gpu else "cpu", dtypes, (1, 9)))
+    if fq.backends()["cuda"].available:
+        out.append(("cuda", "cuda", (torch.float16, torch.bfloat16), (1, 9)))
+    return [
+        pytest.param(b, d, dt, m, id=f"{b}-{str(dt)[6:]}-m{m}")
+        for b, d, dts, ms in out
+        for dt in dts
+        for m in ms
+    ]
+
+
+@pytest.mark.parametrize("backend,device,dtype,m", _bias_backends())
+def test_bias_is_added_before_the_one_rounding(backend, device, dtype, m):
+    """The kernels add the bias to their fp32 sums before rounding to the dtype, as F.linear does. A bias that
+    cancels row 0's product (bias = delta - x0 @ W, rounded to the dtype) leaves a result near delta; rounding
+    x0 @ W first and adding the bias after (a second pass) errs by up to half an ulp of x0 @ W, ~100x an ulp of
+    the result. Activations in {-1, 0, 1} with a 1 in every group are exact in the CPU kernel's int16 activations,
+    so every backend's row 0 must be within one ulp of the exact result. m = 9 takes the CPU kernel's AMX path
+    (bf16) and the CUDA GEMV's second activation tile."""
+    torch.manual_seed(m)
+    n, k, group = 40, 512, 64
+    qw = fq.quantize(torch.randn(n, k, dtype=dtype), 4, group, symmetric=False).to(device)
+    x = torch.randint(-1, 2, (m, k)).float()
+    x[:, ::group] = 1.0
+    x = x.to(device, dtype)
+    # what the backend multiplies: the CUDA GEMV rounds each dequantized weight to the dtype (tolerances.py)
+    w = qw.dequantize(dtype if backend == "cuda" else torch.float32).float()
+    product = x.float() @ w.t()
+    delta = torch.rand(n, device=device) * 0.5 + 0.5
+    bias = (delta - product[0]).to(dtype)
+    out = fq.quant_matmul(x, qw, bias, backend=backend)
+    assert out.dtype == dtype and out.shape == (m, n)
+    expected = product[0] + bias.float()
+    assert float(expected.abs().max()) < 1.5  # the cancellation happened: |x0 @ W| is ~10-40 here
+    assert_within_ulps(out[0], expected, 1, f"{backend} {dtype} m={m}: row 0 (bias cancelling the product)")
+    assert_qmm_close(
+        out, fq.quant_matmul(x, qw, bias, backend="reference"), f"{backend} {dtype} m={m}", backend
+    )
+
+
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [24, 61])
@@ -263,19 +310,28 @@ def test_cpu_amx_path_takes_bf16_only_and_m_from_8(amx):
 def test_cpu_ops_opcheck_and_auto_takes_the_cpu_backend_at_every_m():
     qw = fq.quantize(torch.randn(16, 64), 4, 32)
     x = torch.randn(1, 64)
-    torch.library.opcheck(
-        torch.ops.flashquant.quant_matmul.default, (x, qw.qdata, qw.scales, qw.zeros, None, 4, 32, "cpu")
-    )
-    torch.library.opcheck(
-        torch.ops.flashquant.quant_matmul_packed.default, (x, qw.qdata, qw.scales, None, 4, 32)
-    )
+    bias = torch.randn(16)
+    for b in (None, bias):
+        torch.library.opcheck(
+            torch.ops.flashquant.quant_matmul.default, (x, qw.qdata, qw.scales, qw.zeros, b, 4, 32, "cpu")
+        )
+        torch.library.opcheck(
+            torch.ops.flashquant.quant_matmul_packed.default, (x, qw.qdata, qw.scales, None, 4, 32, b)
+        )
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(
             torch.ops.flashquant.dequantize_packed.default, (qw.qdata, qw.scales, None, 4, 32, dtype)
         )
-        torch.library.opcheck(
-            torch.ops.flashquant.dequant_matmul_packed.default,
-            (x.to(dtype), qw.qdata, qw.scales, None, 4, 32, 5 * 64),
+        for b in (None, bias):
+            torch.library.opcheck(
+                torch.ops.flashquant.dequant_matmul_packed.default,
+                (x.to(dtype), qw.qdata, qw.scales, None, 4, 32, 5 * 64, b),
+            )
+    with pytest.raises(RuntimeError, match=r"bias must be \(N=16,\)"):
+        torch.ops.flashquant.quant_matmul_packed(x, qw.qdata, qw.scales, None, 4, 32, torch.randn(15))
+    with pytest.raises(RuntimeError, match="bias must be a floating-point"):
+        torch.ops.flashquant.dequant_matmul_packed(
+            x, qw.qdata, qw.scales, None, 4, 32, 64, torch.ones(16).int()
         )
     from flashquant import _dispatch
     from flashquant.quant import _auto_order
@@ -334,18 +390,24 @@ def test_cpu_backend_switches_to_dequant_from_min_m(dtype, bits, monkeypatch):
 @pytest.mark.parametrize("m", [1, 3, 130])
 def test_cpu_dequant_strategy_is_dequantize_then_matmul(dtype, bits, group_size, m, monkeypatch):
     """The dequant strategy computes what dequantize() + F.linear does: the fp32 matmul of weights rounded to the
-    dtype, rounded once (one ulp apart at most). Chunks of 4 rows of N = 19 (five chunks, the last one ragged);
-    int4 groups of 6 are shorter than one 16-code SIMD step (the dequantize tails: test_dequantize_...)."""
+    dtype, plus the bias in the dtype, rounded once (one ulp apart at most). Chunks of 4 rows of N = 19 (five
+    chunks, the last one ragged, each with its slice of the bias); int4 groups of 6 are shorter than one 16-code
+    SIMD step (the dequantize tails: test_dequantize_...). M = 3 has no bias."""
     from flashquant import quant
 
     monkeypatch.setattr(quant, "CPU_DEQUANT_CHUNK_ELEMENTS", 4 * 384)
     n, k = 19, 384
     qw = fq.quantize(torch.randn(n, k), bits, group_size, symmetric=bits == 4)
     x = torch.randn(m, k).to(dtype)
-    out = quant.quant_matmul_cpu(x, qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size, "dequant")
+    bias = None if m == 3 else torch.randn(n) * 8  # fp32: rounded to the dtype first, as F.linear needs it
+    out = quant.quant_matmul_cpu(
+        x, qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size, "dequant", bias=bias
+    )
     assert out.dtype == dtype and out.shape == (m, n)
-    expected = (x.float() @ qw.dequantize(dtype).float().t()).to(dtype)
-    assert_qmm_same_rounding(out, expected, f"dequant {dtype} bits={bits} g={group_size} m={m}")
+    expected = x.float() @ qw.dequantize(dtype).float().t()
+    if bias is not None:
+        expected += bias.to(dtype).float()
+    assert_qmm_same_rounding(out, expected.to(dtype), f"dequant {dtype} bits={bits} g={group_size} m={m}")
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")

@@ -213,7 +213,7 @@ at::Tensor dequantize_cpu(const at::Tensor& qdata, const at::Tensor& scales, con
 
 at::Tensor dequant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                               const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
-                              int64_t chunk_elements) {
+                              int64_t chunk_elements, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "dequant_matmul_cpu: x must be a 2-D CPU tensor, got ",
               x.sizes(), " on ", x.device());
   check_dtype("dequant_matmul_cpu", x.scalar_type());
@@ -221,8 +221,12 @@ at::Tensor dequant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, cons
   const PackedWeight w("dequant_matmul_cpu", qdata, scales, zeros, bits, group_size);
   TORCH_CHECK(x.size(1) == w.K, "dequant_matmul_cpu: x ", x.sizes(), " must have K=", w.K, " columns to match qdata ",
               qdata.sizes());
+  check_bias("dequant_matmul_cpu", bias, w.N);
+  // In x's dtype, as F.linear takes it; the BLAS adds it to its fp32 sums before their one rounding.
+  const std::optional<at::Tensor> b =
+      bias ? std::optional<at::Tensor>(bias->to(x.scalar_type()).contiguous()) : std::nullopt;
   at::Tensor out = at::empty({x.size(0), w.N}, x.options());
-  if (w.K == 0) return out.zero_();
+  if (w.K == 0) return b ? out.copy_(b->expand({x.size(0), w.N})) : out.zero_();
   const int64_t rows = std::max<int64_t>(1, std::min(w.N, chunk_elements / w.K));
   // One chunk buffer per calling thread, kept between calls: a fresh multi-MB tensor per call costs more in page
   // faults than the dequantize itself (a new 32 MB buffer ~7 ms on the AMX Xeon against ~1.5 ms of decode).
@@ -238,7 +242,10 @@ at::Tensor dequant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, cons
         workspace.narrow(0, 0, (n1 - n0) * w.K * item).view(x.scalar_type()).view({n1 - n0, w.K});
     w.decode(n0, n1, chunk);
     at::Tensor dst = out.narrow(1, n0, n1 - n0);
-    at::mm_out(dst, x, chunk.t());
+    if (b)
+      at::addmm_out(dst, b->narrow(0, n0, n1 - n0), x, chunk.t());
+    else
+      at::mm_out(dst, x, chunk.t());
   }
   return out;
 }

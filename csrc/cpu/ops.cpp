@@ -11,13 +11,15 @@ std::string cpu_simd_level() { return flashquant::cpu::simd_level(); }
 }  // namespace
 
 TORCH_LIBRARY(flashquant, m) {
-  m.def("quant_matmul_packed(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor");
+  // x @ dequant(W)^T (+ bias), accumulated in fp32, rounded once to x's dtype; CPU and CUDA (M <= 16).
+  m.def("quant_matmul_packed(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size, "
+        "Tensor? bias=None) -> Tensor");
   // The packed weight dequantized to a dense (N, K) tensor of `dtype`; CPU only (the GPU's is a Triton kernel).
   m.def("dequantize_packed(Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size, ScalarType dtype) "
         "-> Tensor");
   // x @ dequant(W)^T by dequantizing chunk_elements weights at a time and calling torch's BLAS; CPU only.
   m.def("dequant_matmul_packed(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size, "
-        "int chunk_elements) -> Tensor");
+        "int chunk_elements, Tensor? bias=None) -> Tensor");
   // Flash-decoding (Sq = 1) over a contiguous or paged KV cache; CUDA only (see csrc/cuda).
   m.def(
       "decode_attention_packed(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "

@@ -352,24 +352,38 @@ int64_t check_packed_weight(const char* op, const at::Tensor& qdata, const at::T
   return K;
 }
 
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be (N=", N, ",), got ", bias->sizes());
+  TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->device().is_cpu(), op,
+              ": bias must be a floating-point CPU tensor, got ", bias->scalar_type(), " on ", bias->device());
+}
+
 at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
-                            const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
+                            const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                            const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "quant_matmul_cpu: x must be 2-D (M, K), got ", x.sizes());
   const int64_t K = check_packed_weight("quant_matmul_cpu", qdata, scales, zeros, bits, group_size);
   TORCH_CHECK(x.size(1) == K, "quant_matmul_cpu: x ", x.sizes(), " must have K=", K, " columns to match qdata ",
               qdata.sizes(), " (", bits, "-bit codes)");
   const int64_t M = x.size(0), N = qdata.size(0), G = K / group_size;
   TORCH_CHECK(x.device().is_cpu(), "quant_matmul_cpu: x must be on the CPU, got ", x.device());
+  check_bias("quant_matmul_cpu", bias, N);
 
   const at::Tensor q = qdata.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // The fp32 sums plus the bias (exact in fp32 from any of its dtypes), rounded once to x's dtype.
+  const auto finish = [&] {
+    if (bias) out.add_(*bias);
+    return out.to(x.scalar_type());
+  };
   if (M == 0 || N == 0) return out.to(x.scalar_type());
   if (amx_takes(x, group_size)) {  // compute-bound: one fp32 copy of the scales up front costs nothing there
     const at::Tensor sf = scales.to(at::kFloat).contiguous();
     const std::optional<at::Tensor> zf =
         zeros ? std::optional<at::Tensor>(zeros->to(at::kFloat).contiguous()) : std::nullopt;
     quant_matmul_amx_bf16(x, q, sf, zf ? &*zf : nullptr, bits, group_size, out);
-    return out.to(x.scalar_type());
+    return finish();
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const auto per_task = [](const at::Tensor& t) {  // what rows_to_float reads; any other dtype as fp32 up front
@@ -444,7 +458,7 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
       run(pt, c0, c1);
     }
   });
-  return out.to(x.scalar_type());
+  return finish();
 }
 
 }  // namespace flashquant::cpu

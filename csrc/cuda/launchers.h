@@ -14,6 +14,7 @@ struct QuantGemvParams {
   const uint8_t* qdata;   // (N, K * bits / 8) packed codes (QuantizedWeight layout), 16-byte aligned rows
   const void* scales;     // (N, G) in dtype
   const uint8_t* zeros;   // (N, G) or nullptr => 2^(bits-1)
+  const void* bias;       // (N,) in dtype, added to the fp32 sums before their rounding, or nullptr
   void* out;              // (M, N) dtype
   float* partials;        // split_k > 1: fp32 workspace (split_k, M, N), else unused
   int* tile_counters;     // split_k > 1: (ceil(N / 64),) int32 workspace, zeroed by quant_gemv, else unused

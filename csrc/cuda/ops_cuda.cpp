@@ -24,7 +24,8 @@ void check(cudaError_t err, const char* what) {
 int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
-                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
+                             const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                             const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.is_cuda() && qdata.is_cuda() && scales.is_cuda(), "flashquant CUDA: tensors must be on CUDA");
   TORCH_CHECK(x.dim() == 2, "flashquant CUDA: x must be (M, K), got ", x.sizes());
   const at::cuda::CUDAGuard guard(x.device());
@@ -42,6 +43,14 @@ at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qdata, const
   const at::Tensor& qc = qdata;
   const at::Tensor sc = scales.to(x.scalar_type()).contiguous();
   const std::optional<at::Tensor> zc = zeros ? std::optional<at::Tensor>(zeros->contiguous()) : std::nullopt;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_cuda() && at::isFloatingType(bias->scalar_type()),
+                "flashquant CUDA quant_matmul: bias must be a floating-point (N=", N, ",) CUDA tensor, got ",
+                bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
+  }
+  // In x's dtype, as F.linear takes it (a no-op when it already is); the kernel adds it to its fp32 sums.
+  const std::optional<at::Tensor> bc =
+      bias ? std::optional<at::Tensor>(bias->to(x.scalar_type()).contiguous()) : std::nullopt;
   // A block covers 64 output channels (4 warps x 16). Split K until there are ~4 blocks per SM (16 warps, each
   // with kStepsAhead steps of loads in flight), keeping >= 512 codes of K per slice. The kernel sums the slices
   // itself (the last block of each tile), so a split costs a memset of the tile counters, not two more kernels.
@@ -58,6 +67,7 @@ at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qdata, const
                                       qc.data_ptr<uint8_t>(),
                                       sc.data_ptr(),
                                       zc ? zc->data_ptr<uint8_t>() : nullptr,
+                                      bc ? bc->data_ptr() : nullptr,
                                       out.data_ptr(),
                                       split_k > 1 ? partials.data_ptr<float>() : nullptr,
                                       split_k > 1 ? tile_counters.data_ptr<int>() : nullptr,

@@ -17,8 +17,9 @@ struct Launch {
       if (err != cudaSuccess) return err;
     }
     gemv::quant_gemv_kernel<T, BITS, M_TILES, ASYM><<<dim3(c.blocks_n, p.split_k), gemv::kWarpsPerBlock * 32, 0, stream>>>(
-        static_cast<const T*>(p.x), p.qdata, static_cast<const T*>(p.scales), p.zeros, static_cast<T*>(p.out),
-        p.partials, p.tile_counters, p.M, p.N, p.K, p.G, c.group_div, c.k_per_split);
+        static_cast<const T*>(p.x), p.qdata, static_cast<const T*>(p.scales), p.zeros,
+        static_cast<const T*>(p.bias), static_cast<T*>(p.out), p.partials, p.tile_counters, p.M, p.N, p.K, p.G,
+        c.group_div, c.k_per_split);
     return cudaGetLastError();
   }
 };

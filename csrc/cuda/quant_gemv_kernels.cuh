@@ -57,6 +57,7 @@ struct Types<__half> {
   __device__ static T2 splat(float v) { return __float2half2_rn(v); }
   __device__ static T2 pair(__half v) { return __halves2half2(v, v); }
   __device__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ static float to_float(__half v) { return __half2float(v); }
 };
 template <>
 struct Types<__nv_bfloat16> {
@@ -66,6 +67,7 @@ struct Types<__nv_bfloat16> {
   __device__ static T2 splat(float v) { return __float2bfloat162_rn(v); }
   __device__ static T2 pair(__nv_bfloat16 v) { return __halves2bfloat162(v, v); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
 
 // One 16-byte chunk of a row -> its (code - zero) * scale as kCodes / 2 packed pairs, in A-fragment order:
@@ -144,7 +146,8 @@ __device__ __forceinline__ T from_bits16(uint32_t v) {
 template <typename T, int BITS, int M_TILES, bool ASYM>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     quant_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qdata, const T* __restrict__ scales,
-                      const uint8_t* __restrict__ zeros, T* __restrict__ out, float* __restrict__ partials,
+                      const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out,
+                      float* __restrict__ partials,
                       int* __restrict__ tile_counters, int m_rows, int N, int K, int G, GroupDivisor group_div,
                       int k_per_split) {
   constexpr int kCodes = BITS == 4 ? 32 : 16;  // codes per lane per row: one 16-byte load
@@ -251,7 +254,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   // C fragment: acc[mt] = {C[g][2t], C[g][2t + 1], C[g + 8][2t], C[g + 8][2t + 1]}, C[n][m] = out[m][n0 + n].
   // Split K: every slice writes its fp32 partial (even an empty one); the block that finishes a column of
   // slices last (tile_counters, zeroed before the launch) sums them in slice order, so the result does not
-  // depend on which block that is, and writes the output: no second kernel, no atomics on the data.
+  // depend on which block that is, and writes the output: no second kernel, no atomics on the data. The bias is
+  // added to the fp32 sum where the output is written (one rounding, no second pass over the output).
   const bool split = gridDim.y > 1;
   if (live) {
 #pragma unroll
@@ -263,7 +267,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         if (split) {
           partials[(static_cast<int64_t>(blockIdx.y) * m_rows + m) * N + n] = acc[mt][i];
         } else {
-          out[static_cast<int64_t>(m) * N + n] = Types<T>::from_float(acc[mt][i]);
+          const float b = bias ? Types<T>::to_float(bias[n]) : 0.f;
+          out[static_cast<int64_t>(m) * N + n] = Types<T>::from_float(acc[mt][i] + b);
         }
       }
     }
@@ -278,7 +283,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   for (int i = threadIdx.x; i < kRowsPerBlock * m_rows; i += kWarpsPerBlock * 32) {
     const int n = n_base + i % kRowsPerBlock, m = i / kRowsPerBlock;
     if (n >= N) continue;
-    float sum = 0.f;
+    float sum = bias ? Types<T>::to_float(bias[n]) : 0.f;
     for (int slice = 0; slice < static_cast<int>(gridDim.y); ++slice) {
       sum += __ldcg(partials + (static_cast<int64_t>(slice) * m_rows + m) * N + n);  // L2: other SMs wrote them
     }

@@ -5,7 +5,7 @@ import torch
 
 
 @torch.library.register_fake("flashquant::quant_matmul_packed")
-def _quant_matmul_packed_fake(x, qdata, scales, zeros, bits, group_size):
+def _quant_matmul_packed_fake(x, qdata, scales, zeros, bits, group_size, bias=None):
     return x.new_empty((x.shape[0], qdata.shape[0]))
 
 
@@ -15,7 +15,7 @@ def _dequantize_packed_fake(qdata, scales, zeros, bits, group_size, dtype):
 
 
 @torch.library.register_fake("flashquant::dequant_matmul_packed")
-def _dequant_matmul_packed_fake(x, qdata, scales, zeros, bits, group_size, chunk_elements):
+def _dequant_matmul_packed_fake(x, qdata, scales, zeros, bits, group_size, chunk_elements, bias=None):
     return x.new_empty((x.shape[0], qdata.shape[0]))
 
 

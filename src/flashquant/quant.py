@@ -213,20 +213,22 @@ def quant_matmul_cpu(
     bits: int,
     group_size: int,
     strategy: str | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """backend="cpu": x (M, K) @ dequant(W)^T in x.dtype. strategy "fused" (the C++ kernel: VNNI, or AMX tiles for
-    bf16), "dequant" (C++ dequantize in row chunks + torch.mm, the weight rounded to x.dtype first as
-    dequantize() + F.linear does) or None: "dequant" from cpu_dequant_min_m(x.dtype) rows on."""
+    """backend="cpu": x (M, K) @ dequant(W)^T (+ bias (N,)) in x.dtype. strategy "fused" (the C++ kernel: VNNI, or
+    AMX tiles for bf16; the bias added to its fp32 sums), "dequant" (C++ dequantize in row chunks + torch.addmm, the
+    weight and the bias rounded to x.dtype first as dequantize() + F.linear does) or None: "dequant" from
+    cpu_dequant_min_m(x.dtype) rows on."""
     if strategy is None:
         # decode-sized M never reaches a switch: skip the lookup (it calls an op) on the per-token path
         min_m = cpu_dequant_min_m(x.dtype) if x.shape[0] >= _CPU_DEQUANT_MIN_M_ANY else None
         strategy = "dequant" if min_m is not None and x.shape[0] >= min_m else "fused"
     if strategy == "fused":
-        return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size)
+        return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size, bias)
     if strategy != "dequant":
         raise ValueError(f"strategy must be 'fused', 'dequant' or None, got {strategy!r}")
     return torch.ops.flashquant.dequant_matmul_packed(
-        x, qdata, scales, zeros, bits, group_size, CPU_DEQUANT_CHUNK_ELEMENTS
+        x, qdata, scales, zeros, bits, group_size, CPU_DEQUANT_CHUNK_ELEMENTS, bias
     )
 
 
@@ -255,8 +257,9 @@ def quant_matmul(
 ) -> torch.Tensor:
     """``F.linear(x, qweight.dequantize(), bias)``, computed by a fused dequant-matmul kernel.
 
-    x: (..., K) fp16/bf16/fp32, on qweight's device. bias: (N,) or None. Returns (..., N) in x.dtype
-    (accumulation in fp32).
+    x: (..., K) fp16/bf16/fp32, on qweight's device. bias: (N,) or None, added by the kernels to their fp32 sums
+    before the output's one rounding (no second pass; where a backend dequantizes and calls the BLAS, in x.dtype as
+    F.linear takes it). Returns (..., N) in x.dtype (accumulation in fp32).
     backend: "auto", "reference", "torch" (dequantize + F.linear), "triton", "cuda" (1 <= M <= 16) or "cpu"
     (C++ kernel, AVX2 / AVX-VNNI / AVX-512 VNNI: it rounds activations to int16 per group, a relative error of
     2^-16 of the group's max, below the rounding of fp16/bf16 inputs; on CPUs with AMX, bf16 activations with
@@ -333,17 +336,16 @@ def _quant_matmul_impl(
     if backend == "torch":
         w = ref.dequantize_ref(unpack(qdata, bits), scales, zeros, bits, group_size).to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    # The kernels add the bias to their fp32 sums where they write the output: one rounding, no second pass.
     if backend == "triton":
         from .kernels.quant_matmul import quant_matmul_triton
 
-        out = quant_matmul_triton(x, qdata, scales, zeros, bits, group_size)
-    elif backend == "cpu":
-        out = quant_matmul_cpu(x, qdata, scales, zeros, bits, group_size)
-    elif backend == "cuda":
-        out = torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size)
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
-    return out if bias is None else out + bias.to(out.dtype)
+        return quant_matmul_triton(x, qdata, scales, zeros, bits, group_size, bias)
+    if backend == "cpu":
+        return quant_matmul_cpu(x, qdata, scales, zeros, bits, group_size, bias=bias)
+    if backend == "cuda":
+        return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size, bias)
+    raise ValueError(f"unknown backend {backend!r}")
 
 
 _quant_matmul_op = torch.library.custom_op("flashquant::quant_matmul", _quant_matmul_impl, mutates_args=())

@@ -57,7 +57,7 @@ def decode_grid_on_cpu(lib: ctypes.CDLL, B, Hkv, num_splits):
     return torch.tensor([*grid, fits], dtype=torch.int64)
 
 
-def gemv_on_cpu(lib: ctypes.CDLL, x, qdata, scales, zeros, bits, group_size, split_k):
+def gemv_on_cpu(lib: ctypes.CDLL, x, qdata, scales, zeros, bits, group_size, split_k, bias=None):
     """quant_matmul_cuda (csrc/cuda/ops_cuda.cpp) for a given split_k, launching on the CPU."""
     M, K = x.shape
     N = qdata.shape[0]
@@ -66,6 +66,7 @@ def gemv_on_cpu(lib: ctypes.CDLL, x, qdata, scales, zeros, bits, group_size, spl
     partials = torch.full((split_k, M, N), float("nan")) if split_k > 1 else None
     tile_counters = torch.full((math.ceil(N / 64),), 12345, dtype=torch.int32) if split_k > 1 else None
     scales = scales.to(x.dtype).contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
     rc = lib.fq_gemv_on_cpu(
         ctypes.c_int(x.dtype == torch.bfloat16),
         ctypes.c_int(bits),
@@ -73,6 +74,7 @@ def gemv_on_cpu(lib: ctypes.CDLL, x, qdata, scales, zeros, bits, group_size, spl
         _ptr(qdata),
         _ptr(scales),
         _ptr(zeros),
+        _ptr(bias),
         _ptr(out),
         _ptr(partials),
         _ptr(tile_counters),

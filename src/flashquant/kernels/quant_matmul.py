@@ -52,6 +52,7 @@ def _qmm_kernel(
     Qw,
     Scales,
     Zeros,
+    Bias,  # (N,) when HAS_BIAS: added to the fp32 sums where the output is written
     Out,
     Partials,  # fp32 (split_k, M, N) when SPLIT_K
     TileCounters,  # int32 (tiles_m * tiles_n,), zeroed, when SPLIT_K
@@ -70,6 +71,7 @@ def _qmm_kernel(
     BITS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -127,6 +129,10 @@ def _qmm_kernel(
         acc += part * scale[None, :]
     tile_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = m_valid[:, None] & n_valid[None, :]
+    if HAS_BIAS:  # loaded by every program, used by the one that writes the output
+        bias = tl.load(Bias + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = tl.zeros([1, BLOCK_N], tl.float32)
     if SPLIT_K:
         tl.store(Partials + pid_k.to(tl.int64) * stride_ps + tile_offs, acc, mask=out_mask)
         # All of this program's partial is written before the counter's release; the program that takes the
@@ -135,14 +141,14 @@ def _qmm_kernel(
         num_splits = tl.num_programs(2)
         done = tl.atomic_add(TileCounters + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
         if done == num_splits - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + bias
             for s in range(0, num_splits):
                 total += tl.load(
                     Partials + s * stride_ps + tile_offs, mask=out_mask, other=0.0, cache_modifier=".cg"
                 )
             tl.store(Out + tile_offs, total.to(Out.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(Out + tile_offs, acc.to(Out.dtype.element_ty), mask=out_mask)
+        tl.store(Out + tile_offs, (acc + bias).to(Out.dtype.element_ty), mask=out_mask)
 
 
 # ---- launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bits and M bucket, from configs.py
@@ -159,17 +165,20 @@ DEQUANT_GEMM_MIN_M = {4: 512, 8: 128}
 DEQUANT_CHUNK_ELEMENTS = 1 << 26
 
 
-def _dequant_then_matmul(x, qdata, scales, zeros, bits, group_size):
+def _dequant_then_matmul(x, qdata, scales, zeros, bits, group_size, bias):
     N, K = qdata.shape[0], x.shape[1]
+    bias = None if bias is None else bias.to(x.dtype)  # as F.linear takes it; cuBLAS adds it in its epilogue
     rows = max(1, DEQUANT_CHUNK_ELEMENTS // max(K, 1))
     if rows >= N:
-        return F.linear(x, dequantize_triton(qdata, scales, zeros, bits, group_size, x.dtype))
+        return F.linear(x, dequantize_triton(qdata, scales, zeros, bits, group_size, x.dtype), bias)
     out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         z = zeros[n0:n1] if zeros is not None else None
         out[:, n0:n1] = F.linear(
-            x, dequantize_triton(qdata[n0:n1], scales[n0:n1], z, bits, group_size, x.dtype)
+            x,
+            dequantize_triton(qdata[n0:n1], scales[n0:n1], z, bits, group_size, x.dtype),
+            None if bias is None else bias[n0:n1],
         )
     return out
 
@@ -181,13 +190,15 @@ def quant_matmul_triton(
     zeros,
     bits,
     group_size,
+    bias=None,
     split_k: int | None = None,
     config: tuple | None = None,
     strategy: str | None = None,
 ):
-    """x (M, K) fp16/bf16/fp32 -> (M, N) in x.dtype. `split_k` / `config` override the heuristics (tests,
-    benchmarks). `strategy`: "fused" (this file's kernel), "dequant" (dequantize, then cuBLAS / F.linear) or
-    None: "dequant" from M = DEQUANT_GEMM_MIN_M[bits] on."""
+    """x (M, K) fp16/bf16/fp32 -> (M, N) in x.dtype; bias (N,) or None, added to the fp32 sums before their one
+    rounding (the dequant strategy: in x.dtype, as F.linear takes it). `split_k` / `config` override the
+    heuristics (tests, benchmarks). `strategy`: "fused" (this file's kernel), "dequant" (dequantize, then cuBLAS /
+    F.linear) or None: "dequant" from M = DEQUANT_GEMM_MIN_M[bits] on."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         raise TypeError("bf16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); use fp16/fp32")
     if strategy not in (None, "fused", "dequant"):
@@ -209,7 +220,7 @@ def quant_matmul_triton(
             f"the Triton int{bits} kernel needs group_size divisible by {min_block_k} (or -1), got {group_size}"
         )
     if strategy == "dequant" or (strategy is None and M >= DEQUANT_GEMM_MIN_M[bits]):
-        return _dequant_then_matmul(x, qdata, scales, zeros, bits, group_size)
+        return _dequant_then_matmul(x, qdata, scales, zeros, bits, group_size, bias)
     k_tiles = triton.cdiv(K, block_k)
     grid_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if split_k is None:  # fill ~2 waves of SMs for decode-sized M
@@ -232,6 +243,7 @@ def quant_matmul_triton(
         qdata,
         scales,
         zeros if zeros is not None else scales,
+        bias if bias is not None else scales,
         out,
         partials,
         tile_counters,
@@ -250,6 +262,7 @@ def quant_matmul_triton(
         BITS=bits,
         SPLIT_K=split_k > 1,
         HAS_ZEROS=zeros is not None,
+        HAS_BIAS=bias is not None,
         IEEE_DOT=x.dtype == torch.float32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
