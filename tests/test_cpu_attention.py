@@ -123,7 +123,9 @@ def test_cpu_kvcache_random_configurations_match_reference(monkeypatch, seed):
         k = torch.randn(B, snew, hkv, d, dtype=dtype) if snew else None
         v = torch.randn_like(k) if snew else None
         kc_r, vc_r = kc.clone(), vc.clone()
-        ref, ref_lse = fq.attention_with_kvcache(q, kc_r, vc_r, lens_t, k, v, table, backend="reference", **kw)
+        ref, ref_lse = fq.attention_with_kvcache(
+            q, kc_r, vc_r, lens_t, k, v, table, backend="reference", **kw
+        )
         monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
         out, lse = fq.attention_with_kvcache(
             q, kc, vc, lens_t, k, v, table, num_splits=splits, backend="cpu", **kw
