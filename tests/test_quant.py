@@ -27,6 +27,29 @@ def test_quantize_shapes_and_dequantize(bits, group_size, symmetric):
     assert ((deq.float() - w.float()).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric", [(4, 32, True), (4, 64, False), (8, -1, True), (8, 32, False)]
+)
+def test_quantize_in_row_chunks_equals_the_reference_on_the_whole_matrix(
+    dtype, bits, group_size, symmetric, monkeypatch
+):
+    """quantize() works through w a few rows at a time (bounded temporaries); rows are independent, so the result
+    is the reference's on the whole matrix, bit for bit: 3 rows per chunk over N = 10 (a ragged last chunk), and a
+    non-finite weight in the last chunk is still found."""
+    from flashquant import quant
+
+    monkeypatch.setattr(quant, "_QUANTIZE_CHUNK_ELEMENTS", (3 * 128, 3 * 128))
+    w = (torch.randn(10, 128) * 3).to(dtype)
+    qw = fq.quantize(w, bits, group_size, symmetric)
+    codes, scales, zeros = fq.reference.quant.quantize_ref(w, bits, group_size, symmetric)
+    assert torch.equal(qw.qdata, fq.quant.pack(codes, bits)) and torch.equal(qw.scales, scales)
+    assert (zeros is None and qw.zeros is None) or torch.equal(qw.zeros, zeros)
+    w[9, 5] = float("inf")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        fq.quantize(w, bits, group_size, symmetric)
+
+
 @pytest.mark.parametrize("bits,group_size", list(SQNR_DB_MIN))
 def test_quantization_sqnr_of_layer_output(bits, group_size):
     w, x = torch.randn(256, 512), torch.randn(8, 512)

@@ -127,10 +127,31 @@ def quantize(
         )
     if bits == 4 and K % 2 != 0:
         raise ValueError(f"int4 packs two codes per byte, so in_features K must be even, got K={K}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("w contains inf or NaN; quantization needs finite weights")
-    codes, scales, zeros = ref.quantize_ref(w, bits, group_size, symmetric)
-    return QuantizedWeight(pack(codes, bits), scales, zeros, bits, group_size, w.shape, w.dtype)
+    # Rows are quantized independently, so a chunk of rows at a time gives the same bits as the whole matrix at
+    # once, without its fp32 temporaries: on CPUs those were several fresh buffers of 4 x N x K bytes each (1 GB for
+    # a 128256 x 2048 lm_head), whose page faults cost more than the arithmetic (bench/NOTES.md, "Session 19").
+    rows = max(1, _QUANTIZE_CHUNK_ELEMENTS[w.device.type == "cuda"] // max(K, 1))
+    gs = K if group_size == -1 else group_size
+    qdata = torch.empty(N, K * bits // 8, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(N, K // gs if K else 0, dtype=w.dtype, device=w.device)
+    zeros = None if symmetric else torch.empty(scales.shape, dtype=torch.uint8, device=w.device)
+    for n0 in range(0, N, rows):
+        chunk = w[n0 : n0 + rows]
+        if not bool(torch.isfinite(chunk).all()):
+            raise ValueError("w contains inf or NaN; quantization needs finite weights")
+        if K == 0:
+            continue
+        codes, s, z = ref.quantize_ref(chunk, bits, group_size, symmetric)
+        qdata[n0 : n0 + rows] = pack(codes, bits)
+        scales[n0 : n0 + rows] = s
+        if zeros is not None:
+            zeros[n0 : n0 + rows] = z
+    return QuantizedWeight(qdata, scales, zeros, bits, group_size, w.shape, w.dtype)
+
+
+# Elements of w quantized at a time (CPU, CUDA): on CPUs 4 MB of fp32 temporaries per step, L2/L3-sized; on GPUs
+# larger chunks, as the point there is only to bound the temporaries (256 MB each), not to stay in cache.
+_QUANTIZE_CHUNK_ELEMENTS = (1 << 20, 1 << 26)
 
 
 def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
