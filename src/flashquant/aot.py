@@ -164,13 +164,16 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
         ),
     )
 
-    def qmm(m, bits, group, asym, n=N_MLP):
+    def qmm(m, bits, group, asym, n=N_MLP, bias=False):
         w = t(n, K_MLP * bits // 8, dt=torch.uint8)
         scales = t(n, K_MLP // group)
         zeros = t(n, K_MLP // group, dt=torch.uint8) if asym else None
+        b = t(n) if bias else None
         x = t(m, K_MLP)
         # The fused kernel at every M (from DEQUANT_GEMM_MIN_M auto dequantizes instead: the cases below).
-        return lambda cfg: quant_matmul_triton(x, w, scales, zeros, bits, group, config=cfg, strategy="fused")
+        return lambda cfg: quant_matmul_triton(
+            x, w, scales, zeros, bits, group, b, config=cfg, strategy="fused"
+        )
 
     for bits, m in ((4, 1), (4, 16), (4, 64), (4, 4096), (8, 1), (8, 64), (8, 4096)):
         group = 128 if bits == 4 else K_MLP
@@ -180,6 +183,15 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
     cases[f"qmm int4 g128 asym M=1 {N_MLP}x{K_MLP}"] = ("quant_matmul.int4.m16", qmm(1, 4, 128, True))
     # N = 4096 (o_proj, down_proj): 64 column tiles, so split-K and the in-kernel sum of its partials
     cases[f"qmm int4 g128 M=1 4096x{K_MLP} split-K"] = ("quant_matmul.int4.m16", qmm(1, 4, 128, False, 4096))
+    # with a bias (Qwen2's q/k/v), added where the output is written: both write-outs, split-K and not
+    cases[f"qmm int4 g128 M=1 4096x{K_MLP} split-K bias"] = (
+        "quant_matmul.int4.m16",
+        qmm(1, 4, 128, False, 4096, bias=True),
+    )
+    cases[f"qmm int8 per-channel M=64 {N_MLP}x{K_MLP} bias"] = (
+        "quant_matmul.int8.m64",
+        qmm(64, 8, K_MLP, False, bias=True),
+    )
     for bits, group in ((4, 128), (8, K_MLP)):  # one fixed launch config: key None
         w, scales = t(N_MLP, K_MLP * bits // 8, dt=torch.uint8), t(N_MLP, K_MLP // group)
         name = f"dequantize int{bits} {'g128' if bits == 4 else 'per-channel'} {N_MLP}x{K_MLP}"
