@@ -158,9 +158,10 @@ def test_bias_is_added_before_the_one_rounding(backend, device, dtype, m):
     x0 @ W first and adding the bias after (a second pass) errs by up to half an ulp of x0 @ W, ~100x an ulp of
     the result. Activations in {-1, 0, 1} with a 1 in every group are exact in the CPU kernel's int16 activations,
     so every backend's row 0 must be within one ulp of the exact result. m = 9 takes the CPU kernel's AMX path
-    (bf16) and the CUDA GEMV's second activation tile."""
+    (bf16) and the CUDA GEMV's second activation tile; K = 2048 makes the Triton kernel and the CUDA GEMV split K
+    (4-8 slices), so the bias goes in where the slices are summed."""
     torch.manual_seed(m)
-    n, k, group = 40, 512, 64
+    n, k, group = 40, 2048, 64
     qw = fq.quantize(torch.randn(n, k, dtype=dtype), 4, group, symmetric=False).to(device)
     x = torch.randint(-1, 2, (m, k)).float()
     x[:, ::group] = 1.0
