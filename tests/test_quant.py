@@ -173,6 +173,8 @@ def test_bias_is_added_before_the_one_rounding(backend, device, dtype, m):
     bias = (delta - product[0]).to(dtype)
     out = fq.quant_matmul(x, qw, bias, backend=backend)
     assert out.dtype == dtype and out.shape == (m, n)
+    strided = torch.stack((bias, -bias), 1)[:, 0]  # a view with stride 2
+    assert torch.equal(fq.quant_matmul(x, qw, strided, backend=backend), out)
     expected = product[0] + bias.float()
     assert float(expected.abs().max()) < 1.5  # the cancellation happened: |x0 @ W| is ~10-40 here
     assert_within_ulps(out[0], expected, 1, f"{backend} {dtype} m={m}: row 0 (bias cancelling the product)")

@@ -204,6 +204,7 @@ def quant_matmul_triton(
     if strategy not in (None, "fused", "dequant"):
         raise ValueError(f"strategy must be None, 'fused' or 'dequant', got {strategy!r}")
     x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it with unit stride
     M, K = x.shape
     N = qdata.shape[0]
     block_m, block_n, block_k, warps, stages = config or configs.lookup(
