@@ -155,7 +155,7 @@ def _bias_backends():
 def test_bias_is_added_before_the_one_rounding(backend, device, dtype, m):
     """The kernels add the bias to their fp32 sums before rounding to the dtype, as F.linear does. A bias that
     cancels row 0's product (bias = delta - x0 @ W, rounded to the dtype) leaves a result near delta; rounding
-    x0 @ W first and adding the bias after (a second pass) errs by up to half an ulp of x0 @ W, ~100x an ulp of
+    x0 @ W first and adding the bias after (a second pass) errs by up to half an ulp of x0 @ W, ~30x an ulp of
     the result. Activations in {-1, 0, 1} with a 1 in every group are exact in the CPU kernel's int16 activations,
     so every backend's row 0 must be within one ulp of the exact result. m = 9 takes the CPU kernel's AMX path
     (bf16) and the CUDA GEMV's second activation tile; K = 2048 makes the Triton kernel and the CUDA GEMV split K
@@ -176,7 +176,7 @@ def test_bias_is_added_before_the_one_rounding(backend, device, dtype, m):
     strided = torch.stack((bias, -bias), 1)[:, 0]  # a view with stride 2
     assert torch.equal(fq.quant_matmul(x, qw, strided, backend=backend), out)
     expected = product[0] + bias.float()
-    assert float(expected.abs().max()) < 1.5  # the cancellation happened: |x0 @ W| is ~10-40 here
+    assert float(expected.abs().max()) < 1.5  # the cancellation happened: |x0 @ W| is tens here
     assert_within_ulps(out[0], expected, 1, f"{backend} {dtype} m={m}: row 0 (bias cancelling the product)")
     assert_qmm_close(
         out, fq.quant_matmul(x, qw, bias, backend="reference"), f"{backend} {dtype} m={m}", backend
