@@ -372,10 +372,12 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qdata, const 
 
   const at::Tensor q = qdata.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  // The fp32 sums plus the bias (exact in fp32 from any of its dtypes), rounded once to x's dtype.
+  // The fp32 sums plus the bias (exact in fp32 from any of its dtypes), rounded once to x's dtype: add_out computes
+  // in fp32 and writes x's dtype, one pass over the output.
   const auto finish = [&] {
-    if (bias) out.add_(*bias);
-    return out.to(x.scalar_type());
+    if (!bias) return out.to(x.scalar_type());
+    at::Tensor result = x.scalar_type() == at::kFloat ? out : at::empty({M, N}, x.options());
+    return at::add_out(result, out, *bias);
   };
   if (M == 0 || N == 0) return out.to(x.scalar_type());
   if (amx_takes(x, group_size)) {  // compute-bound: one fp32 copy of the scales up front costs nothing there
