@@ -129,10 +129,6 @@ def _qmm_kernel(
         acc += part * scale[None, :]
     tile_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = m_valid[:, None] & n_valid[None, :]
-    if HAS_BIAS:  # loaded by every program, used by the one that writes the output
-        bias = tl.load(Bias + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    else:
-        bias = tl.zeros([1, BLOCK_N], tl.float32)
     if SPLIT_K:
         tl.store(Partials + pid_k.to(tl.int64) * stride_ps + tile_offs, acc, mask=out_mask)
         # All of this program's partial is written before the counter's release; the program that takes the
@@ -141,14 +137,18 @@ def _qmm_kernel(
         num_splits = tl.num_programs(2)
         done = tl.atomic_add(TileCounters + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
         if done == num_splits - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + bias
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if HAS_BIAS:  # only the program that writes the output reads the bias
+                total += tl.load(Bias + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
             for s in range(0, num_splits):
                 total += tl.load(
                     Partials + s * stride_ps + tile_offs, mask=out_mask, other=0.0, cache_modifier=".cg"
                 )
             tl.store(Out + tile_offs, total.to(Out.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(Out + tile_offs, (acc + bias).to(Out.dtype.element_ty), mask=out_mask)
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+        tl.store(Out + tile_offs, acc.to(Out.dtype.element_ty), mask=out_mask)
 
 
 # ---- launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bits and M bucket, from configs.py
