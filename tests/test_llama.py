@@ -14,6 +14,14 @@ from tolerances import sqnr_db
 CFG = config_from_preset("tiny")
 
 
+@pytest.fixture(autouse=True)
+def _inference():
+    """The model runs as inference does, without autograd: with it, the parameters' requires_grad would send
+    `auto` to the differentiable PyTorch paths instead of the kernels these tests check (test_gradients.py)."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(scope="module")
 def model():
     return Llama.random(CFG, seed=0)

@@ -34,6 +34,10 @@
   The "torch" backend (Hugging Face's forms) rounds up to three times in the dtype, and the rotation's two
   products can cancel: its error is bounded by 4 units of 2^-mantissa x the largest input magnitude
   (assert_torch_layer_op_close).
+* Gradients (tests/test_gradients.py): quant_matmul's backward and the PyTorch attention paths are held to
+  flash-attn's rule against autograd through the fp32 reference, the baseline being plain PyTorch (F.linear on
+  the dequantized weight; SDPA) in the same dtype; fp32 paths that compute the same math as the dense model
+  (a QuantLinear under an adapter) within QMM_RTOL_CPU of the largest value, as the C++ kernel's forward is.
 * Quantization error itself is reported as SQNR (dB) = 10 log10(|ref|^2 / |ref - q|^2) against the fp32 weight's
   output: int8 per-channel >= 38 dB, int4 g128 >= 16 dB on Gaussian weights (theory for a uniform quantizer
   with max-abs scaling of Gaussian groups: ~40 dB and ~19 dB; the bounds leave 2-3 dB of margin).

@@ -33,6 +33,21 @@ OPS: dict[str, tuple[str, ...]] = {
     "append_kv": ("torch", "triton"),  # KV-cache writes: PyTorch indexing or one Triton kernel
 }
 
+# Which backends give gradients when an op's inputs require them. The fused attention and layer kernels are
+# forward-only (inference); their "torch" and "reference" paths are PyTorch ops that autograd differentiates.
+# quant_matmul has a registered backward (w.r.t. x and bias) behind every backend (quant.py).
+DIFFERENTIABLE: dict[str, tuple[str, ...]] = {
+    op: OPS[op] if op == "quant_matmul" else ("reference", "torch") for op in OPS if op != "append_kv"
+}
+
+# Ops whose custom op has a backward registered with torch.library.register_autograd.
+HAS_BACKWARD = ("quant_matmul",)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on these inputs: grad mode is on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
 
 @dataclasses.dataclass(frozen=True)
 class BackendInfo:
@@ -100,18 +115,46 @@ def warn_once(msg: str) -> None:
     log.warning(msg)
 
 
-def resolve(op: str, backend: str, device: torch.device, auto_order: tuple[str, ...] | None = None) -> str:
+def resolve(
+    op: str,
+    backend: str,
+    device: torch.device,
+    auto_order: tuple[str, ...] | None = None,
+    grad: bool = False,
+) -> str:
     """Return the concrete backend name for `op` on `device`.
 
     `auto_order` is the op's own preference list for "auto" on this device and shape (fastest first); the
-    first available one wins.
+    first available one wins. `grad` (see :func:`needs_grad`): the inputs require gradients, so only a backend
+    in DIFFERENTIABLE[op] may run; "auto" then skips forward-only kernels (saying so once), a named forward-only
+    backend raises.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     supported = OPS[op]
+    if grad and backend != "auto" and backend in supported and backend not in DIFFERENTIABLE[op]:
+        raise ValueError(
+            f"backend={backend!r} runs flashquant.{op} forward only (no backward), but its inputs require grad; "
+            f"call it under torch.no_grad() or torch.inference_mode(), detach the inputs, or pick a backend with "
+            f"a backward: {DIFFERENTIABLE[op]}"
+        )
     if backend == "auto":
         if auto_order is None:
             auto_order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+        if grad:
+            skipped = [
+                b
+                for b in auto_order
+                if b in supported and b not in DIFFERENTIABLE[op] and _available(b) and _device_ok(b, device)
+            ]
+            auto_order = tuple(b for b in auto_order if b in DIFFERENTIABLE[op]) or ("torch",)
+            if skipped and not torch.compiler.is_compiling():
+                warn_once(
+                    f"flashquant.{op}: the inputs require grad and the {', '.join(skipped)} "
+                    f"kernel{'s are' if len(skipped) > 1 else ' is'} forward-only; "
+                    "using the PyTorch path, which has a backward (run inference under torch.no_grad() or "
+                    "torch.inference_mode() to get the kernel)"
+                )
         for name in auto_order:
             if name in supported and _available(name) and _device_ok(name, device):
                 break
@@ -152,10 +195,15 @@ def _device_ok(name: str, device: torch.device) -> bool:
     return True
 
 
-def call(op: str, impl, *args):
+def call(op: str, impl, *args, grad: bool = False):
     """Run a public op's implementation. Under torch.compile the registered custom op
     (torch.ops.flashquant.<op>) is called so it is traced as one node; in eager mode the implementation is
-    called directly, skipping ~45 us of custom-op wrapper overhead per call (it matters at decode sizes)."""
+    called directly, skipping ~45 us of custom-op wrapper overhead per call (it matters at decode sizes).
+    With `grad` (the inputs require gradients): ops whose custom op carries a registered backward
+    (quant_matmul) go through it, eager or compiled; the others' differentiable backends are PyTorch ops, called
+    directly so that autograd (or torch.compile) traces into them."""
+    if grad:
+        return getattr(torch.ops.flashquant, op)(*args) if op in HAS_BACKWARD else impl(*args)
     if torch.compiler.is_compiling():
         return getattr(torch.ops.flashquant, op)(*args)
     return impl(*args)

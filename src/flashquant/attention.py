@@ -479,7 +479,8 @@ def attention(
         raise ValueError(f"k must have shape (B={B}, Sk, Hkv, D={D}), got {tuple(k.shape)}")
     check_same_device(q=q, k=k, v=v)
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
-    name = _dispatch.resolve("attention", backend, q.device)
+    grad = _dispatch.needs_grad(q, k, v)
+    name = _dispatch.resolve("attention", backend, q.device, grad=grad)
     out, lse = _dispatch.call(
         "attention",
         _attention_impl,
@@ -493,6 +494,7 @@ def attention(
         softcap,
         bool(return_lse),
         name,
+        grad=grad,
     )
     return (out, lse) if return_lse else out
 
@@ -527,7 +529,8 @@ def attention_varlen(
         if not isinstance(val, int) or val < 0:
             raise ValueError(f"{name} must be an int >= 0, got {val!r}")
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
-    name = _dispatch.resolve("attention_varlen", backend, q.device)
+    grad = _dispatch.needs_grad(q, k, v)
+    name = _dispatch.resolve("attention_varlen", backend, q.device, grad=grad)
     out, lse = _dispatch.call(
         "attention_varlen",
         _attention_varlen_impl,
@@ -545,6 +548,7 @@ def attention_varlen(
         softcap,
         bool(return_lse),
         name,
+        grad=grad,
     )
     return (out, lse) if return_lse else out
 
@@ -710,7 +714,8 @@ def attention_with_kvcache(
         and q.dtype in (torch.float16, torch.bfloat16)
     )
     order = _kvcache_auto_order(device, cuda_ok, Sq, q.dtype, D)
-    name = _dispatch.resolve("attention_with_kvcache", backend, device, order)
+    grad = _dispatch.needs_grad(q, k_cache, v_cache, k, v)
+    name = _dispatch.resolve("attention_with_kvcache", backend, device, order, grad=grad)
     if name == "cuda" and not cuda_ok:
         raise ValueError(
             "backend='cuda' for attention_with_kvcache supports Sq=1 without window/softcap/lse, fp16/bf16, "
@@ -737,5 +742,6 @@ def attention_with_kvcache(
         bool(return_lse),
         num_splits,
         name,
+        grad=grad,
     )
     return (out, lse) if return_lse else out

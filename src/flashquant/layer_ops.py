@@ -66,10 +66,13 @@ def rms_norm(
         check_tensor("residual", residual, dtypes=(x.dtype,))
         check_shape("residual", residual, tuple(x.shape), "x's shape")
     device = check_same_device(x=x, weight=weight, residual=residual)
-    name = _dispatch.resolve("rms_norm", backend, device, _auto_order(device))
+    grad = _dispatch.needs_grad(x, weight, residual)
+    name = _dispatch.resolve("rms_norm", backend, device, _auto_order(device), grad=grad)
     _check_interpreter_dtype(name, x)
     x2, r2 = _rows(x, H), _rows(residual, H) if residual is not None else None
-    out, h = _dispatch.call("rms_norm", _rms_norm_impl, x2, weight.contiguous(), r2, float(eps), name)
+    out, h = _dispatch.call(
+        "rms_norm", _rms_norm_impl, x2, weight.contiguous(), r2, float(eps), name, grad=grad
+    )
     out = out.view(x.shape)
     return out if residual is None else (out, h.view(x.shape))
 
@@ -131,12 +134,13 @@ def rotary_embedding(
     check_tensor("inv_freq", inv_freq, ndim=1, dtypes=FLOAT_DTYPES)
     check_shape("inv_freq", inv_freq, (D // 2,), f"(D/2={D // 2},)")
     device = check_same_device(q=q, k=k, positions=positions, inv_freq=inv_freq)
-    name = _dispatch.resolve("rotary_embedding", backend, device, _auto_order(device))
+    grad = _dispatch.needs_grad(q, k, inv_freq)
+    name = _dispatch.resolve("rotary_embedding", backend, device, _auto_order(device), grad=grad)
     _check_interpreter_dtype(name, q)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     q_out, k_out = _dispatch.call(
-        "rotary_embedding", _rotary_impl, q, k, positions, inv_freq.float().contiguous(), name
+        "rotary_embedding", _rotary_impl, q, k, positions, inv_freq.float().contiguous(), name, grad=grad
     )
     return q_out, k_out
 
@@ -186,10 +190,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     check_tensor("up", up, dtypes=(gate.dtype,))
     check_shape("up", up, tuple(gate.shape), "gate's shape")
     device = check_same_device(gate=gate, up=up)
-    name = _dispatch.resolve("silu_mul", backend, device, _auto_order(device))
+    grad = _dispatch.needs_grad(gate, up)
+    name = _dispatch.resolve("silu_mul", backend, device, _auto_order(device), grad=grad)
     _check_interpreter_dtype(name, gate)
     n_cols = gate.shape[-1] if gate.dim() else 1
-    out = _dispatch.call("silu_mul", _silu_mul_impl, _rows(gate, n_cols), _rows(up, n_cols), name)
+    out = _dispatch.call("silu_mul", _silu_mul_impl, _rows(gate, n_cols), _rows(up, n_cols), name, grad=grad)
     return out.view(gate.shape)
 
 

@@ -79,13 +79,9 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(N, K) dense weight in `dtype` (default: the original dtype), ``(code - zero) * scale`` in fp32 rounded
         once to `dtype`. On the CPU one pass of the C++ extension (bit for bit the same values)."""
-        dtype = dtype or self.dtype
-        if self.device.type == "cpu" and dtype in FLOAT_DTYPES and _dispatch._available("cpu"):
-            return torch.ops.flashquant.dequantize_packed(
-                self.qdata, self.scales, self.zeros, self.bits, self.effective_group_size, dtype
-            )
-        w = ref.dequantize_ref(self.codes(), self.scales, self.zeros, self.bits, self.group_size)
-        return w.to(dtype)
+        return _dequantize_packed(
+            self.qdata, self.scales, self.zeros, self.bits, self.effective_group_size, dtype or self.dtype
+        )
 
     def to(self, device) -> QuantizedWeight:
         z = None if self.zeros is None else self.zeros.to(device)
@@ -105,6 +101,21 @@ class QuantizedWeight:
             f"QuantizedWeight(shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, "
             f"{sym}, dtype={self.dtype}, device={self.device})"
         )
+
+
+def _dequantize_packed(
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The (N, K) dense weight in `dtype`: one pass of the C++ extension on CPUs, the reference's fp32 math
+    otherwise (PyTorch ops, so torch.compile fuses them). Both round ``(code - zero) * scale`` once."""
+    if qdata.device.type == "cpu" and dtype in FLOAT_DTYPES and _dispatch._available("cpu"):
+        return torch.ops.flashquant.dequantize_packed(qdata, scales, zeros, bits, group_size, dtype)
+    return ref.dequantize_ref(unpack(qdata, bits), scales, zeros, bits, group_size).to(dtype)
 
 
 def quantize(
@@ -307,13 +318,19 @@ def quant_matmul(
     for name, t in (("qweight", qweight.qdata), ("bias", bias)):
         if t is not None and t.device != device:
             raise ValueError(f"x is on {device} but {name} is on {t.device}; move them to one device")
+    grad = _dispatch.needs_grad(x, bias)
+    if grad and (qweight.scales.requires_grad or qweight.zeros is not None and qweight.zeros.requires_grad):
+        raise ValueError(
+            "quant_matmul has gradients for x and bias only; qweight.scales require grad here (the quantized "
+            "weight is frozen: detach its scales, or train a separate adapter next to it)"
+        )
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     # (per-token path on CPUs: the CUDA checks are skipped there, a few us of a decode step's ~100 calls)
     on_cuda = device.type == "cuda"
     cuda_ok = on_cuda and cuda_supports(x2, qweight)
     triton_ok = not on_cuda or triton_supports(qweight)
     name = _dispatch.resolve(
-        "quant_matmul", backend, device, _auto_order(device, x2.shape[0], cuda_ok, triton_ok)
+        "quant_matmul", backend, device, _auto_order(device, x2.shape[0], cuda_ok, triton_ok), grad=grad
     )
     if name == "torch" and backend == "auto" and not triton_ok:
         _dispatch.warn_once(
@@ -337,6 +354,7 @@ def quant_matmul(
         qweight.bits,
         qweight.effective_group_size,
         name,
+        grad=grad,
     )
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
@@ -375,3 +393,28 @@ _quant_matmul_op = torch.library.custom_op("flashquant::quant_matmul", _quant_ma
 @_quant_matmul_op.register_fake
 def _(x, qdata, scales, zeros, bias, bits, group_size, backend):
     return x.new_empty((x.shape[0], qdata.shape[0]))
+
+
+# ---- its backward: the weight is frozen, so only x and bias get gradients ----------------------------------
+def _quant_matmul_setup_context(ctx, inputs, output):
+    x, qdata, scales, zeros, bias, bits, group_size, backend = inputs
+    ctx.save_for_backward(qdata, scales, zeros)
+    ctx.bits, ctx.group_size = bits, group_size
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _quant_matmul_backward(ctx, grad_out):
+    """out = x @ W^T + bias, so grad_x = grad_out @ W and grad_bias = grad_out summed over rows. W is dequantized
+    once into grad_out's dtype (x's): the (N, K) temporary that a dense layer would hold anyway, and the matmul
+    is then the BLAS's, at the speed of the unquantized layer's backward."""
+    qdata, scales, zeros = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = _dequantize_packed(qdata, scales, zeros, ctx.bits, ctx.group_size, grad_out.dtype)
+        grad_x = grad_out @ w
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad_out.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+_quant_matmul_op.register_autograd(_quant_matmul_backward, setup_context=_quant_matmul_setup_context)
