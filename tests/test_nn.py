@@ -98,3 +98,12 @@ def test_fuse_linears_rejects_what_it_cannot_fuse():
         fuse_linears([QuantLinear.from_linear(a, 4, 32), QuantLinear.from_linear(nn.Linear(64, 8), 8, 32)])
     with pytest.raises(ValueError, match="dtype and device"):
         fuse_linears([a, nn.Linear(64, 8).half()])
+
+
+def test_quant_linear_weight_dtype_follows_to():
+    """module.to(dtype) converts the scales (and bias) buffers; the weight's nominal dtype follows them."""
+    ql = QuantLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32)
+    assert ql.weight_dtype == torch.float32
+    ql = ql.to(torch.bfloat16)
+    assert ql.weight_dtype == torch.bfloat16 and ql.qweight.dequantize().dtype == torch.bfloat16
+    assert ql.qdata.dtype == torch.uint8

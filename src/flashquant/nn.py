@@ -42,7 +42,7 @@ class QuantLinear(nn.Module):
         if gs <= 0 or in_features % gs != 0:
             raise ValueError(f"group_size={group_size} must divide in_features={in_features} (or be -1)")
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric, self.weight_dtype = bits, group_size, symmetric, dtype
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.backend = backend
         per_byte = 2 if bits == 4 else 1
         self.register_buffer(
@@ -90,6 +90,11 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
         return mod
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weight was quantized from (dequantize()'s default): its scales', which follow ``.to()``."""
+        return self.scales.dtype
 
     @property
     def qweight(self) -> QuantizedWeight:
