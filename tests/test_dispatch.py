@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -101,3 +102,35 @@ def test_kvcache_auto_order_tries_the_cuda_decode_kernel_first_where_it_applies(
     assert _kvcache_auto_order(cuda, True, 1, torch.bfloat16, 128) == ("cuda", "triton", "torch")
     assert _kvcache_auto_order(cuda, False, 1, torch.bfloat16, 128) == ("triton", "torch")
     assert _kvcache_auto_order(torch.device("cpu"), True, 1, torch.bfloat16, 128) == ("cpu", "torch")
+
+
+def test_available_is_marked_constant_the_way_torch_compile_reads_it():
+    """_dispatch marks _available as torch.compiler.assume_constant_result would, without importing torch._dynamo:
+    the real decorator must set exactly that attribute (the fullgraph compile tests check the effect)."""
+
+    def probe():
+        return 0
+
+    assert torch.compiler.assume_constant_result(probe) is probe
+    assert vars(probe) == {"_dynamo_marked_constant": True}
+    assert _dispatch._available._dynamo_marked_constant is True
+
+
+def test_import_flashquant_leaves_torch_dynamo_unimported():
+    """torch._dynamo (and the triton it imports) cost ~1 s at start-up: flashquant defers them to first use. In
+    the same fresh process (nothing probed or cached yet), a fullgraph compile still treats _available as a
+    constant: without the mark, dynamo traces into the backend probe and fails."""
+    code = (
+        "import sys, torch; before = 'torch._dynamo' in sys.modules; import flashquant as fq; "
+        "print(before, 'torch._dynamo' in sys.modules); qw = fq.quantize(torch.randn(16, 64), 8, -1); "
+        "f = torch.compile(lambda x: fq.quant_matmul(x, qw), fullgraph=True, backend='eager'); "
+        "print(tuple(f(torch.randn(3, 64)).shape))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[1] == "(3, 16)"
+    if lines[0].startswith("True"):
+        pytest.skip("this torch imports torch._dynamo itself")
+    assert lines[0] == "False False"
