@@ -270,6 +270,50 @@ def test_auto_attention_with_kvcache_on_cpu_gives_the_reference_gradients(caplog
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"grad of {name}")
 
 
+ATTN_OPTIONS = [
+    dict(causal=True),
+    dict(causal=False, softcap=5.0),
+    dict(causal=True, return_lse=True),
+    dict(causal=False, window_size=(2, 0)),
+    dict(causal=True, window_size=(1, 1), softcap=3.0, return_lse=True),
+]
+
+
+@pytest.mark.parametrize("sq,sk", [(5, 7), (7, 5), (1, 9)])  # (7, 5) causal: the first two rows see no key
+@pytest.mark.parametrize("options", ATTN_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_attention_pytorch_path_gradients_match_the_reference(sq, sk, options):
+    """What `auto` runs when attention's inputs require grad (SDPA, or the explicit fp32 path for softcap / lse):
+    gradients of q, k, v, through the output and the lse, equal autograd through the fp32 reference; rows with no
+    visible key give zero output and finite, zero-contribution gradients."""
+    q0, k0, v0 = torch.randn(2, sq, 4, 16), torch.randn(2, sk, 2, 16), torch.randn(2, sk, 2, 16)
+    weights = torch.randn(2, sq, 4, 16)
+    return_lse = options.get("return_lse", False)
+
+    def grads(fn):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out, lse = fn(q, k, v)
+        loss = (out * weights).sum()
+        if return_lse:  # -inf for empty rows: no gradient flows from them
+            loss = loss + 0.3 * torch.where(torch.isinf(lse), 0, lse).sum()
+        loss.backward()
+        return q.grad, k.grad, v.grad
+
+    def ours(q, k, v):
+        out = fq.attention(q, k, v, **options)
+        return out if return_lse else (out, None)
+
+    window = options.get("window_size", (-1, -1))
+    got = grads(ours)
+    want = grads(
+        lambda q, k, v: ref_attn.attention_ref(
+            q, k, v, options["causal"], None, window, options.get("softcap", 0.0)
+        )
+    )
+    for g, w, name in zip(got, want, "qkv"):
+        assert torch.isfinite(g).all(), f"grad of {name} not finite"
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"grad of {name}")
+
+
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_auto_attention_gradients_on_gpu(dtype):
