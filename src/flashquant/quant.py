@@ -298,6 +298,8 @@ def quant_matmul(
     M >= 8 and group sizes that are multiples of 32 run on AMX tiles instead, exact up to fp32 summation; from
     cpu_dequant_min_m(x.dtype) rows on, prefill sizes, it dequantizes the weight to x.dtype in C++ and calls
     torch's BLAS, rounding each weight to x.dtype first as dequantize() + F.linear does).
+    Differentiable with respect to x and bias on every backend (the quantized weight is frozen): the backward
+    computes ``grad_out @ qweight.dequantize(x.dtype)``.
     """
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(
@@ -319,7 +321,7 @@ def quant_matmul(
         if t is not None and t.device != device:
             raise ValueError(f"x is on {device} but {name} is on {t.device}; move them to one device")
     grad = _dispatch.needs_grad(x, bias)
-    if grad and (qweight.scales.requires_grad or qweight.zeros is not None and qweight.zeros.requires_grad):
+    if grad and qweight.scales.requires_grad:  # (qdata and zeros are uint8: they cannot require grad)
         raise ValueError(
             "quant_matmul has gradients for x and bias only; qweight.scales require grad here (the quantized "
             "weight is frozen: detach its scales, or train a separate adapter next to it)"
