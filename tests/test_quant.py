@@ -482,6 +482,28 @@ def test_dequantize_matches_reference_bit_for_bit(simd, dtype, bits, group_size,
     assert out.dtype == dtype and torch.equal(out, ref)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (8, -1, False)])
+def test_dequantize_op_on_each_device_traces_and_matches_the_reference(device, bits, group_size, symmetric):
+    """flashquant::dequantize (QuantizedWeight.dequantize, quant_matmul's backward): the C++ op on CPUs, the Triton
+    kernel on CUDA, bit for bit the reference; a custom op (opcheck) that torch.compile records whole."""
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    qw = fq.quantize(torch.randn(24, 96, device=device), bits, group_size, symmetric)
+    for dtype in dtypes:
+        ref = fq.reference.quant.dequantize_ref(qw.codes(), qw.scales, qw.zeros, bits, group_size).to(dtype)
+        assert torch.equal(qw.dequantize(dtype), ref), dtype
+    args = (qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size, torch.float16)
+    torch.library.opcheck(torch.ops.flashquant.dequantize.default, args)
+    compiled = torch.compile(lambda: qw.dequantize(torch.float16), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(), qw.dequantize(torch.float16))
+
+
 def test_cpu_kernel_level_follows_the_simd_cap(amx, monkeypatch):
     """auto's kernel-level check (cpu_dequant_min_m) reads the level on every call, so FLASHQUANT_CPU_SIMD caps it."""
     assert fq.quant.cpu_kernel_level() == "amx_bf16"

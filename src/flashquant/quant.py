@@ -79,9 +79,15 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(N, K) dense weight in `dtype` (default: the original dtype), ``(code - zero) * scale`` in fp32 rounded
         once to `dtype`. On the CPU one pass of the C++ extension (bit for bit the same values)."""
-        return _dequantize_packed(
-            self.qdata, self.scales, self.zeros, self.bits, self.effective_group_size, dtype or self.dtype
+        args = (
+            self.qdata,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.effective_group_size,
+            dtype or self.dtype,
         )
+        return _dispatch.call("dequantize", _dequantize_impl, *args)
 
     def to(self, device) -> QuantizedWeight:
         z = None if self.zeros is None else self.zeros.to(device)
@@ -103,7 +109,7 @@ class QuantizedWeight:
         )
 
 
-def _dequantize_packed(
+def _dequantize_impl(
     qdata: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
@@ -111,11 +117,26 @@ def _dequantize_packed(
     group_size: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The (N, K) dense weight in `dtype`: one pass of the C++ extension on CPUs, the reference's fp32 math
-    otherwise (PyTorch ops, so torch.compile fuses them). Both round ``(code - zero) * scale`` once."""
-    if qdata.device.type == "cpu" and dtype in FLOAT_DTYPES and _dispatch._available("cpu"):
+    """The (N, K) dense weight in `dtype` (group_size: the effective one, K for per-channel), in one pass: the C++
+    extension on CPUs, the Triton kernel on CUDA, the reference's fp32 math otherwise. All three round
+    ``(code - zero) * scale`` once, so they agree bit for bit."""
+    if dtype in FLOAT_DTYPES and qdata.device.type == "cpu" and _dispatch._available("cpu"):
         return torch.ops.flashquant.dequantize_packed(qdata, scales, zeros, bits, group_size, dtype)
+    if dtype in FLOAT_DTYPES and qdata.device.type == "cuda" and _dispatch._available("triton"):
+        from .kernels.dequantize import dequantize_triton
+
+        return dequantize_triton(qdata, scales, zeros, bits, group_size, dtype)
     return ref.dequantize_ref(unpack(qdata, bits), scales, zeros, bits, group_size).to(dtype)
+
+
+# A custom op so that traced code (torch.compile, and quant_matmul's backward under AOT autograd) records one node
+# instead of launching the kernels on fake tensors.
+_dequantize_op = torch.library.custom_op("flashquant::dequantize", _dequantize_impl, mutates_args=())
+
+
+@_dequantize_op.register_fake
+def _(qdata, scales, zeros, bits, group_size, dtype):
+    return qdata.new_empty((qdata.shape[0], qdata.shape[1] * (8 // bits)), dtype=dtype)
 
 
 def quantize(
@@ -407,12 +428,12 @@ def _quant_matmul_setup_context(ctx, inputs, output):
 
 def _quant_matmul_backward(ctx, grad_out):
     """out = x @ W^T + bias, so grad_x = grad_out @ W and grad_bias = grad_out summed over rows. W is dequantized
-    once into grad_out's dtype (x's): the (N, K) temporary that a dense layer would hold anyway, and the matmul
-    is then the BLAS's, at the speed of the unquantized layer's backward."""
+    once into grad_out's dtype (x's), in one kernel: the (N, K) temporary that a dense layer would hold anyway, and
+    the matmul is then the BLAS's, as in the unquantized layer's backward."""
     qdata, scales, zeros = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = _dequantize_packed(qdata, scales, zeros, ctx.bits, ctx.group_size, grad_out.dtype)
+        w = torch.ops.flashquant.dequantize(qdata, scales, zeros, ctx.bits, ctx.group_size, grad_out.dtype)
         grad_x = grad_out @ w
     if ctx.needs_input_grad[4]:
         grad_bias = grad_out.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
