@@ -33,15 +33,15 @@ OPS: dict[str, tuple[str, ...]] = {
     "append_kv": ("torch", "triton"),  # KV-cache writes: PyTorch indexing or one Triton kernel
 }
 
-# Which backends give gradients when an op's inputs require them. The fused attention and layer kernels are
-# forward-only (inference); their "torch" and "reference" paths are PyTorch ops that autograd differentiates.
-# quant_matmul has a registered backward (w.r.t. x and bias) behind every backend (quant.py).
-DIFFERENTIABLE: dict[str, tuple[str, ...]] = {
-    op: OPS[op] if op == "quant_matmul" else ("reference", "torch") for op in OPS if op != "append_kv"
-}
-
-# Ops whose custom op has a backward registered with torch.library.register_autograd.
+# Ops whose custom op has a backward registered with torch.library.register_autograd (quant.py: w.r.t. x and bias).
 HAS_BACKWARD = ("quant_matmul",)
+
+# Which backends give gradients when an op's inputs require them: every backend of an op in HAS_BACKWARD; else
+# only the "torch" and "reference" paths, PyTorch ops that autograd differentiates (the fused attention and layer
+# kernels are forward-only). append_kv writes caches and has no gradient.
+DIFFERENTIABLE: dict[str, tuple[str, ...]] = {
+    op: OPS[op] if op in HAS_BACKWARD else ("reference", "torch") for op in OPS if op != "append_kv"
+}
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -101,8 +101,8 @@ def backends() -> dict[str, BackendInfo]:
 
 
 def _constant_under_compile(fn):
-    """What ``torch.compiler.assume_constant_result`` does (torch 2.4-2.13: it sets this one attribute, which
-    tests/test_dispatch.py checks), without its ``import torch._dynamo``: ~1 s, half of ``import flashquant``."""
+    """What ``torch.compiler.assume_constant_result`` does (it sets this one attribute; tests/test_dispatch.py
+    checks that against the installed torch), without its ``import torch._dynamo``, the bulk of import time."""
     fn._dynamo_marked_constant = True
     return fn
 

@@ -78,7 +78,8 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(N, K) dense weight in `dtype` (default: the original dtype), ``(code - zero) * scale`` in fp32 rounded
-        once to `dtype`. On the CPU one pass of the C++ extension (bit for bit the same values)."""
+        once to `dtype`: one pass of the C++ extension on CPUs, of the Triton kernel on CUDA (bit for bit the same
+        values)."""
         args = (
             self.qdata,
             self.scales,
@@ -120,9 +121,10 @@ def _dequantize_impl(
     """The (N, K) dense weight in `dtype` (group_size: the effective one, K for per-channel), in one pass: the C++
     extension on CPUs, the Triton kernel on CUDA, the reference's fp32 math otherwise. All three round
     ``(code - zero) * scale`` once, so they agree bit for bit."""
-    if dtype in FLOAT_DTYPES and qdata.device.type == "cpu" and _dispatch._available("cpu"):
+    device = qdata.device.type
+    if dtype in FLOAT_DTYPES and device == "cpu" and _dispatch._available("cpu"):
         return torch.ops.flashquant.dequantize_packed(qdata, scales, zeros, bits, group_size, dtype)
-    if dtype in FLOAT_DTYPES and qdata.device.type == "cuda" and _dispatch._available("triton"):
+    if dtype in FLOAT_DTYPES and device == "cuda" and _dispatch._available("triton"):
         from .kernels.dequantize import dequantize_triton
 
         return dequantize_triton(qdata, scales, zeros, bits, group_size, dtype)
