@@ -44,6 +44,23 @@ def test_quantize_model_skips_lm_head_and_incompatible():
     assert model(torch.randn(2, 64)).shape == (2, 100)
 
 
+def test_quantize_model_and_llama_pass_the_method_on():
+    """method="mse" reaches quantize() from quantize_model and Llama.quantize: the stored weights are its."""
+    from flashquant.models.llama import Llama, LlamaConfig
+
+    model = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 8))
+    expected = fq.quantize(model[0].weight.detach(), 4, 16, False, method="mse")
+    quantize_model(model, bits=4, group_size=16, symmetric=False, skip=(), method="mse")
+    assert torch.equal(model[0].qdata, expected.qdata) and torch.equal(model[0].zeros, expected.zeros)
+    assert torch.equal(model[0].scales, expected.scales)
+    llama = Llama.random(LlamaConfig(), seed=0)
+    w = llama.layers[0].mlp.down_proj.weight.detach().clone()
+    llama.quantize(4, 32, method="mse")
+    assert torch.equal(llama.layers[0].mlp.down_proj.scales, fq.quantize(w, 4, 32, method="mse").scales)
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize_model(nn.Sequential(nn.Linear(64, 16)), method="awq")
+
+
 def test_quantlinear_rejects_bad_config():
     with pytest.raises(ValueError, match="bits"):
         QuantLinear(64, 8, bits=2)

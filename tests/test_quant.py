@@ -1,10 +1,19 @@
 """quantize / QuantizedWeight / quant_matmul on the CPU: torch and C++ (cpu) backends vs the reference."""
 
+import itertools
+
 import pytest
 import torch
 
 import flashquant as fq
-from tolerances import SQNR_DB_MIN, assert_qmm_close, assert_qmm_same_rounding, assert_within_ulps, sqnr_db
+from tolerances import (
+    MSE_MIN_GAIN_DB,
+    SQNR_DB_MIN,
+    assert_qmm_close,
+    assert_qmm_same_rounding,
+    assert_within_ulps,
+    sqnr_db,
+)
 
 CPU_OK = fq.backends()["cpu"].available
 
@@ -27,22 +36,26 @@ def test_quantize_shapes_and_dequantize(bits, group_size, symmetric):
     assert ((deq.float() - w.float()).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("method", ["minmax", "mse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "bits,group_size,symmetric", [(4, 32, True), (4, 64, False), (8, -1, True), (8, 32, False)]
 )
 def test_quantize_in_row_chunks_equals_the_reference_on_the_whole_matrix(
-    dtype, bits, group_size, symmetric, monkeypatch
+    dtype, bits, group_size, symmetric, method, monkeypatch
 ):
     """quantize() works through w a few rows at a time (bounded temporaries); rows are independent, so the result
     is the reference's on the whole matrix, bit for bit: 3 rows per chunk over N = 10 (a ragged last chunk), and a
-    non-finite weight in the last chunk is still found."""
+    non-finite weight in the last chunk is still found. "mse": the reference quantization at the reference's
+    clip ratios."""
     from flashquant import quant
 
     monkeypatch.setattr(quant, "_QUANTIZE_CHUNK_ELEMENTS", (3 * 128, 3 * 128))
     w = (torch.randn(10, 128) * 3).to(dtype)
-    qw = fq.quantize(w, bits, group_size, symmetric)
-    codes, scales, zeros = fq.reference.quant.quantize_ref(w, bits, group_size, symmetric)
+    qw = fq.quantize(w, bits, group_size, symmetric, method=method)
+    rq = fq.reference.quant
+    clip = rq.mse_clip_ratios(w, bits, group_size, symmetric) if method == "mse" else 1.0
+    codes, scales, zeros = rq.quantize_ref(w, bits, group_size, symmetric, clip)
     assert torch.equal(qw.qdata, fq.quant.pack(codes, bits)) and torch.equal(qw.scales, scales)
     assert (zeros is None and qw.zeros is None) or torch.equal(qw.zeros, zeros)
     w[9, 5] = float("inf")
@@ -57,6 +70,54 @@ def test_quantization_sqnr_of_layer_output(bits, group_size):
     assert sqnr_db(x @ w.t(), fq.quant_matmul(x, qw, backend="reference")) >= SQNR_DB_MIN[(bits, group_size)]
 
 
+def _group_sq_errors(w, qw):
+    gs = qw.effective_group_size
+    err = (qw.dequantize(torch.float32) - w.float()).square()
+    return err.reshape(w.shape[0], -1, gs).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 32), (4, -1), (8, -1), (8, 128)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_method_is_never_worse_than_minmax_per_group_and_gains_on_int4(
+    dtype, bits, group_size, symmetric
+):
+    """Min-max is one of the clip search's candidates, so every group's squared error is at most min-max's (exactly,
+    not on average); on int4 the search must also buy the measured SQNR gain."""
+    torch.manual_seed(0)
+    w = torch.randn(256, 512).to(dtype)
+    minmax = fq.quantize(w, bits, group_size, symmetric)
+    mse = fq.quantize(w, bits, group_size, symmetric, method="mse")
+    assert (_group_sq_errors(w, mse) <= _group_sq_errors(w, minmax)).all()
+    gain = sqnr_db(w.float(), mse.dequantize(torch.float32)) - sqnr_db(
+        w.float(), minmax.dequantize(torch.float32)
+    )
+    assert gain >= MSE_MIN_GAIN_DB.get((bits, group_size, symmetric), 0.0)
+
+
+def test_mse_clip_ratios_keep_exact_grids_and_clip_gaussian_tails():
+    """A group whose values already sit on its min-max grid keeps ratio 1 (zero error; ties go to the widest range);
+    most Gaussian groups of 128 clip their tails (int4: the optimal range is ~2.5 sigma, their max ~2.6-3.2)."""
+    rq = fq.reference.quant
+    torch.manual_seed(0)
+    grid = torch.arange(-7.0, 8.0).repeat(9)[:128] * 0.25  # codes -7..7 at scale 0.25: exact under min-max
+    w = torch.cat([grid[None], torch.randn(63, 128)])
+    ratios = rq.mse_clip_ratios(w, 4, 128, True)
+    assert ratios[0, 0] == 1.0
+    assert (ratios[1:] < 1.0).float().mean() > 0.75
+    assert torch.isin(ratios, torch.tensor(rq.CLIP_RATIOS)).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"] + (["cpu"] if CPU_OK else []))
+def test_mse_quantized_weights_run_on_every_kernel(backend):
+    """The clip search changes only the chosen scales and zero points, not the format: the kernels take the result."""
+    w, x = torch.randn(64, 256), torch.randn(3, 256)
+    qw = fq.quantize(w, 4, 64, False, method="mse")
+    assert_qmm_close(
+        fq.quant_matmul(x, qw, backend=backend), x @ qw.dequantize(torch.float32).t(), backend=backend
+    )
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_edge_values_never_nan(bits, symmetric):
@@ -66,8 +127,8 @@ def test_edge_values_never_nan(bits, symmetric):
     w[3] = torch.linspace(-6e4, 6e4, 64)  # extreme range (fp16 max 65504)
     w[4, 0] = -1.0  # a single non-zero
     w[5] = -2.5
-    for dt in (torch.float16, torch.float32, torch.bfloat16):
-        qw = fq.quantize(w.to(dt), bits, 32, symmetric)
+    for dt, method in itertools.product((torch.float16, torch.float32, torch.bfloat16), ("minmax", "mse")):
+        qw = fq.quantize(w.to(dt), bits, 32, symmetric, method=method)
         deq = qw.dequantize(torch.float32)
         assert torch.isfinite(qw.scales.float()).all() and (qw.scales.float() > 0).all()
         assert torch.isfinite(deq).all()
@@ -87,6 +148,7 @@ def test_edge_values_never_nan(bits, symmetric):
         (dict(w=torch.randn(64)), ValueError, "w must be 2-D"),
         (dict(w=torch.randint(0, 3, (4, 64))), TypeError, "w must have dtype"),
         (dict(w=torch.full((4, 64), float("nan"))), ValueError, "inf or NaN"),
+        (dict(w=torch.randn(4, 64), method="gptq"), ValueError, "method must be one of"),
     ],
 )
 def test_quantize_validation(kwargs, exc, match):

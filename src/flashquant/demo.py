@@ -14,6 +14,7 @@ import time
 import torch
 
 from flashquant.models.llama import CUDAGraphDecoder, KVCache, Llama, config_from_preset
+from flashquant.quant import QUANTIZE_METHODS
 
 
 def _sync(device):
@@ -103,6 +104,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", help="subset of variant names to run")
     ap.add_argument("--json", help="also write the results table to this JSON file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--quant-method",
+        choices=QUANTIZE_METHODS,
+        default="minmax",
+        help="how quantize() picks each group's range (mse: a clip search, better int4 SQNR, slower to quantize)",
+    )
     ap.add_argument("--no-graph", action="store_true", help="on CUDA, skip the CUDA-graph decode measurement")
     ap.add_argument(
         "--markdown", metavar="RUN.json", help="print the results table of a --json run as markdown"
@@ -182,7 +189,7 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
     # quantized.
     model = Llama.random(cfg, seed=args.seed, dtype=dtype, device=device, attn_backend=backend)
     if quant:  # every linear, lm_head included (it is the largest matrix of small Llamas)
-        model.quantize(*quant, skip=())
+        model.quantize(*quant, skip=(), method=args.quant_method)
     if backend != "torch":
         model.fuse_projections()
     # Warm-up at the timed prompt length: prefill-sized shapes have their own kernel specializations (Triton JIT,
@@ -233,7 +240,8 @@ def _print_table(rows, new_tokens) -> None:
     print(
         "\nlogit SQNR: first generated position vs the fp32 reference; 'greedy = fp32': leading greedy tokens that"
         " match the fp32 model's.\nQuantized variants quantize every linear incl. lm_head (round-to-nearest, no"
-        " calibration); random Gaussian weights are a hard case for int4, so expect low int4 SQNR here.\nThe"
+        " calibration; --quant-method mse searches each group's clip range); random Gaussian weights are a hard"
+        " case for int4, so expect low int4 SQNR here.\nThe"
         " flashquant variants fuse q/k/v and gate/up into one projection each; the PyTorch variants keep Hugging"
         " Face's separate linears."
     )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .quant import QuantizedWeight, quant_matmul, quantize
+from .quant import QuantizedWeight, check_quantize_method, quant_matmul, quantize
 
 __all__ = ["QuantLinear", "fuse_linears", "quantize_model"]
 log = logging.getLogger("flashquant")
@@ -67,11 +67,15 @@ class QuantLinear(nn.Module):
         group_size: int = 128,
         symmetric: bool = True,
         backend: str = "auto",
+        *,
+        method: str = "minmax",
     ) -> QuantLinear:
+        """A QuantLinear holding `linear`'s weight quantized by :func:`flashquant.quantize` (bits, group_size,
+        symmetric, method as there) and its bias, on the linear's device and dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        qw = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric)
+        qw = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric, method=method)
         mod = cls(
             linear.in_features,
             linear.out_features,
@@ -126,11 +130,15 @@ def quantize_model(
     symmetric: bool = True,
     skip=("lm_head",),
     backend: str = "auto",
+    *,
+    method: str = "minmax",
 ) -> nn.Module:
     """Replace every ``nn.Linear`` in `model` (in place) by a :class:`QuantLinear`, except those whose
     qualified name matches a pattern in `skip` (fnmatch patterns, or plain names matched against the last
     component). Linears whose in_features the format cannot hold (group_size does not divide it, odd K for
-    int4) are left in floating point and logged. Returns the model."""
+    int4) are left in floating point and logged. `method` as in :func:`flashquant.quantize` ("mse": a clip search
+    per group, better int4 accuracy for a slower quantization). Returns the model."""
+    check_quantize_method(method)  # before any linear is skipped or replaced
     if isinstance(skip, str):
         skip = (skip,)
     targets = []
@@ -154,7 +162,11 @@ def quantize_model(
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(
-            parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), bits, group_size, symmetric, backend)
+            parent,
+            leaf,
+            QuantLinear.from_linear(
+                getattr(parent, leaf), bits, group_size, symmetric, backend, method=method
+            ),
         )
     return model
 

@@ -141,17 +141,40 @@ def _(qdata, scales, zeros, bits, group_size, dtype):
     return qdata.new_empty((qdata.shape[0], qdata.shape[1] * (8 // bits)), dtype=dtype)
 
 
+QUANTIZE_METHODS = ("minmax", "mse")
+
+
+def check_quantize_method(method: str) -> None:
+    if method not in QUANTIZE_METHODS:
+        raise ValueError(f"method must be one of {QUANTIZE_METHODS}, got {method!r}")
+
+
 def quantize(
-    w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = True,
+    *,
+    method: str = "minmax",
 ) -> QuantizedWeight:
     """Quantize a weight w (out_features N, in_features K), fp16/bf16/fp32, to int4 or int8.
 
     group_size: 32, 64, 128, 256, ... (must divide K) or -1 for one scale per output channel.
     int4 needs an even K (two codes per byte). Returns a :class:`QuantizedWeight` on w's device.
+
+    method: how each group's range is chosen (the stored format and the kernels are the same for both):
+        * ``"minmax"``: the group's full range; one pass.
+        * ``"mse"``: the range shrunk by the clip ratio (1.0 down to 0.2) whose quantized group is closest to w in
+          squared error; outliers clamp, the rest gets a finer grid. No group gets worse than min-max.
+          Weight SQNR gains on Gaussian weights: int4 symmetric +1.3 dB at group 128, +2-3 dB per channel;
+          asymmetric about half that; int8 < 0.2 dB. Costs 34 quantization passes (seconds per Llama-3-8B
+          matrix on a CPU).
     """
     check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES)
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if method not in QUANTIZE_METHODS:
+        raise ValueError(f"method must be one of {QUANTIZE_METHODS}, got {method!r}")
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be a positive int or -1 (per output channel), got {group_size!r}")
     N, K = w.shape
@@ -175,7 +198,8 @@ def quantize(
             raise ValueError("w contains inf or NaN; quantization needs finite weights")
         if K == 0:
             continue
-        codes, s, z = ref.quantize_ref(chunk, bits, group_size, symmetric)
+        clip = ref.mse_clip_ratios(chunk, bits, group_size, symmetric) if method == "mse" else 1.0
+        codes, s, z = ref.quantize_ref(chunk, bits, group_size, symmetric, clip)
         qdata[n0 : n0 + rows] = pack(codes, bits)
         scales[n0 : n0 + rows] = s
         if zeros is not None:

@@ -77,10 +77,19 @@ def register() -> str:
 
 
 def quantize_transformers_model(
-    model, bits: int = 4, group_size: int = 128, symmetric: bool = True, skip=("lm_head",)
+    model,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = True,
+    skip=("lm_head",),
+    *,
+    method: str = "minmax",
 ):
-    """Swap a loaded transformers model's nn.Linear layers for QuantLinear (lm_head kept by default)."""
-    return quantize_model(model, bits=bits, group_size=group_size, symmetric=symmetric, skip=skip)
+    """Swap a loaded transformers model's nn.Linear layers for QuantLinear (lm_head kept by default; arguments as
+    in flashquant.nn.quantize_model)."""
+    return quantize_model(
+        model, bits=bits, group_size=group_size, symmetric=symmetric, skip=skip, method=method
+    )
 
 
 # RMSNorm classes that compute Llama's form, weight * (x * rsqrt(mean(x^2) + eps)): Mistral's and Qwen2's are

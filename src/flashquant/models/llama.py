@@ -281,9 +281,17 @@ class Llama(nn.Module):
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model
 
-    def quantize(self, bits: int, group_size: int = 128, symmetric: bool = True, skip=("lm_head",)) -> Llama:
-        """Swap every linear (except `skip`) for a QuantLinear, in place."""
-        quantize_model(self, bits, group_size, symmetric, skip=skip)
+    def quantize(
+        self,
+        bits: int,
+        group_size: int = 128,
+        symmetric: bool = True,
+        skip=("lm_head",),
+        *,
+        method: str = "minmax",
+    ) -> Llama:
+        """Swap every linear (except `skip`) for a QuantLinear, in place (arguments as in quantize_model)."""
+        quantize_model(self, bits, group_size, symmetric, skip=skip, method=method)
         return self
 
     def fuse_projections(self) -> Llama:

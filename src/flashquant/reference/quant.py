@@ -6,6 +6,9 @@ For a weight w (N, K), groups of `group_size` consecutive input channels share o
 * asymmetric: lo = min(min w_group, 0), hi = max(max w_group, 0);  scale = (hi - lo) / (2^bits - 1);
   zero = clamp(round(-lo / scale), 0, 2^bits - 1);  code = clamp(round(w / scale) + zero, 0, 2^bits - 1).
 * dequantized weight = (code - zero) * scale.
+* clipping (optional, per group): a ratio c in (0, 1] shrinks the range first (max|w_group| -> c max|w_group|;
+  lo, hi -> c lo, c hi); values beyond it clamp to the end codes. Trading large errors on a few outliers for a
+  finer grid on the rest lowers the group's total squared error; `mse_clip_ratios` searches c per group.
 `round` is round-half-to-even (torch.round). The scale is first rounded to the storage dtype (w's dtype), then
 used for the codes, so dequantize() reproduces exactly what the kernels compute. A group whose range is 0 gets
 scale 1 (all codes equal the zero point, dequantizing to exact zeros); scales are clamped to the storage dtype's
@@ -17,19 +20,23 @@ from __future__ import annotations
 import torch
 
 
-def quantize_ref(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    """w (N, K) float -> (codes uint8 (N, K), scales (N, K // group_size) in w.dtype, zeros uint8 or None)."""
+def quantize_ref(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: torch.Tensor | float = 1.0
+):
+    """w (N, K) float -> (codes uint8 (N, K), scales (N, K // group_size) in w.dtype, zeros uint8 or None).
+
+    clip: the ratio each group's range is shrunk by, a float or fp32 (N, K // group_size); 1.0 = min-max."""
     N, K = w.shape
     gs = K if group_size == -1 else group_size
     groups = w.float().reshape(N, K // gs, gs)
     tiny = torch.finfo(w.dtype).tiny
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = groups.abs().amax(-1) / qmax
+        scale = groups.abs().amax(-1) * clip / qmax
     else:
         qmax = 2**bits - 1
-        lo = groups.amin(-1).clamp(max=0)
-        hi = groups.amax(-1).clamp(min=0)
+        lo = groups.amin(-1).clamp(max=0) * clip
+        hi = groups.amax(-1).clamp(min=0) * clip
         scale = (hi - lo) / qmax
     scale = torch.where(scale == 0, torch.ones_like(scale), scale.clamp(min=tiny))
     scale = scale.to(w.dtype)  # what is stored ...
@@ -43,6 +50,33 @@ def quantize_ref(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
         codes = torch.clamp(torch.round(groups / s) + zero[..., None], 0, qmax)
         zeros = zero.to(torch.uint8)
     return codes.reshape(N, K).to(torch.uint8), scale, zeros
+
+
+# The clip ratios `mse_clip_ratios` tries: 1.0 (min-max) down to 0.2 in steps of 0.025. Heavy-tailed per-channel
+# int4 rows want ratios below 0.5; a finer step gained < 0.02 dB on Gaussian and Student-t weights (bench/NOTES.md,
+# "Session 21").
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(33))
+
+
+def mse_clip_ratios(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Per group, the ratio in CLIP_RATIOS whose quantization has the smallest squared error against w (the first,
+    i.e. the widest range, on ties): fp32 (N, K // group_size). 1.0 is a candidate, so no group gets worse than
+    min-max."""
+    N, K = w.shape
+    gs = K if group_size == -1 else group_size
+    target = w.float().reshape(N, K // gs, gs)
+    best_err = best = None
+    for ratio in CLIP_RATIOS:
+        codes, scales, zeros = quantize_ref(w, bits, group_size, symmetric, ratio)
+        approx = dequantize_ref(codes, scales, zeros, bits, group_size).reshape(N, K // gs, gs)
+        err = (approx - target).square().sum(-1)
+        if best is None:
+            best_err, best = err, torch.full_like(err, ratio)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, ratio, best)
+    return best
 
 
 def dequantize_ref(
