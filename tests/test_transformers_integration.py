@@ -5,6 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import flashquant as fq  # noqa: E402
 import flashquant.integrations.transformers as fqt  # noqa: E402
 from flashquant.nn import QuantLinear  # noqa: E402
 from tolerances import sqnr_db  # noqa: E402
@@ -62,12 +63,17 @@ def test_generation_with_kv_cache_matches_eager(models):
     assert torch.equal(eager.generate(ids, **kw), fq_model.generate(ids, **kw))
 
 
+@pytest.mark.parametrize("method", ["minmax", "mse"])
 @pytest.mark.parametrize("bits,group,min_sqnr,min_top1", [(8, -1, 30.0, 0.95), (4, 32, 12.0, 0.6)])
-def test_quantized_hf_model_stays_close(models, bits, group, min_sqnr, min_top1):
+def test_quantized_hf_model_stays_close(models, bits, group, min_sqnr, min_top1, method):
     eager, _ = models
     q = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
     q.load_state_dict(eager.state_dict())
-    fqt.quantize_transformers_model(q, bits=bits, group_size=group)
+    fqt.quantize_transformers_model(q, bits=bits, group_size=group, method=method)
+    w = eager.model.layers[0].mlp.down_proj.weight.detach()
+    assert torch.equal(
+        q.model.layers[0].mlp.down_proj.scales, fq.quantize(w, bits, group, method=method).scales
+    )
     assert isinstance(q.model.layers[0].mlp.down_proj, QuantLinear)
     assert not isinstance(q.lm_head, QuantLinear)  # lm_head skipped by default
     ids = torch.randint(0, 256, (2, 16))
