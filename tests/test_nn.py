@@ -61,6 +61,52 @@ def test_quantize_model_and_llama_pass_the_method_on():
         quantize_model(nn.Sequential(nn.Linear(64, 16)), method="awq")
 
 
+def _small_model():
+    return nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 16, bias=False))
+
+
+def _state_after_save_and_load(model):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_quantized_checkpoint_loads_into_an_unquantized_skeleton(on_meta, monkeypatch):
+    """quantize_model(quantize_weights=False) installs empty QuantLinears of the same format, so a saved quantized
+    state_dict loads without quantizing again (quantize is not called), also into a meta-device model
+    (assign=True); the loaded model computes exactly what the saved one did."""
+    from flashquant import nn as fqnn
+
+    torch.manual_seed(0)
+    saved = quantize_model(_small_model(), bits=4, group_size=32, symmetric=False, skip=(), method="mse")
+    state = _state_after_save_and_load(saved)
+    monkeypatch.setattr(fqnn, "quantize", lambda *a, **k: pytest.fail("quantize called"))
+    with torch.device("meta" if on_meta else "cpu"):
+        skeleton = _small_model()
+    quantize_model(skeleton, bits=4, group_size=32, symmetric=False, skip=(), quantize_weights=False)
+    assert isinstance(skeleton[0], QuantLinear) and isinstance(skeleton[2], QuantLinear)
+    skeleton.load_state_dict(state, assign=on_meta)
+    x = torch.randn(5, 64)
+    assert torch.equal(skeleton(x), saved(x))
+
+
+@pytest.mark.parametrize(
+    "other", [dict(bits=8), dict(group_size=16), dict(symmetric=True)], ids=["bits", "group", "sym"]
+)
+def test_quantized_checkpoint_refuses_a_skeleton_of_another_format(other):
+    """A skeleton built with other arguments than the checkpoint's has other buffer shapes (or no zero points):
+    load_state_dict refuses it instead of loading codes of one format into another."""
+    args = dict(bits=4, group_size=32, symmetric=False, skip=())
+    state = quantize_model(_small_model(), **args).state_dict()
+    skeleton = quantize_model(_small_model(), **{**args, **other}, quantize_weights=False)
+    with pytest.raises(RuntimeError, match="size mismatch|Unexpected key"):
+        skeleton.load_state_dict(state)
+
+
 def test_quantlinear_rejects_bad_config():
     with pytest.raises(ValueError, match="bits"):
         QuantLinear(64, 8, bits=2)

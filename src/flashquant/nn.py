@@ -72,11 +72,33 @@ class QuantLinear(nn.Module):
     ) -> QuantLinear:
         """A QuantLinear holding `linear`'s weight quantized by :func:`flashquant.quantize` (bits, group_size,
         symmetric, method as there) and its bias, on the linear's device and dtype."""
+        mod = cls.empty_like(linear, bits, group_size, symmetric, backend)
+        qw = quantize(
+            linear.weight.detach(), bits=bits, group_size=group_size, symmetric=symmetric, method=method
+        )
+        mod.qdata.copy_(qw.qdata)
+        mod.scales.copy_(qw.scales)
+        if qw.zeros is not None:
+            mod.zeros.copy_(qw.zeros)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    @classmethod
+    def empty_like(
+        cls,
+        linear: nn.Linear,
+        bits: int = 4,
+        group_size: int = 128,
+        symmetric: bool = True,
+        backend: str = "auto",
+    ) -> QuantLinear:
+        """A QuantLinear with `linear`'s shape, bias, dtype and device and the given format, its codes zero and
+        scales one: to be filled by ``load_state_dict``. Reads no weight values (meta-device linears work)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
-        qw = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric, method=method)
-        mod = cls(
+        w = linear.weight
+        return cls(
             linear.in_features,
             linear.out_features,
             linear.bias is not None,
@@ -87,13 +109,6 @@ class QuantLinear(nn.Module):
             w.device,
             backend,
         )
-        mod.qdata.copy_(qw.qdata)
-        mod.scales.copy_(qw.scales)
-        if qw.zeros is not None:
-            mod.zeros.copy_(qw.zeros)
-        if linear.bias is not None:
-            mod.bias.copy_(linear.bias.detach())
-        return mod
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -132,12 +147,18 @@ def quantize_model(
     backend: str = "auto",
     *,
     method: str = "minmax",
+    quantize_weights: bool = True,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` in `model` (in place) by a :class:`QuantLinear`, except those whose
     qualified name matches a pattern in `skip` (fnmatch patterns, or plain names matched against the last
     component). Linears whose in_features the format cannot hold (group_size does not divide it, odd K for
     int4) are left in floating point and logged. `method` as in :func:`flashquant.quantize` ("mse": a clip search
-    per group, better int4 accuracy for a slower quantization). Returns the model."""
+    per group, better int4 accuracy for a slower quantization). Returns the model.
+
+    quantize_weights=False installs the same QuantLinears empty (no quantization, the float weights are not read),
+    to be filled by ``model.load_state_dict`` from a model quantized with the same arguments: a saved quantized
+    checkpoint loads without quantizing again. The model may live on the meta device (then load with
+    ``assign=True``)."""
     check_quantize_method(method)  # before any linear is skipped or replaced
     if isinstance(skip, str):
         skip = (skip,)
@@ -161,13 +182,13 @@ def quantize_model(
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(
-            parent,
-            leaf,
-            QuantLinear.from_linear(
-                getattr(parent, leaf), bits, group_size, symmetric, backend, method=method
-            ),
+        linear, args = getattr(parent, leaf), (bits, group_size, symmetric, backend)
+        new = (
+            QuantLinear.from_linear(linear, *args, method=method)
+            if quantize_weights
+            else QuantLinear.empty_like(linear, *args)
         )
+        setattr(parent, leaf, new)
     return model
 
 

@@ -84,11 +84,19 @@ def quantize_transformers_model(
     skip=("lm_head",),
     *,
     method: str = "minmax",
+    quantize_weights: bool = True,
 ):
     """Swap a loaded transformers model's nn.Linear layers for QuantLinear (lm_head kept by default; arguments as
-    in flashquant.nn.quantize_model)."""
+    in flashquant.nn.quantize_model: quantize_weights=False prepares a model to load a saved quantized
+    state_dict)."""
     return quantize_model(
-        model, bits=bits, group_size=group_size, symmetric=symmetric, skip=skip, method=method
+        model,
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+        skip=skip,
+        method=method,
+        quantize_weights=quantize_weights,
     )
 
 
