@@ -83,6 +83,23 @@ def test_quantized_hf_model_stays_close(models, bits, group, min_sqnr, min_top1,
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= min_top1
 
 
+def test_quantized_hf_checkpoint_loads_into_a_skeleton(models):
+    """The usual way to ship a quantized model: quantize once, save the state_dict; later build the architecture
+    (other random weights), install empty QuantLinears (quantize_weights=False) and load: the same logits, bit for
+    bit. (A transformers model built on the meta device also needs its non-persistent buffers, e.g. the rotary
+    inv_freq, which no state_dict holds: from_pretrained-style loaders recreate those.)"""
+    eager, _ = models
+    q = _copy_of(eager)
+    fqt.quantize_transformers_model(q, bits=4, group_size=32, method="mse")
+    torch.manual_seed(123)
+    skeleton = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
+    fqt.quantize_transformers_model(skeleton, bits=4, group_size=32, quantize_weights=False)
+    skeleton.load_state_dict(q.state_dict())
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(skeleton(ids).logits, q(ids).logits)
+
+
 def _copy_of(eager):
     m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
     m.load_state_dict(eager.state_dict())
