@@ -348,3 +348,30 @@ def test_profile_script_runs_every_kernel_it_names(capsys):
         "silu_mul",
     ]:  # the decode step's small kernels
         assert any(p.startswith(what) for p in profiled), profiled
+
+
+def test_accuracy_report_measures_every_format_and_method(tmp_path):
+    """python -m flashquant.bench.accuracy on a small shape: a row per distribution x format x method, SQNRs that
+    its own recomputation confirms, and mse never below minmax on the weights (it cannot be: per group)."""
+    from flashquant.bench import accuracy
+
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--shape", "32", "256", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    rows = run["results"]
+    assert (
+        run["environment"]["device"] and len(rows) == len(accuracy.DISTRIBUTIONS) * len(accuracy.FORMATS) * 4
+    )
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["distribution"], r["bits"], r["group_size"], r["symmetric"]), {})[r["method"]] = r
+    for m in pairs.values():
+        assert m["mse"]["weight_sqnr_db"] >= m["minmax"]["weight_sqnr_db"] - 1e-9
+    g = torch.Generator().manual_seed(0)
+    w = accuracy.DISTRIBUTIONS["gaussian"]((32, 256), g).bfloat16().float()
+    deq = fq.quantize(w.bfloat16(), 4, 128).dequantize(torch.float32)
+    first = next(
+        r for r in rows if r["distribution"] == "gaussian" and r["bits"] == 4 and r["group_size"] == 128
+    )
+    assert first["symmetric"] and first["method"] == "minmax"
+    assert abs(first["weight_sqnr_db"] - accuracy.sqnr_db(w, deq)) < 1e-9
