@@ -173,8 +173,7 @@ def quantize(
     check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES)
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    if method not in QUANTIZE_METHODS:
-        raise ValueError(f"method must be one of {QUANTIZE_METHODS}, got {method!r}")
+    check_quantize_method(method)
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be a positive int or -1 (per output channel), got {group_size!r}")
     N, K = w.shape
