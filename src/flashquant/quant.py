@@ -166,9 +166,9 @@ def quantize(
         * ``"minmax"``: the group's full range; one pass.
         * ``"mse"``: the range shrunk by the clip ratio (1.0 down to 0.2) whose quantized group is closest to w in
           squared error; outliers clamp, the rest gets a finer grid. No group gets worse than min-max.
-          Weight SQNR gains on Gaussian weights: int4 symmetric +1.3 dB at group 128, +2-3 dB per channel;
-          asymmetric about half that; int8 < 0.2 dB. Costs 34 quantization passes (seconds per Llama-3-8B
-          matrix on a CPU).
+          Weight SQNR gains on random weights (``python -m flashquant.bench.accuracy``): int4 symmetric
+          +1.1-1.3 dB at group 128, +2-4.5 dB per channel (more for long rows, heavy tails); asymmetric less;
+          int8 < 0.2 dB. Costs 34 quantization passes (seconds per Llama-3-8B matrix on a CPU).
     """
     check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES)
     if bits not in (4, 8):
