@@ -20,6 +20,33 @@ from __future__ import annotations
 import torch
 
 
+def group_grid(
+    groups: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype, clip: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 groups (..., group_size) -> (scale (...) in `dtype`, the storage dtype; zero point (...) fp32: the
+    rounded one, or 2^(bits-1) for symmetric). clip: a float or fp32 (...) ratio; 1.0 = min-max."""
+    tiny = torch.finfo(dtype).tiny
+    if symmetric:
+        scale = groups.abs().amax(-1) * clip / (2 ** (bits - 1) - 1)
+    else:
+        lo = groups.amin(-1).clamp(max=0) * clip
+        hi = groups.amax(-1).clamp(min=0) * clip
+        scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale.clamp(min=tiny))
+    scale = scale.to(dtype)  # what is stored is what the codes are computed against
+    if symmetric:
+        zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32)
+    else:
+        zero = torch.clamp(torch.round(-lo / scale.float()), 0, 2**bits - 1)
+    return scale, zero
+
+
+def codes_on_grid(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 groups (..., group_size), scale and zero (...) -> fp32 codes in [0, 2^bits - 1]. For symmetric grids
+    this is clamp(round(w / scale), -2^(bits-1), 2^(bits-1) - 1) + 2^(bits-1), the same integers."""
+    return torch.clamp(torch.round(groups / scale.float()[..., None]) + zero[..., None], 0, 2**bits - 1)
+
+
 def quantize_ref(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: torch.Tensor | float = 1.0
 ):
@@ -29,27 +56,9 @@ def quantize_ref(
     N, K = w.shape
     gs = K if group_size == -1 else group_size
     groups = w.float().reshape(N, K // gs, gs)
-    tiny = torch.finfo(w.dtype).tiny
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = groups.abs().amax(-1) * clip / qmax
-    else:
-        qmax = 2**bits - 1
-        lo = groups.amin(-1).clamp(max=0) * clip
-        hi = groups.amax(-1).clamp(min=0) * clip
-        scale = (hi - lo) / qmax
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale.clamp(min=tiny))
-    scale = scale.to(w.dtype)  # what is stored ...
-    s = scale.float()[..., None]  # ... is what the codes are computed against
-    if symmetric:
-        offset = 2 ** (bits - 1)
-        codes = torch.clamp(torch.round(groups / s), -offset, offset - 1) + offset
-        zeros = None
-    else:
-        zero = torch.clamp(torch.round(-lo / scale.float()), 0, qmax)
-        codes = torch.clamp(torch.round(groups / s) + zero[..., None], 0, qmax)
-        zeros = zero.to(torch.uint8)
-    return codes.reshape(N, K).to(torch.uint8), scale, zeros
+    scale, zero = group_grid(groups, bits, symmetric, w.dtype, clip)
+    codes = codes_on_grid(groups, scale, zero, bits)
+    return codes.reshape(N, K).to(torch.uint8), scale, None if symmetric else zero.to(torch.uint8)
 
 
 # The clip ratios `mse_clip_ratios` tries: 1.0 (min-max) down to 0.2 in steps of 0.025. Heavy-tailed per-channel
