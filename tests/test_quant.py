@@ -148,7 +148,7 @@ def test_edge_values_never_nan(bits, symmetric):
         (dict(w=torch.randn(64)), ValueError, "w must be 2-D"),
         (dict(w=torch.randint(0, 3, (4, 64))), TypeError, "w must have dtype"),
         (dict(w=torch.full((4, 64), float("nan"))), ValueError, "inf or NaN"),
-        (dict(w=torch.randn(4, 64), method="gptq"), ValueError, "method must be one of"),
+        (dict(w=torch.randn(4, 64), method="awq"), ValueError, "method must be one of"),
     ],
 )
 def test_quantize_validation(kwargs, exc, match):

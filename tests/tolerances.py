@@ -44,6 +44,9 @@
   quantize(method="mse") must gain MSE_MIN_GAIN_DB of weight SQNR over min-max on a seeded Gaussian 256 x 512
   weight (measured over seeds 0-2: int4 symmetric g128 +1.30 dB, per channel +2.0; asymmetric g128 +0.5, per
   channel +1.0; int8 +0.0, bound 0: never worse, which holds per group by construction).
+  GPTQ (method="gptq") must beat "mse" by GPTQ_MIN_GAIN_DB of output SQNR on held-out inputs drawn like its
+  calibration inputs (rows near a 32-dimensional subspace, channel scales e^N(0,1); tests/test_gptq.py): measured
+  +8 dB there for int4 and int8; the bound is 3 dB. On real LLM activations the gain differs (not measured here).
 """
 
 import torch
@@ -52,6 +55,7 @@ ATTN_FACTOR = 2.0
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 QMM_RTOL = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 1e-5}
 QMM_RTOL_CPU = 2.0**-13
+GPTQ_MIN_GAIN_DB = 3.0
 MSE_MIN_GAIN_DB = {(4, 128, True): 1.0, (4, -1, True): 1.5, (4, 128, False): 0.3, (4, -1, False): 0.6}
 SQNR_DB_MIN = {(8, -1): 38.0, (8, 128): 38.0, (4, 128): 16.0, (4, 32): 17.0, (4, -1): 13.0}
 

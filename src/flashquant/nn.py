@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -69,12 +70,18 @@ class QuantLinear(nn.Module):
         backend: str = "auto",
         *,
         method: str = "minmax",
+        hessian: torch.Tensor | None = None,
     ) -> QuantLinear:
         """A QuantLinear holding `linear`'s weight quantized by :func:`flashquant.quantize` (bits, group_size,
-        symmetric, method as there) and its bias, on the linear's device and dtype."""
+        symmetric, method, hessian as there) and its bias, on the linear's device and dtype."""
         mod = cls.empty_like(linear, bits, group_size, symmetric, backend)
         qw = quantize(
-            linear.weight.detach(), bits=bits, group_size=group_size, symmetric=symmetric, method=method
+            linear.weight.detach(),
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            method=method,
+            hessian=hessian,
         )
         mod.qdata.copy_(qw.qdata)
         mod.scales.copy_(qw.scales)
@@ -147,6 +154,8 @@ def quantize_model(
     backend: str = "auto",
     *,
     method: str = "minmax",
+    calibration: Callable[[nn.Module], object] | None = None,
+    hessian_budget_bytes: int = 2 << 30,
     quantize_weights: bool = True,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` in `model` (in place) by a :class:`QuantLinear`, except those whose
@@ -155,11 +164,26 @@ def quantize_model(
     int4) are left in floating point and logged. `method` as in :func:`flashquant.quantize` ("mse": a clip search
     per group, better int4 accuracy for a slower quantization). Returns the model.
 
+    method="gptq" needs `calibration`, a function that runs the model on representative inputs (e.g.
+    ``lambda m: [m(ids) for ids in batches]``; it runs under ``torch.no_grad()``). While it runs, hooks sum X^T X
+    of each linear's inputs (a K x K fp32 matrix per linear, on its device); each linear is then quantized by
+    GPTQ with it. Linears are taken in module order, as many per calibration run as `hessian_budget_bytes`
+    allows (at least one), and quantized before the next run: later linears are calibrated on the outputs of the
+    quantized earlier ones, as GPTQ does layer by layer. A linear the calibration never reached is quantized
+    with H = identity, i.e. as method="mse", and logged.
+
     quantize_weights=False installs the same QuantLinears empty (no quantization, the float weights are not read),
     to be filled by ``model.load_state_dict`` from a model quantized with the same arguments: a saved quantized
     checkpoint loads without quantizing again. The model may live on the meta device (then load with
     ``assign=True``)."""
     check_quantize_method(method)  # before any linear is skipped or replaced
+    if method == "gptq" and quantize_weights and not callable(calibration):
+        raise ValueError(
+            "method='gptq' needs calibration=<function running the model on sample inputs>, got "
+            f"{type(calibration).__name__}"
+        )
+    if method != "gptq" and calibration is not None:
+        raise ValueError(f"calibration is used by method='gptq' only, got method={method!r}")
     if isinstance(skip, str):
         skip = (skip,)
     targets = []
@@ -179,17 +203,69 @@ def quantize_model(
             )
             continue
         targets.append(name)
+    args = (bits, group_size, symmetric, backend)
+    if method == "gptq" and quantize_weights:
+        for names in _calibration_passes(model, targets, hessian_budget_bytes):
+            hessians = _input_hessians(model, names, calibration)
+            for name in names:
+                linear = model.get_submodule(name)
+                _replace(
+                    model, name, QuantLinear.from_linear(linear, *args, method=method, hessian=hessians[name])
+                )
+        return model
     for name in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear, args = getattr(parent, leaf), (bits, group_size, symmetric, backend)
-        new = (
+        linear = model.get_submodule(name)
+        _replace(
+            model,
+            name,
             QuantLinear.from_linear(linear, *args, method=method)
             if quantize_weights
-            else QuantLinear.empty_like(linear, *args)
+            else QuantLinear.empty_like(linear, *args),
         )
-        setattr(parent, leaf, new)
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def _calibration_passes(model: nn.Module, names: list[str], budget_bytes: int) -> list[list[str]]:
+    """`names` in order, split into runs whose K x K fp32 matrices fit in budget_bytes (at least one per run)."""
+    passes, size = [[]], 0
+    for name in names:
+        k = model.get_submodule(name).in_features
+        if passes[-1] and size + 4 * k * k > budget_bytes:
+            passes.append([])
+            size = 0
+        passes[-1].append(name)
+        size += 4 * k * k
+    return [p for p in passes if p]
+
+
+def _input_hessians(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
+    """X^T X (fp32, K x K) of what each named linear receives while calibration(model) runs; zeros if nothing."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def add(name, module, inputs):
+        x = inputs[0].detach().reshape(-1, module.in_features).float()
+        if name not in hessians:
+            hessians[name] = torch.zeros(module.in_features, module.in_features, device=x.device)
+        hessians[name].addmm_(x.t(), x)
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(functools.partial(add, n)) for n in names]
+    try:
+        with torch.no_grad():
+            calibration(model)
+    finally:
+        for h in handles:
+            h.remove()
+    for n in names:
+        if n not in hessians:
+            log.warning("quantize_model: %s saw no calibration input; quantized as method='mse'", n)
+            k = model.get_submodule(n).in_features
+            hessians[n] = torch.zeros(k, k, device=model.get_submodule(n).weight.device)
+    return hessians
 
 
 def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:

@@ -141,7 +141,7 @@ def _(qdata, scales, zeros, bits, group_size, dtype):
     return qdata.new_empty((qdata.shape[0], qdata.shape[1] * (8 // bits)), dtype=dtype)
 
 
-QUANTIZE_METHODS = ("minmax", "mse")
+QUANTIZE_METHODS = ("minmax", "mse", "gptq")
 
 
 def check_quantize_method(method: str) -> None:
@@ -156,6 +156,7 @@ def quantize(
     symmetric: bool = True,
     *,
     method: str = "minmax",
+    hessian: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize a weight w (out_features N, in_features K), fp16/bf16/fp32, to int4 or int8.
 
@@ -169,11 +170,28 @@ def quantize(
           Weight SQNR gains on random weights (``python -m flashquant.bench.accuracy``): int4 symmetric
           +1.1-1.3 dB at group 128, +2-4.5 dB per channel (more for long rows, heavy tails); asymmetric less;
           int8 < 0.2 dB. Costs 34 quantization passes (seconds per Llama-3-8B matrix on a CPU).
+        * ``"gptq"``: GPTQ (flashquant.gptq) with `hessian` = X^T X, (K, K) float, of the layer's calibration
+          inputs X (any positive multiple; ``quantize_model(calibration=...)`` collects it): columns are quantized
+          in turn, each one's error moved onto the columns after it, so that the layer's output error on inputs
+          like X is small; group grids by the "mse" search. An O(N K^2 + K^3) computation.
     """
     check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES)
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     check_quantize_method(method)
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("method='gptq' needs hessian=X^T X (K, K) of the layer's calibration inputs")
+        check_tensor("hessian", hessian, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+        if hessian.shape != (w.shape[1], w.shape[1]):
+            raise ValueError(
+                f"hessian must have shape (K, K) = {(w.shape[1], w.shape[1])} for w of shape {tuple(w.shape)},"
+                f" got {tuple(hessian.shape)}"
+            )
+        if not bool(torch.isfinite(hessian).all()):
+            raise ValueError("hessian contains inf or NaN")
+    elif hessian is not None:
+        raise ValueError(f"hessian is used by method='gptq' only, got method={method!r}")
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be a positive int or -1 (per output channel), got {group_size!r}")
     N, K = w.shape
@@ -186,7 +204,8 @@ def quantize(
     # Rows are quantized independently, so a chunk of rows at a time gives the same bits as the whole matrix at
     # once, without its fp32 temporaries: on CPUs those were several fresh buffers of 4 x N x K bytes each (1 GB for
     # a 128256 x 2048 lm_head), whose page faults cost more than the arithmetic (bench/NOTES.md, "Session 19").
-    rows = max(1, _QUANTIZE_CHUNK_ELEMENTS[w.device.type == "cuda"] // max(K, 1))
+    # GPTQ's rows are independent too, but its column loop costs the same for any number of rows: all at once.
+    rows = N if method == "gptq" else max(1, _QUANTIZE_CHUNK_ELEMENTS[w.device.type == "cuda"] // max(K, 1))
     gs = K if group_size == -1 else group_size
     qdata = torch.empty(N, K * bits // 8, dtype=torch.uint8, device=w.device)
     scales = torch.empty(N, K // gs if K else 0, dtype=w.dtype, device=w.device)
@@ -197,8 +216,13 @@ def quantize(
             raise ValueError("w contains inf or NaN; quantization needs finite weights")
         if K == 0:
             continue
-        clip = ref.mse_clip_ratios(chunk, bits, group_size, symmetric) if method == "mse" else 1.0
-        codes, s, z = ref.quantize_ref(chunk, bits, group_size, symmetric, clip)
+        if method == "gptq":
+            from .gptq import gptq_quantize
+
+            codes, s, z = gptq_quantize(chunk, hessian, bits, group_size, symmetric)
+        else:
+            clip = ref.mse_clip_ratios(chunk, bits, group_size, symmetric) if method == "mse" else 1.0
+            codes, s, z = ref.quantize_ref(chunk, bits, group_size, symmetric, clip)
         qdata[n0 : n0 + rows] = pack(codes, bits)
         scales[n0 : n0 + rows] = s
         if zeros is not None:

@@ -77,27 +77,12 @@ def register() -> str:
 
 
 def quantize_transformers_model(
-    model,
-    bits: int = 4,
-    group_size: int = 128,
-    symmetric: bool = True,
-    skip=("lm_head",),
-    *,
-    method: str = "minmax",
-    quantize_weights: bool = True,
+    model, bits: int = 4, group_size: int = 128, symmetric: bool = True, skip=("lm_head",), **options
 ):
-    """Swap a loaded transformers model's nn.Linear layers for QuantLinear (lm_head kept by default; arguments as
-    in flashquant.nn.quantize_model: quantize_weights=False prepares a model to load a saved quantized
-    state_dict)."""
-    return quantize_model(
-        model,
-        bits=bits,
-        group_size=group_size,
-        symmetric=symmetric,
-        skip=skip,
-        method=method,
-        quantize_weights=quantize_weights,
-    )
+    """Swap a loaded transformers model's nn.Linear layers for QuantLinear (lm_head kept by default). `options`:
+    flashquant.nn.quantize_model's keyword options (method, calibration for method="gptq", quantize_weights=False
+    to prepare a model for a saved quantized state_dict, ...)."""
+    return quantize_model(model, bits=bits, group_size=group_size, symmetric=symmetric, skip=skip, **options)
 
 
 # RMSNorm classes that compute Llama's form, weight * (x * rsqrt(mean(x^2) + eps)): Mistral's and Qwen2's are

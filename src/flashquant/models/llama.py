@@ -287,11 +287,11 @@ class Llama(nn.Module):
         group_size: int = 128,
         symmetric: bool = True,
         skip=("lm_head",),
-        *,
-        method: str = "minmax",
+        **options,
     ) -> Llama:
-        """Swap every linear (except `skip`) for a QuantLinear, in place (arguments as in quantize_model)."""
-        quantize_model(self, bits, group_size, symmetric, skip=skip, method=method)
+        """Swap every linear (except `skip`) for a QuantLinear, in place. `options`: quantize_model's keyword
+        options (method, calibration for method="gptq", quantize_weights, ...)."""
+        quantize_model(self, bits, group_size, symmetric, skip=skip, **options)
         return self
 
     def fuse_projections(self) -> Llama:

@@ -1,0 +1,81 @@
+"""GPTQ: quantization that uses calibration inputs (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers").
+
+Round-to-nearest quantizes each weight on its own. GPTQ quantizes the columns (input channels) of W one at a time
+and after each one moves the error it made onto the columns not yet quantized, weighted by the inverse of
+H = X^T X (X: the layer's calibration inputs), so that the layer's *output* error ||X (W - Q)^T|| stays small where
+the inputs actually are: channels that move together compensate each other. The result is an ordinary
+:class:`~flashquant.QuantizedWeight` (same format, same kernels): group scales and zero points are chosen when
+the column loop reaches each group, from the error-updated weights, by the "mse" clip search.
+
+Not done: act-order (quantizing columns by decreasing H diagonal; with static groups it needs a column
+permutation the packed format does not have).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import quant as ref
+
+
+def gptq_block_size(group_size: int, K: int) -> int:
+    """Columns per lazy-update block. Every group must start at a block's start or lie inside one block, so that
+    its scale is chosen from weights that have received every earlier column's update."""
+    gs = K if group_size == -1 else group_size
+    return 128 if gs == K or 128 % gs == 0 or gs % 128 == 0 else gs
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w (N, K) float, hessian (K, K) = X^T X of the calibration inputs (any positive multiple) ->
+    (codes uint8 (N, K), scales (N, K // group_size) in w.dtype, zeros uint8 or None), as quantize_ref returns.
+
+    damp: added to H's diagonal as a fraction of its mean, so that H is safely invertible. Input channels the
+    calibration never excited (zero diagonal) get H = 1 there: they are quantized to nearest and pass no error on.
+    With H = identity this is exactly quantize(method="mse") (nothing is passed on)."""
+    N, K = w.shape
+    gs = K if group_size == -1 else group_size
+    H = hessian.to(device=w.device, dtype=torch.float32).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * float(H.diagonal().mean()))
+    # The upper Cholesky factor of H^-1: row j holds how column j's error spreads over the columns after it
+    # (scaled by its diagonal), which is all the column loop needs.
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    W = w.float().clone()
+    codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(N, K // gs, dtype=w.dtype, device=w.device)
+    zeros = torch.empty(N, K // gs, dtype=torch.float32, device=w.device)
+
+    def choose_grid(cols: torch.Tensor, g: int) -> None:
+        clip = ref.mse_clip_ratios(cols.to(w.dtype), bits, -1, symmetric)
+        scale, zero = ref.group_grid(cols[:, None, :], bits, symmetric, w.dtype, clip)
+        scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+
+    block = gptq_block_size(group_size, K)
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        Wb, Ub = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
+        err = torch.empty(N, b1 - b0, dtype=torch.float32, device=w.device)
+        for j in range(b1 - b0):
+            col = b0 + j
+            g = col // gs
+            if (
+                col % gs == 0
+            ):  # a group starts: its columns as updated so far (inside this block, or from b0 on)
+                choose_grid(torch.cat([Wb[:, j : j + gs], W[:, b1 : col + gs]], 1), g)
+            scale, zero = scales[:, g], zeros[:, g]
+            code = ref.codes_on_grid(Wb[:, j, None], scale, zero, bits)[:, 0]
+            codes[:, col] = code.to(torch.uint8)
+            err[:, j] = (Wb[:, j] - (code - zero) * scale.float()) / Ub[j, j]
+            Wb[:, j:] -= err[:, j, None] * Ub[j, j:][None, :]
+        W[:, b1:] -= err @ U[b0:b1, b1:]
+    return codes, scales, None if symmetric else zeros.to(torch.uint8)
