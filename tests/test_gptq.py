@@ -193,3 +193,47 @@ def test_quantize_model_gptq_validation():
         quantize_model(_mlp(), method="gptq")
     with pytest.raises(ValueError, match="calibration is used by method='gptq' only"):
         quantize_model(_mlp(), method="mse", calibration=lambda m: None)
+
+
+def test_gptq_llama_beats_mse_on_held_out_tokens_and_warns_on_thin_calibration(caplog):
+    """The tiny Llama, every linear (lm_head too) GPTQ-quantized on random-token calibration: its held-out logits
+    are closer to the float model's than the "mse" quantization's (random weights and tokens make the inputs nearly
+    isotropic, the hardest case for GPTQ: measured +0.75 dB with 2048 calibration tokens). Too few tokens for the
+    linears' widths is warned about."""
+    from flashquant.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig()
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, cfg.vocab_size, (32, 64), generator=g)
+    held_out = torch.randint(0, cfg.vocab_size, (2, 64), generator=g)
+    with torch.no_grad():
+        ref = Llama.random(cfg, seed=0)(held_out)
+        mse = Llama.random(cfg, seed=0).quantize(4, 32, skip=(), method="mse")(held_out)
+        with caplog.at_level(logging.WARNING, logger="flashquant"):
+            model = Llama.random(cfg, seed=0).quantize(
+                4, 32, skip=(), method="gptq", calibration=lambda m: m(calib)
+            )
+        assert "calibrate on more tokens" not in caplog.text  # 2048 rows: >= 4 per input channel everywhere
+        gptq = model(held_out)
+    assert sqnr_db(ref, gptq) > sqnr_db(ref, mse)
+    with caplog.at_level(logging.WARNING, logger="flashquant"):
+        Llama.random(cfg, seed=0).quantize(4, 32, method="gptq", calibration=lambda m: m(calib[:4]))
+    assert "saw 256 calibration rows for its 384 inputs" in caplog.text
+
+
+def test_demo_quantizes_with_gptq_on_random_calibration_tokens(capsys):
+    from flashquant.demo import main
+
+    args = [
+        "--preset",
+        "tiny",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "4",
+        "--variants",
+        "fp32 (SDPA)",
+        "int4 g128 (",
+    ]
+    assert main(args + ["--quant-method", "gptq", "--calib-tokens", "2048"]) == 0
+    assert "flashquant int4 g128 (C++ kernel)" in capsys.readouterr().out

@@ -108,7 +108,14 @@ def main(argv=None) -> int:
         "--quant-method",
         choices=QUANTIZE_METHODS,
         default="minmax",
-        help="how quantize() picks each group's range (mse: a clip search, better int4 SQNR, slower to quantize)",
+        help="how quantize() picks each group's range (mse: a clip search, better int4 SQNR, slower to quantize;"
+        " gptq: calibrated on --calib-tokens random tokens)",
+    )
+    ap.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=8192,
+        help="with --quant-method gptq: calibration tokens (256 per sequence)",
     )
     ap.add_argument("--no-graph", action="store_true", help="on CUDA, skip the CUDA-graph decode measurement")
     ap.add_argument(
@@ -189,7 +196,12 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
     # quantized.
     model = Llama.random(cfg, seed=args.seed, dtype=dtype, device=device, attn_backend=backend)
     if quant:  # every linear, lm_head included (it is the largest matrix of small Llamas)
-        model.quantize(*quant, skip=(), method=args.quant_method)
+        options = {"method": args.quant_method}
+        if args.quant_method == "gptq":  # random tokens: the weights are random too
+            g = torch.Generator().manual_seed(args.seed + 1)
+            calib = torch.randint(0, cfg.vocab_size, (max(1, args.calib_tokens // 256), 256), generator=g)
+            options["calibration"] = lambda m: [m(seq[None].to(device)) for seq in calib]
+        model.quantize(*quant, skip=(), **options)
     if backend != "torch":
         model.fuse_projections()
     # Warm-up at the timed prompt length: prefill-sized shapes have their own kernel specializations (Triton JIT,
