@@ -212,6 +212,7 @@ def quantize_model(
                 _replace(
                     model, name, QuantLinear.from_linear(linear, *args, method=method, hessian=hessians[name])
                 )
+            del hessians  # before the next run allocates its own: the budget holds for one run's at a time
         return model
     for name in targets:
         linear = model.get_submodule(name)
