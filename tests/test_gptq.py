@@ -237,3 +237,20 @@ def test_demo_quantizes_with_gptq_on_random_calibration_tokens(capsys):
     ]
     assert main(args + ["--quant-method", "gptq", "--calib-tokens", "2048"]) == 0
     assert "flashquant int4 g128 (C++ kernel)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_gptq_grid_search_in_row_chunks_equals_all_rows_at_once(group_size):
+    """The clip search behind each group's grid runs over a few rows at a time (cache-sized; a per-channel group is
+    the whole matrix); rows are independent, so the codes and grids are those of one search over all rows."""
+    from flashquant.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(23, 256, generator=g).bfloat16()
+    X = _correlated_inputs(256, g)(1024)
+    whole = gptq_quantize(w, X.T @ X, 4, group_size, False, chunk_elements=1 << 20)
+    chunked = gptq_quantize(
+        w, X.T @ X, 4, group_size, False, chunk_elements=5 * 256
+    )  # 5 rows, a ragged last chunk
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)

@@ -33,13 +33,15 @@ def gptq_quantize(
     group_size: int,
     symmetric: bool,
     damp: float = 0.01,
+    chunk_elements: int = 1 << 20,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w (N, K) float, hessian (K, K) = X^T X of the calibration inputs (any positive multiple) ->
     (codes uint8 (N, K), scales (N, K // group_size) in w.dtype, zeros uint8 or None), as quantize_ref returns.
 
     damp: added to H's diagonal as a fraction of its mean, so that H is safely invertible. Input channels the
     calibration never excited (zero diagonal) get H = 1 there: they are quantized to nearest and pass no error on.
-    With H = identity this is exactly quantize(method="mse") (nothing is passed on)."""
+    With H = identity this is exactly quantize(method="mse") (nothing is passed on). chunk_elements: the clip search
+    of a group's grid runs over this many weights at a time (a per-channel group is a whole N x K matrix)."""
     N, K = w.shape
     gs = K if group_size == -1 else group_size
     H = hessian.to(device=w.device, dtype=torch.float32).clone()
@@ -56,7 +58,13 @@ def gptq_quantize(
     zeros = torch.empty(N, K // gs, dtype=torch.float32, device=w.device)
 
     def choose_grid(cols: torch.Tensor, g: int) -> None:
-        clip = ref.mse_clip_ratios(cols.to(w.dtype), bits, -1, symmetric)
+        rows = max(1, chunk_elements // cols.shape[1])  # in cache-sized row chunks, as quantize() does
+        clip = torch.cat(
+            [
+                ref.mse_clip_ratios(cols[r : r + rows].to(w.dtype), bits, -1, symmetric)
+                for r in range(0, N, rows)
+            ]
+        )
         scale, zero = ref.group_grid(cols[:, None, :], bits, symmetric, w.dtype, clip)
         scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
 

@@ -219,7 +219,10 @@ def quantize(
         if method == "gptq":
             from .gptq import gptq_quantize
 
-            codes, s, z = gptq_quantize(chunk, hessian, bits, group_size, symmetric)
+            chunk_elements = _QUANTIZE_CHUNK_ELEMENTS[w.device.type == "cuda"]
+            codes, s, z = gptq_quantize(
+                chunk, hessian, bits, group_size, symmetric, chunk_elements=chunk_elements
+            )
         else:
             clip = ref.mse_clip_ratios(chunk, bits, group_size, symmetric) if method == "mse" else 1.0
             codes, s, z = ref.quantize_ref(chunk, bits, group_size, symmetric, clip)
