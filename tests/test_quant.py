@@ -108,6 +108,76 @@ def test_mse_clip_ratios_keep_exact_grids_and_clip_gaussian_tails():
     assert torch.isin(ratios, torch.tensor(rq.CLIP_RATIOS)).all()
 
 
+def _clip_search_weights(dtype, K):
+    """Gaussian and heavy-tailed rows plus the groups that stress the grid: zeros, a constant, a single outlier,
+    ranges at the dtype's limits (fp16 scales that clamp to its smallest normal), values already on a grid."""
+    torch.manual_seed(0)
+    w = torch.cat([torch.randn(6, K) * 0.02, torch.distributions.StudentT(3.0).sample((6, K)) * 0.02])
+    edge = torch.zeros(6, K)
+    edge[1] = 3.0
+    edge[2, 0] = -1.0
+    edge[3] = torch.linspace(-6e4, 6e4, K)
+    edge[4] = torch.randn(K) * 1e-6
+    edge[5] = (torch.arange(K) % 15 - 7) * 0.25
+    return torch.cat([w, edge]).to(dtype)
+
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+@pytest.mark.parametrize("simd", ["0", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "bits,group_size,K", [(4, 32, 128), (4, 128, 256), (4, -1, 262), (8, -1, 96), (8, 6, 66)]
+)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_mse_clip_search_picks_the_references_ratios(
+    simd, dtype, bits, group_size, K, symmetric, monkeypatch
+):
+    """The C++ clip search (csrc/cpu/mse_clip.cpp) chooses, group for group, the ratio the reference chooses: the
+    same grids and fp32 error terms, fp64 sums on both sides. Groups of 6 and a row of 262 run the SIMD path's
+    scalar tail; "0" runs the portable path."""
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    rq = fq.reference.quant
+    w = _clip_search_weights(dtype, K)
+    got = torch.ops.flashquant.mse_clip_search(w, bits, group_size, symmetric, list(rq.CLIP_RATIOS))
+    assert got.dtype == torch.float32
+    assert torch.equal(got, rq.mse_clip_ratios(w, bits, group_size, symmetric))
+
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+def test_cpu_mse_clip_search_op_opcheck_and_errors():
+    op = torch.ops.flashquant.mse_clip_search.default
+    ratios = list(fq.reference.quant.CLIP_RATIOS)
+    torch.library.opcheck(op, (torch.randn(4, 64), 4, 32, True, ratios))
+    torch.library.opcheck(op, (torch.randn(3, 10, dtype=torch.bfloat16), 8, -1, False, [1.0, 0.5]))
+    for args, match in [
+        ((torch.randn(64), 4, 32, True, ratios), "2-D"),
+        ((torch.randn(4, 64, dtype=torch.float64), 4, 32, True, ratios), "float32, float16 or bfloat16"),
+        ((torch.randn(4, 64), 3, 32, True, ratios), "bits"),
+        ((torch.randn(4, 64), 4, 48, True, ratios), "must divide"),
+        ((torch.randn(4, 64), 4, 32, True, []), "ratios"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+
+
+def test_mse_search_without_the_cpu_extension_runs_the_reference_and_says_so(caplog, monkeypatch):
+    """A CPU build without the C++ extension still quantizes with "mse" (same result), and logs once that the
+    search is running as slow torch ops."""
+    from flashquant import _dispatch, _ext, quant
+
+    w = torch.randn(8, 64)
+    expected = fq.quantize(w, 4, 32, method="mse")
+    monkeypatch.setattr(_ext, "cpu_ext", lambda: (False, "flashquant._C could not be loaded (test)"))
+    _dispatch.warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="flashquant"):
+        qw = quant.quantize(w, 4, 32, method="mse")
+        quant.quantize(w, 4, 32, method="mse")
+    _dispatch.warn_once.cache_clear()
+    assert torch.equal(qw.qdata, expected.qdata) and torch.equal(qw.scales, expected.scales)
+    msgs = [r.getMessage() for r in caplog.records if "clip search runs as torch ops" in r.getMessage()]
+    assert len(msgs) == 1 and "could not be loaded (test)" in msgs[0]
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"] + (["cpu"] if CPU_OK else []))
 def test_mse_quantized_weights_run_on_every_kernel(backend):
     """The clip search changes only the chosen scales and zero points, not the format: the kernels take the result."""

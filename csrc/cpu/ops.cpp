@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/kvcache_attention.h"
+#include "cpu/mse_clip.h"
 #include "cpu/quant_gemv.h"
 
 namespace {
@@ -30,6 +31,9 @@ TORCH_LIBRARY(flashquant, m) {
       "kvcache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
       "float softmax_scale, bool causal, int window_left, int window_right, float softcap, int num_splits) "
       "-> (Tensor, Tensor)");
+  // Per group of w (N, K), the ratio of `ratios` whose clipped quantization is closest to w: fp32 (N, K // group_size).
+  // reference.quant.mse_clip_ratios is the definition; CPU only (elsewhere the reference runs).
+  m.def("mse_clip_search(Tensor w, int bits, int group_size, bool symmetric, float[] ratios) -> Tensor");
   m.def("cpu_simd_level() -> str", &cpu_simd_level);
 }
 
@@ -38,6 +42,7 @@ TORCH_LIBRARY_IMPL(flashquant, CPU, m) {
   m.impl("dequantize_packed", &flashquant::cpu::dequantize_cpu);
   m.impl("dequant_matmul_packed", &flashquant::cpu::dequant_matmul_cpu);
   m.impl("kvcache_attention", &flashquant::cpu::kvcache_attention_cpu);
+  m.impl("mse_clip_search", &flashquant::cpu::mse_clip_search_cpu);
 }
 
 // Importable as flashquant._C: loading it runs the registrations above.

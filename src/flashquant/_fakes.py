@@ -40,3 +40,9 @@ def _kvcache_attention_fake(
 ):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+@torch.library.register_fake("flashquant::mse_clip_search")
+def _mse_clip_search_fake(w, bits, group_size, symmetric, ratios):
+    groups = 1 if group_size == -1 else w.shape[1] // group_size
+    return w.new_empty((w.shape[0], groups), dtype=torch.float32)

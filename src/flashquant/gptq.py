@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .quant import mse_clip_ratios
 from .reference import quant as ref
 
 
@@ -60,10 +61,7 @@ def gptq_quantize(
     def choose_grid(cols: torch.Tensor, g: int) -> None:
         rows = max(1, chunk_elements // cols.shape[1])  # in cache-sized row chunks, as quantize() does
         clip = torch.cat(
-            [
-                ref.mse_clip_ratios(cols[r : r + rows].to(w.dtype), bits, -1, symmetric)
-                for r in range(0, N, rows)
-            ]
+            [mse_clip_ratios(cols[r : r + rows].to(w.dtype), bits, -1, symmetric) for r in range(0, N, rows)]
         )
         scale, zero = ref.group_grid(cols[:, None, :], bits, symmetric, w.dtype, clip)
         scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]

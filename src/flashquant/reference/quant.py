@@ -78,9 +78,11 @@ def mse_clip_ratios(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     for ratio in CLIP_RATIOS:
         codes, scales, zeros = quantize_ref(w, bits, group_size, symmetric, ratio)
         approx = dequantize_ref(codes, scales, zeros, bits, group_size).reshape(N, K // gs, gs)
-        err = (approx - target).square().sum(-1)
+        # each error term rounded to fp32, the sums in fp64: any summation order then picks the same ratio (the
+        # C++ search in csrc/cpu/mse_clip.cpp sums in another order)
+        err = (approx - target).square().double().sum(-1)
         if best is None:
-            best_err, best = err, torch.full_like(err, ratio)
+            best_err, best = err, torch.full_like(err, ratio, dtype=torch.float32)
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
