@@ -352,8 +352,8 @@ def test_profile_script_runs_every_kernel_it_names(capsys):
 
 def test_accuracy_report_measures_every_format_and_method(tmp_path):
     """python -m flashquant.bench.accuracy on a small shape: a row per distribution x format x method, SQNRs that
-    its own recomputation confirms, mse never below minmax on the weights (it cannot be: per group), and gptq above
-    mse on the outputs (the inputs are correlated, as its calibration)."""
+    its own recomputation confirms, mse never below minmax on the weights (it cannot be: per group), and gptq (with
+    and without act_order) above mse on the outputs (the inputs are correlated, as its calibration)."""
     from flashquant.bench import accuracy
 
     out = tmp_path / "acc.json"
@@ -368,6 +368,7 @@ def test_accuracy_report_measures_every_format_and_method(tmp_path):
     for m in pairs.values():
         assert m["mse"]["weight_sqnr_db"] >= m["minmax"]["weight_sqnr_db"] - 1e-9
         assert m["gptq"]["output_sqnr_db"] > m["mse"]["output_sqnr_db"]
+        assert m["gptq-act"]["output_sqnr_db"] > m["mse"]["output_sqnr_db"]
     g = torch.Generator().manual_seed(0)
     w = accuracy.DISTRIBUTIONS["gaussian"]((32, 256), g).bfloat16().float()
     deq = fq.quantize(w.bfloat16(), 4, 128).dequantize(torch.float32)

@@ -47,6 +47,9 @@
   GPTQ (method="gptq") must beat "mse" by GPTQ_MIN_GAIN_DB of output SQNR on held-out inputs drawn like its
   calibration inputs (rows near a 32-dimensional subspace, channel scales e^N(0,1); tests/test_gptq.py): measured
   +8 dB there for int4 and int8; the bound is 3 dB. On real LLM activations the gain differs (not measured here).
+  GPTQ with act_order=True must beat GPTQ in w's column order by GPTQ_ACT_ORDER_MIN_GAIN_DB on the same kind of
+  inputs (int4 g128 / g32 asym / per channel, K = 512): measured +5.3 to +6.2 dB at the test's seed, +13 to +14 dB
+  at two others; the bound is 2 dB.
 """
 
 import torch
@@ -56,6 +59,7 @@ ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 QMM_RTOL = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 1e-5}
 QMM_RTOL_CPU = 2.0**-13
 GPTQ_MIN_GAIN_DB = 3.0
+GPTQ_ACT_ORDER_MIN_GAIN_DB = 2.0
 MSE_MIN_GAIN_DB = {(4, 128, True): 1.0, (4, -1, True): 1.5, (4, 128, False): 0.3, (4, -1, False): 0.6}
 SQNR_DB_MIN = {(8, -1): 38.0, (8, 128): 38.0, (4, 128): 16.0, (4, 32): 17.0, (4, -1): 13.0}
 

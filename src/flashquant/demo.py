@@ -117,11 +117,18 @@ def main(argv=None) -> int:
         default=8192,
         help="with --quant-method gptq: calibration tokens (256 per sequence)",
     )
+    ap.add_argument(
+        "--act-order",
+        action="store_true",
+        help="with --quant-method gptq: quantize each matrix's columns by decreasing input energy",
+    )
     ap.add_argument("--no-graph", action="store_true", help="on CUDA, skip the CUDA-graph decode measurement")
     ap.add_argument(
         "--markdown", metavar="RUN.json", help="print the results table of a --json run as markdown"
     )
     args = ap.parse_args(argv)
+    if args.act_order and args.quant_method != "gptq":
+        ap.error(f"--act-order needs --quant-method gptq, got --quant-method {args.quant_method}")
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f)))
@@ -201,6 +208,7 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
             g = torch.Generator().manual_seed(args.seed + 1)
             calib = torch.randint(0, cfg.vocab_size, (max(1, args.calib_tokens // 256), 256), generator=g)
             options["calibration"] = lambda m: [m(seq[None].to(device)) for seq in calib]
+            options["act_order"] = args.act_order
         model.quantize(*quant, skip=(), **options)
     if backend != "torch":
         model.fuse_projections()

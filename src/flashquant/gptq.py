@@ -8,8 +8,10 @@ the inputs actually are: channels that move together compensate each other. The 
 :class:`~flashquant.QuantizedWeight` (same format, same kernels): group scales and zero points are chosen when
 the column loop reaches each group, from the error-updated weights, by the "mse" clip search.
 
-Not done: act-order (quantizing columns by decreasing H diagonal; with static groups it needs a column
-permutation the packed format does not have).
+act_order=True quantizes the columns by decreasing H diagonal instead (the input channels with the most energy
+first, while the most columns are left to absorb their error). The packed format has no column permutation, so the
+group grids are then fixed before the loop, from the weights as given ("static groups"), and each column is coded on
+its own group's grid wherever the order puts it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def gptq_quantize(
     symmetric: bool,
     damp: float = 0.01,
     chunk_elements: int = 1 << 20,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w (N, K) float, hessian (K, K) = X^T X of the calibration inputs (any positive multiple) ->
     (codes uint8 (N, K), scales (N, K // group_size) in w.dtype, zeros uint8 or None), as quantize_ref returns.
@@ -42,18 +45,25 @@ def gptq_quantize(
     damp: added to H's diagonal as a fraction of its mean, so that H is safely invertible. Input channels the
     calibration never excited (zero diagonal) get H = 1 there: they are quantized to nearest and pass no error on.
     With H = identity this is exactly quantize(method="mse") (nothing is passed on). chunk_elements: the clip search
-    of a group's grid runs over this many weights at a time (a per-channel group is a whole N x K matrix)."""
+    of a group's grid runs over this many weights at a time (a per-channel group is a whole N x K matrix).
+    act_order: columns in order of decreasing H diagonal, on static group grids (module docstring); with H =
+    identity also exactly the "mse" quantization."""
     N, K = w.shape
     gs = K if group_size == -1 else group_size
     H = hessian.to(device=w.device, dtype=torch.float32).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * float(H.diagonal().mean()))
+    # The loop's column order: position p quantizes column order[p] of w (stable: ties keep w's order).
+    order = torch.arange(K, device=w.device)
+    if act_order:
+        order = torch.argsort(H.diagonal(), descending=True, stable=True)
+        H = H[order[:, None], order[None, :]]
     # The upper Cholesky factor of H^-1: row j holds how column j's error spreads over the columns after it
     # (scaled by its diagonal), which is all the column loop needs.
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    W = w.float().clone()
+    W = w.float()[:, order]  # a copy, columns in loop order
     codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
     scales = torch.empty(N, K // gs, dtype=w.dtype, device=w.device)
     zeros = torch.empty(N, K // gs, dtype=torch.float32, device=w.device)
@@ -66,17 +76,21 @@ def gptq_quantize(
         scale, zero = ref.group_grid(cols[:, None, :], bits, symmetric, w.dtype, clip)
         scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
 
-    block = gptq_block_size(group_size, K)
+    if act_order:  # static groups: every grid from w as given, before any update
+        w32 = w.float()
+        for g in range(K // gs):
+            choose_grid(w32[:, g * gs : (g + 1) * gs], g)
+    block = 128 if act_order else gptq_block_size(group_size, K)
+    order_list = order.tolist()
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         Wb, Ub = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
         err = torch.empty(N, b1 - b0, dtype=torch.float32, device=w.device)
         for j in range(b1 - b0):
-            col = b0 + j
+            col = order_list[b0 + j]  # b0 + j without act_order
             g = col // gs
-            if (
-                col % gs == 0
-            ):  # a group starts: its columns as updated so far (inside this block, or from b0 on)
+            if not act_order and col % gs == 0:
+                # a group starts: its grid from its columns as updated so far (inside this block, or from b0 on)
                 choose_grid(torch.cat([Wb[:, j : j + gs], W[:, b1 : col + gs]], 1), g)
             scale, zero = scales[:, g], zeros[:, g]
             code = ref.codes_on_grid(Wb[:, j, None], scale, zero, bits)[:, 0]

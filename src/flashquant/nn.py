@@ -71,9 +71,10 @@ class QuantLinear(nn.Module):
         *,
         method: str = "minmax",
         hessian: torch.Tensor | None = None,
+        act_order: bool = False,
     ) -> QuantLinear:
         """A QuantLinear holding `linear`'s weight quantized by :func:`flashquant.quantize` (bits, group_size,
-        symmetric, method, hessian as there) and its bias, on the linear's device and dtype."""
+        symmetric, method, hessian, act_order as there) and its bias, on the linear's device and dtype."""
         mod = cls.empty_like(linear, bits, group_size, symmetric, backend)
         qw = quantize(
             linear.weight.detach(),
@@ -82,6 +83,7 @@ class QuantLinear(nn.Module):
             symmetric=symmetric,
             method=method,
             hessian=hessian,
+            act_order=act_order,
         )
         mod.qdata.copy_(qw.qdata)
         mod.scales.copy_(qw.scales)
@@ -157,6 +159,7 @@ def quantize_model(
     calibration: Callable[[nn.Module], object] | None = None,
     hessian_budget_bytes: int = 2 << 30,
     quantize_weights: bool = True,
+    act_order: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` in `model` (in place) by a :class:`QuantLinear`, except those whose
     qualified name matches a pattern in `skip` (fnmatch patterns, or plain names matched against the last
@@ -170,7 +173,8 @@ def quantize_model(
     GPTQ with it. Linears are taken in module order, as many per calibration run as `hessian_budget_bytes`
     allows (at least one), and quantized before the next run: later linears are calibrated on the outputs of the
     quantized earlier ones, as GPTQ does layer by layer. A linear the calibration never reached is quantized
-    with H = identity, i.e. as method="mse", and logged.
+    with H = identity, i.e. as method="mse", and logged. act_order=True: GPTQ's columns by decreasing X^T X
+    diagonal (:func:`flashquant.quantize`); more accurate on inputs whose channels differ in scale, as LLMs' do.
 
     quantize_weights=False installs the same QuantLinears empty (no quantization, the float weights are not read),
     to be filled by ``model.load_state_dict`` from a model quantized with the same arguments: a saved quantized
@@ -182,8 +186,9 @@ def quantize_model(
             "method='gptq' needs calibration=<function running the model on sample inputs>, got "
             f"{type(calibration).__name__}"
         )
-    if method != "gptq" and calibration is not None:
-        raise ValueError(f"calibration is used by method='gptq' only, got method={method!r}")
+    if method != "gptq" and (calibration is not None or act_order):
+        what = "calibration" if calibration is not None else "act_order=True"
+        raise ValueError(f"{what} is used by method='gptq' only, got method={method!r}")
     if isinstance(skip, str):
         skip = (skip,)
     targets = []
@@ -210,7 +215,11 @@ def quantize_model(
             for name in names:
                 linear = model.get_submodule(name)
                 _replace(
-                    model, name, QuantLinear.from_linear(linear, *args, method=method, hessian=hessians[name])
+                    model,
+                    name,
+                    QuantLinear.from_linear(
+                        linear, *args, method=method, hessian=hessians[name], act_order=act_order
+                    ),
                 )
             del hessians  # before the next run allocates its own: the budget holds for one run's at a time
         return model

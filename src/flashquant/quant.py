@@ -157,6 +157,7 @@ def quantize(
     *,
     method: str = "minmax",
     hessian: torch.Tensor | None = None,
+    act_order: bool = False,
 ) -> QuantizedWeight:
     """Quantize a weight w (out_features N, in_features K), fp16/bf16/fp32, to int4 or int8.
 
@@ -174,11 +175,15 @@ def quantize(
           inputs X (any positive multiple; ``quantize_model(calibration=...)`` collects it): columns are quantized
           in turn, each one's error moved onto the columns after it, so that the layer's output error on inputs
           like X is small; group grids by the "mse" search. An O(N K^2 + K^3) computation.
+          ``act_order=True``: columns by decreasing diagonal of `hessian` (the busiest input channels first), with
+          every group's grid fixed beforehand from w (the format stores no column order).
     """
     check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES)
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     check_quantize_method(method)
+    if not isinstance(act_order, bool):
+        raise TypeError(f"act_order must be a bool, got {type(act_order).__name__}")
     if method == "gptq":
         if hessian is None:
             raise ValueError("method='gptq' needs hessian=X^T X (K, K) of the layer's calibration inputs")
@@ -190,8 +195,9 @@ def quantize(
             )
         if not bool(torch.isfinite(hessian).all()):
             raise ValueError("hessian contains inf or NaN")
-    elif hessian is not None:
-        raise ValueError(f"hessian is used by method='gptq' only, got method={method!r}")
+    elif hessian is not None or act_order:
+        what = "hessian" if hessian is not None else "act_order=True"
+        raise ValueError(f"{what} is used by method='gptq' only, got method={method!r}")
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be a positive int or -1 (per output channel), got {group_size!r}")
     N, K = w.shape
@@ -221,7 +227,13 @@ def quantize(
 
             chunk_elements = _QUANTIZE_CHUNK_ELEMENTS[w.device.type == "cuda"]
             codes, s, z = gptq_quantize(
-                chunk, hessian, bits, group_size, symmetric, chunk_elements=chunk_elements
+                chunk,
+                hessian,
+                bits,
+                group_size,
+                symmetric,
+                chunk_elements=chunk_elements,
+                act_order=act_order,
             )
         else:
             clip = mse_clip_ratios(chunk, bits, group_size, symmetric) if method == "mse" else 1.0

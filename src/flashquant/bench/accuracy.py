@@ -5,7 +5,7 @@
 weights of a Llama-3-8B shape (4096 x 4096 by default) drawn from three distributions (Gaussian, Laplace and
 Student-t with 3 degrees of freedom: real checkpoints' rows lie between the first and the last; nothing is
 downloaded, so no real checkpoint is measured) with every format (int4 / int8, group sizes, symmetric or not) and
-every method ("minmax", "mse", "gptq"), and prints a table:
+every method ("minmax", "mse", "gptq", and "gptq-act": GPTQ with act_order=True), and prints a table:
 
 * weight SQNR (dB) = 10 log10(|W|^2 / |W - dequantize(quantize(W))|^2), in fp32;
 * output SQNR (dB): the same for x @ W^T on 512 held-out input rows x;
@@ -24,7 +24,13 @@ import time
 
 import torch
 
-METHODS = ("minmax", "mse", "gptq")
+# Row label -> quantize() options ("gptq-act": GPTQ with act_order=True).
+METHODS = {
+    "minmax": dict(method="minmax"),
+    "mse": dict(method="mse"),
+    "gptq": dict(method="gptq"),
+    "gptq-act": dict(method="gptq", act_order=True),
+}
 FORMATS = [(4, 32), (4, 128), (4, -1), (8, 128), (8, -1)]  # (bits, group_size)
 DISTRIBUTIONS = {
     "gaussian": lambda shape, g: torch.randn(shape, generator=g),
@@ -73,17 +79,13 @@ def measure(n: int, k: int, device: str, seed: int = 0) -> list[dict]:
         out_ref = x @ w32.t()
         for bits, group_size in FORMATS:
             for symmetric in (True, False):
-                for method in METHODS:
+                for method, options in METHODS.items():
                     if device == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
+                    gptq = options["method"] == "gptq"
                     qw = fq.quantize(
-                        w,
-                        bits,
-                        group_size,
-                        symmetric,
-                        method=method,
-                        hessian=hessian if method == "gptq" else None,
+                        w, bits, group_size, symmetric, **options, hessian=hessian if gptq else None
                     )
                     if device == "cuda":
                         torch.cuda.synchronize()
@@ -106,8 +108,8 @@ def measure(n: int, k: int, device: str, seed: int = 0) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """One line per (distribution, format): each method's weight SQNR, output SQNR and quantize time."""
-    cols = " ".join(f"{m:>7s}" for m in METHODS)
-    width = 8 * len(METHODS)
+    cols = " ".join(f"{m:>8s}" for m in METHODS)
+    width = 9 * len(METHODS) - 1
     lines = [
         f"{'weights':11s} {'format':22s} {'weight SQNR dB':>{width}s} {'output SQNR dB':>{width}s}"
         f" {'quantize s':>{width}s}",
@@ -120,7 +122,7 @@ def table(rows: list[dict]) -> str:
     for (dist, bits, gs, sym), m in by_key.items():
         fmt = f"int{bits} {'per-channel' if gs == -1 else f'g{gs}'} {'sym' if sym else 'asym'}"
         cells = [
-            f"{m[x][key]:7.2f}" for key in ("weight_sqnr_db", "output_sqnr_db", "quantize_s") for x in METHODS
+            f"{m[x][key]:8.2f}" for key in ("weight_sqnr_db", "output_sqnr_db", "quantize_s") for x in METHODS
         ]
         lines.append(f"{dist:11s} {fmt:22s} {' '.join(cells)}")
     return "\n".join(lines)
