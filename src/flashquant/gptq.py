@@ -63,10 +63,14 @@ def gptq_quantize(
     # (scaled by its diagonal), which is all the column loop needs.
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    W = w.float()[:, order]  # a copy, columns in loop order
-    codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
+    # Transposed (K, N): row p is the column quantized at loop position p, so each step reads and updates whole
+    # contiguous rows (a column of a row-major W would be a strided gather of N values).
+    Wt = (w.float()[:, order] if act_order else w.float()).t().contiguous()
+    codes_t = torch.empty(K, N, dtype=torch.uint8, device=w.device)  # row k: the codes of w's column k
     scales = torch.empty(N, K // gs, dtype=w.dtype, device=w.device)
     zeros = torch.empty(N, K // gs, dtype=torch.float32, device=w.device)
+    scales_t = torch.empty(K // gs, N, dtype=torch.float32, device=w.device)  # group g's grid, as fp32 rows
+    zeros_t = torch.empty(K // gs, N, dtype=torch.float32, device=w.device)
 
     def choose_grid(cols: torch.Tensor, g: int) -> None:
         rows = max(1, chunk_elements // cols.shape[1])  # in cache-sized row chunks, as quantize() does
@@ -75,27 +79,40 @@ def gptq_quantize(
         )
         scale, zero = ref.group_grid(cols[:, None, :], bits, symmetric, w.dtype, clip)
         scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+        scales_t[g], zeros_t[g] = scale[:, 0].float(), zero[:, 0]
 
     if act_order:  # static groups: every grid from w as given, before any update
         w32 = w.float()
         for g in range(K // gs):
             choose_grid(w32[:, g * gs : (g + 1) * gs], g)
     block = 128 if act_order else gptq_block_size(group_size, K)
+    # Inside a block, the updates are lazy once more: a column's error goes at once only to the rest of its
+    # sub-block (rank-1 updates of <= 16 rows), and to the block's later rows as one product per sub-block. The
+    # sub-block must divide the group size, so that a group starts at a sub-block's start, where all earlier
+    # columns' updates have arrived.
+    sub = 16 if block % 16 == 0 and (gs >= block or gs % 16 == 0) else block
     order_list = order.tolist()
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
-        Wb, Ub = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
-        err = torch.empty(N, b1 - b0, dtype=torch.float32, device=w.device)
-        for j in range(b1 - b0):
-            col = order_list[b0 + j]  # b0 + j without act_order
-            g = col // gs
-            if not act_order and col % gs == 0:
-                # a group starts: its grid from its columns as updated so far (inside this block, or from b0 on)
-                choose_grid(torch.cat([Wb[:, j : j + gs], W[:, b1 : col + gs]], 1), g)
-            scale, zero = scales[:, g], zeros[:, g]
-            code = ref.codes_on_grid(Wb[:, j, None], scale, zero, bits)[:, 0]
-            codes[:, col] = code.to(torch.uint8)
-            err[:, j] = (Wb[:, j] - (code - zero) * scale.float()) / Ub[j, j]
-            Wb[:, j:] -= err[:, j, None] * Ub[j, j:][None, :]
-        W[:, b1:] -= err @ U[b0:b1, b1:]
+        Wb, Ub = Wt[b0:b1], U[b0:b1, b0:b1]  # Wb: a view, updated in place
+        err = torch.empty(b1 - b0, N, dtype=torch.float32, device=w.device)
+        for s0 in range(0, b1 - b0, sub):
+            s1 = min(s0 + sub, b1 - b0)
+            for j in range(s0, s1):
+                col = order_list[b0 + j]  # b0 + j without act_order
+                g = col // gs
+                if not act_order and col % gs == 0:
+                    # a group starts: its grid from its columns as updated so far (in this block, or from b1 on)
+                    choose_grid(torch.cat([Wb[j : j + gs], Wt[b1 : col + gs]]).t(), g)
+                scale, zero = scales_t[g], zeros_t[g]
+                code = ref.codes_on_grid(Wb[j, :, None], scale, zero, bits)[:, 0]
+                codes_t[col] = code.to(torch.uint8)
+                err[j] = (Wb[j] - (code - zero) * scale) / Ub[j, j]
+                if j + 1 < s1:
+                    Wb[j + 1 : s1].addr_(Ub[j, j + 1 : s1], err[j], alpha=-1)
+            if s1 < b1 - b0:
+                Wb[s1:] -= Ub[s0:s1, s1:].t() @ err[s0:s1]
+        if b1 < K:
+            Wt[b1:] -= U[b0:b1, b1:].t() @ err
+    codes = codes_t.t().contiguous()
     return codes, scales, None if symmetric else zeros.to(torch.uint8)
