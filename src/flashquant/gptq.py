@@ -87,10 +87,9 @@ def gptq_quantize(
             choose_grid(w32[:, g * gs : (g + 1) * gs], g)
     block = 128 if act_order else gptq_block_size(group_size, K)
     # Inside a block, the updates are lazy once more: a column's error goes at once only to the rest of its
-    # sub-block (rank-1 updates of <= 16 rows), and to the block's later rows as one product per sub-block. The
-    # sub-block must divide the group size, so that a group starts at a sub-block's start, where all earlier
-    # columns' updates have arrived.
-    sub = 16 if block % 16 == 0 and (gs >= block or gs % 16 == 0) else block
+    # sub-block (rank-1 updates of <= 16 rows), and to the block's later rows as one product per sub-block. Without
+    # act_order a group must start at a sub-block's start, where all earlier columns' updates have arrived.
+    sub = 16 if block % 16 == 0 and (act_order or gs >= block or gs % 16 == 0) else block
     order_list = order.tolist()
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
