@@ -83,6 +83,26 @@ def test_quantized_hf_model_stays_close(models, bits, group, min_sqnr, min_top1,
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= min_top1
 
 
+def test_gptq_act_order_on_an_hf_model(models):
+    """quantize_transformers_model forwards GPTQ's options (calibration, act_order) to quantize_model: with static
+    groups every scale is the "mse" one of the linear's own weight while the codes move (error compensation), and
+    the model stays as close as the mse int4 bounds above require."""
+    eager, _ = models
+    q = _copy_of(eager)
+    calib = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(1))  # 4 rows per input
+    fqt.quantize_transformers_model(
+        q, bits=4, group_size=32, method="gptq", calibration=lambda m: m(calib), act_order=True
+    )
+    w = eager.model.layers[1].mlp.down_proj.weight.detach()
+    got, mse = q.model.layers[1].mlp.down_proj, fq.quantize(w, 4, 32, method="mse")
+    assert torch.equal(got.scales, mse.scales) and not torch.equal(got.qdata, mse.qdata)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        a, b = eager(ids).logits, q(ids).logits
+    assert sqnr_db(a, b) >= 12.0
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.6
+
+
 def test_quantized_hf_checkpoint_loads_into_a_skeleton(models):
     """The usual way to ship a quantized model: quantize once, save the state_dict; later build the architecture
     (other random weights), install empty QuantLinears (quantize_weights=False) and load: the same logits, bit for
