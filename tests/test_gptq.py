@@ -240,6 +240,100 @@ def test_quantize_model_gptq_validation():
         quantize_model(_mlp(), method="mse", act_order=True)
 
 
+def _inputs_seen(model, names, calibration):
+    """X^T X per linear, each summed on its own from a copy of every input it received (the check of the sharing)."""
+    seen = {n: [] for n in names}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: seen[n].append(a[0].detach().clone())
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        calibration(model)
+    for h in handles:
+        h.remove()
+    return {
+        n: sum(x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]) for x in xs)
+        for n, xs in seen.items()
+    }
+
+
+def test_linears_fed_the_same_input_share_one_hessian():
+    """A Llama layer's q/k/v (and gate/up) receive the same tensor: one matrix is summed and shared, and it is each
+    linear's own X^T X."""
+    from flashquant.models.llama import Llama, LlamaConfig
+    from flashquant.nn import _input_hessians
+
+    model = Llama.random(LlamaConfig(), seed=0)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    calib = torch.randint(0, 512, (2, 16, 48), generator=torch.Generator().manual_seed(1))
+
+    def calibration(m):
+        for ids in calib:
+            m(ids)
+
+    hessians = _input_hessians(model, names, calibration)
+    expected = _inputs_seen(model, names, calibration)
+    attn, mlp = "layers.0.self_attn.", "layers.0.mlp."
+    assert hessians[attn + "k_proj"] is hessians[attn + "q_proj"] is hessians[attn + "v_proj"]
+    assert hessians[mlp + "up_proj"] is hessians[mlp + "gate_proj"]
+    assert hessians[attn + "o_proj"] is not hessians[attn + "q_proj"]
+    assert len({id(h) for h in hessians.values()}) == len(names) - 3 * model.cfg.num_layers
+    for n in names:
+        torch.testing.assert_close(hessians[n], expected[n], rtol=1e-5, atol=1e-3)
+
+
+class _TwoHeads(nn.Module):
+    """b reads a's input (mode 0); or b is not called (1), is called twice on it (2), reads another tensor (3), reads
+    a's input object after an in-place change (4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 8), nn.Linear(64, 8)
+
+    def forward(self, x, mode=0):
+        if mode == 4:  # the same tensor object, changed in place after a read it
+            y = x.clone()
+            out = self.a(y)
+            y.add_(1.0)
+            return out + self.b(y)
+        out = self.a(x)
+        if mode in (0, 2):
+            out = out + self.b(x)
+        if mode == 2:
+            out = out + self.b(x)
+        if mode == 3:
+            out = out + self.b(2 * x)
+        return out
+
+
+@pytest.mark.parametrize("modes", [(0, 1), (2, 1), (0, 3), (0, 4)])
+def test_a_broken_input_sharing_is_calibrated_again(modes, caplog):
+    """Sharing is decided by what was seen. b shares a's input on one pass but on the other misses a's call (0, 1),
+    takes one of a's calls twice and misses the next (2, 1: as many shared calls as a's, yet not a's sum), or reads
+    another tensor (0, 3) or a's tensor changed in place (0, 4): its matrix is not a's. b is calibrated again on
+    its own, and both matrices are their linears' own X^T X."""
+    from flashquant.nn import _input_hessians
+
+    model = _TwoHeads()
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    runs = []
+
+    def calibration(m):
+        runs.append(1)
+        for mode in modes:
+            m(x, mode)
+
+    with caplog.at_level(logging.INFO, logger="flashquant"):
+        hessians = _input_hessians(model, ["a", "b"], calibration)
+    assert len(runs) == 2 and "['b'] did not always share an input" in caplog.text
+    runs.clear()
+    expected = _inputs_seen(model, ["a", "b"], calibration)
+    for n in "ab":
+        torch.testing.assert_close(hessians[n], expected[n], rtol=1e-5, atol=1e-3)
+
+
 def test_gptq_llama_beats_mse_on_held_out_tokens_and_warns_on_thin_calibration(caplog):
     """The tiny Llama, every linear (lm_head too) GPTQ-quantized on random-token calibration: its held-out logits
     are closer to the float model's than the "mse" quantization's (random weights and tokens make the inputs nearly

@@ -172,8 +172,9 @@ def quantize_model(
     of each linear's inputs (a K x K fp32 matrix per linear, on its device); each linear is then quantized by
     GPTQ with it. Linears are taken in module order, as many per calibration run as `hessian_budget_bytes`
     allows (at least one), and quantized before the next run: later linears are calibrated on the outputs of the
-    quantized earlier ones, as GPTQ does layer by layer. A linear the calibration never reached is quantized
-    with H = identity, i.e. as method="mse", and logged. act_order=True: GPTQ's columns by decreasing X^T X
+    quantized earlier ones, as GPTQ does layer by layer. Linears fed the very same input tensor (a layer's q/k/v,
+    gate/up) share one matrix. A linear the calibration never reached is quantized with H = identity, i.e. as
+    method="mse", and logged. act_order=True: GPTQ's columns by decreasing X^T X
     diagonal (:func:`flashquant.quantize`); more accurate on inputs whose channels differ in scale, as LLMs' do.
 
     quantize_weights=False installs the same QuantLinears empty (no quantization, the float weights are not read),
@@ -259,13 +260,34 @@ def _calibration_passes(model: nn.Module, names: list[str], budget_bytes: int) -
 GPTQ_MIN_ROWS_PER_INPUT = 4
 
 
-def _input_hessians(model: nn.Module, names: list[str], calibration) -> dict[str, torch.Tensor]:
-    """X^T X (fp32, K x K) of what each named linear receives while calibration(model) runs; zeros if nothing."""
+def _input_hessians(
+    model: nn.Module, names: list[str], calibration, share_inputs: bool = True
+) -> dict[str, torch.Tensor]:
+    """X^T X (fp32, K x K) of what each named linear receives while calibration(model) runs; zeros if nothing.
+
+    Linears fed the very same input tensor one after another (a layer's q/k/v, gate/up) would sum identical
+    matrices: the first one sums it, the others share it (one matrix, one addmm per call instead of three). A
+    linear shares only if on every call it received the tensor the same other linear had just summed, once per such
+    call; any other pattern (a rare model) is detected at the end and that linear is calibrated again on its own."""
     hessians: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    summed_calls: dict[str, int] = {}
+    # follower -> [owner, calls shared, the owner's call it last shared]; owner None: the pattern broke
+    shared: dict[str, list] = {}
+    last = [None]  # (input tensor, its version counter, the linear that summed it, that linear's call number)
 
     def add(name, module, inputs):
-        x = inputs[0].detach().reshape(-1, module.in_features).float()
+        x = inputs[0]
+        prev = last[0]
+        if share_inputs and prev is not None and x is prev[0] and x._version == prev[1] and name != prev[2]:
+            state = shared.setdefault(name, [prev[2], 0, 0])
+            if state[0] != prev[2] or state[2] == prev[3]:  # another owner, or the same call twice
+                state[0] = None
+            state[1], state[2] = state[1] + 1, prev[3]
+            return
+        summed_calls[name] = summed_calls.get(name, 0) + 1
+        last[0] = (x, x._version, name, summed_calls[name])
+        x = x.detach().reshape(-1, module.in_features).float()
         if name not in hessians:
             hessians[name] = torch.zeros(module.in_features, module.in_features, device=x.device)
             rows[name] = 0
@@ -277,8 +299,23 @@ def _input_hessians(model: nn.Module, names: list[str], calibration) -> dict[str
         with torch.no_grad():
             calibration(model)
     finally:
+        last[0] = None  # the activation it holds
         for h in handles:
             h.remove()
+    again = []
+    for n, (owner, calls, _) in shared.items():
+        if owner is not None and n not in hessians and calls == summed_calls.get(owner):
+            hessians[n], rows[n] = hessians[owner], rows[owner]
+        else:
+            again.append(n)
+    if again:
+        log.info(
+            "quantize_model: %s did not always share an input; calibrating them again on their own", again
+        )
+        for n in again:
+            hessians.pop(n, None)
+            rows.pop(n, None)
+        hessians.update(_input_hessians(model, again, calibration, share_inputs=False))  # warns for those
     for n, count in rows.items():
         k = model.get_submodule(n).in_features
         if count < GPTQ_MIN_ROWS_PER_INPUT * k:
