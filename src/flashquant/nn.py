@@ -174,8 +174,8 @@ def quantize_model(
     allows (at least one), and quantized before the next run: later linears are calibrated on the outputs of the
     quantized earlier ones, as GPTQ does layer by layer. Linears fed the very same input tensor (a layer's q/k/v,
     gate/up) share one matrix. A linear the calibration never reached is quantized with H = identity, i.e. as
-    method="mse", and logged. act_order=True: GPTQ's columns by decreasing X^T X diagonal (:func:`flashquant.
-    quantize`); more accurate on inputs whose channels differ in scale, as LLMs' do.
+    method="mse", and logged. act_order=True: GPTQ's columns by decreasing X^T X diagonal, as in
+    :func:`flashquant.quantize`; more accurate on inputs whose channels differ in scale, as LLMs' do.
 
     quantize_weights=False installs the same QuantLinears empty (no quantization, the float weights are not read),
     to be filled by ``model.load_state_dict`` from a model quantized with the same arguments: a saved quantized
