@@ -177,7 +177,7 @@ def _mlp(k=256):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_quantize_model_calibrates_each_linear_in_budgeted_runs(act_order):
+def test_quantize_model_calibrates_each_linear_in_budgeted_runs(act_order, caplog):
     """A budget of one 512 x 512 fp32 matrix: the linears (K = 256, 512, 256) take three calibration runs, in module
     order, each quantizing its linear before the next run; the last linear is GPTQ-quantized with the X^T X of
     what it received, through the already quantized layers before it."""
@@ -191,10 +191,13 @@ def test_quantize_model_calibrates_each_linear_in_budgeted_runs(act_order):
         for x in calib:
             m(x)
 
-    model = quantize_model(
-        _mlp(), bits=4, group_size=32, skip=(), method="gptq", calibration=calibration,
-        hessian_budget_bytes=4 * 512 * 512, act_order=act_order,
-    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="flashquant"):
+        model = quantize_model(
+            _mlp(), bits=4, group_size=32, skip=(), method="gptq", calibration=calibration,
+            hessian_budget_bytes=4 * 512 * 512, act_order=act_order,
+        )  # fmt: skip
+    progress = [r.getMessage() for r in caplog.records if "calibration run" in r.getMessage()]
+    assert progress == [f"quantize_model: calibration run {i + 1}/3, {n} .. {n}" for i, n in enumerate("023")]
     assert runs == [
         ["Linear", "Linear", "Linear"],
         ["QuantLinear", "Linear", "Linear"],

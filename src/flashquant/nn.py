@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -211,8 +212,14 @@ def quantize_model(
         targets.append(name)
     args = (bits, group_size, symmetric, backend)
     if method == "gptq" and quantize_weights:
-        for names in _calibration_passes(model, targets, hessian_budget_bytes):
+        runs = _calibration_passes(model, targets, hessian_budget_bytes)
+        for run, names in enumerate(runs, 1):
+            # minutes on a large model: say where it is (logging.getLogger("flashquant").setLevel(logging.INFO))
+            log.info("quantize_model: calibration run %d/%d, %s .. %s", run, len(runs), names[0], names[-1])
+            start = time.perf_counter()
             hessians = _input_hessians(model, names, calibration)
+            log.info("quantize_model: %d X^T X collected in %.1f s", len(names), time.perf_counter() - start)
+            start = time.perf_counter()
             for name in names:
                 linear = model.get_submodule(name)
                 _replace(
@@ -222,6 +229,11 @@ def quantize_model(
                         linear, *args, method=method, hessian=hessians[name], act_order=act_order
                     ),
                 )
+            log.info(
+                "quantize_model: %d linears quantized by GPTQ in %.1f s",
+                len(names),
+                time.perf_counter() - start,
+            )
             del hessians  # before the next run allocates its own: the budget holds for one run's at a time
         return model
     for name in targets:
