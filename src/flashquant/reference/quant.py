@@ -80,7 +80,7 @@ def mse_clip_ratios(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
         approx = dequantize_ref(codes, scales, zeros, bits, group_size).reshape(N, K // gs, gs)
         # each error term rounded to fp32, the sums in fp64: any summation order then picks the same ratio (the
         # C++ search in csrc/cpu/mse_clip.cpp sums in another order)
-        err = (approx - target).square().double().sum(-1)
+        err = (approx - target).square().sum(-1, dtype=torch.float64)  # no fp64 copy of the terms
         if best is None:
             best_err, best = err, torch.full_like(err, ratio, dtype=torch.float32)
         else:
