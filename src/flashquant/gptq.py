@@ -67,9 +67,8 @@ def gptq_quantize(
     # contiguous rows (a column of a row-major W would be a strided gather of N values).
     Wt = (w.float()[:, order] if act_order else w.float()).t().contiguous()
     codes_t = torch.empty(K, N, dtype=torch.uint8, device=w.device)  # row k: the codes of w's column k
-    scales = torch.empty(N, K // gs, dtype=w.dtype, device=w.device)
-    zeros = torch.empty(N, K // gs, dtype=torch.float32, device=w.device)
-    scales_t = torch.empty(K // gs, N, dtype=torch.float32, device=w.device)  # group g's grid, as fp32 rows
+    # group g's grid as fp32 rows (the scales already rounded to w.dtype, so converting back at the end is exact)
+    scales_t = torch.empty(K // gs, N, dtype=torch.float32, device=w.device)
     zeros_t = torch.empty(K // gs, N, dtype=torch.float32, device=w.device)
 
     def choose_grid(cols: torch.Tensor, g: int) -> None:
@@ -78,7 +77,6 @@ def gptq_quantize(
             [mse_clip_ratios(cols[r : r + rows].to(w.dtype), bits, -1, symmetric) for r in range(0, N, rows)]
         )
         scale, zero = ref.group_grid(cols[:, None, :], bits, symmetric, w.dtype, clip)
-        scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
         scales_t[g], zeros_t[g] = scale[:, 0].float(), zero[:, 0]
 
     if act_order:  # static groups: every grid from w as given, before any update
@@ -114,4 +112,5 @@ def gptq_quantize(
         if b1 < K:
             Wt[b1:] -= U[b0:b1, b1:].t() @ err
     codes = codes_t.t().contiguous()
-    return codes, scales, None if symmetric else zeros.to(torch.uint8)
+    scales = scales_t.t().to(w.dtype).contiguous()
+    return codes, scales, None if symmetric else zeros_t.t().to(torch.uint8).contiguous()
