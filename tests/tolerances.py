@@ -58,6 +58,7 @@ ATTN_FACTOR = 2.0
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 QMM_RTOL = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 1e-5}
 QMM_RTOL_CPU = 2.0**-13
+CHECKPOINT_LOGITS_RTOL = 2.0**-10
 GPTQ_MIN_GAIN_DB = 3.0
 GPTQ_ACT_ORDER_MIN_GAIN_DB = 2.0
 MSE_MIN_GAIN_DB = {(4, 128, True): 1.0, (4, -1, True): 1.5, (4, 128, False): 0.3, (4, -1, False): 0.6}

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ._checks import FLOAT_DTYPES, check_tensor
 from .quant import QuantizedWeight, check_quantize_method, quant_matmul, quantize
 
 __all__ = ["QuantLinear", "fuse_linears", "quantize_model"]
@@ -21,8 +22,9 @@ log = logging.getLogger("flashquant")
 class QuantLinear(nn.Module):
     """``y = x @ dequant(W)^T + b`` with W stored as int4/int8 codes + group scales (see QuantizedWeight).
 
-    Buffers (all in the state_dict): ``qdata`` uint8, ``scales``, ``zeros`` (asymmetric only) and ``bias``.
-    Build it with :meth:`from_linear`, or construct an empty one and ``load_state_dict``.
+    Buffers (all in the state_dict): ``qdata`` uint8, ``scales``, ``zeros`` (asymmetric only), ``bias``, and
+    ``input_perm`` (only in linears loaded from a GPTQ act-order checkpoint, see :meth:`from_quantized`).
+    Build it with :meth:`from_linear` or :meth:`from_quantized`, or construct an empty one and ``load_state_dict``.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class QuantLinear(nn.Module):
         )
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("input_perm", None)
 
     @classmethod
     def from_linear(
@@ -92,6 +95,55 @@ class QuantLinear(nn.Module):
             mod.zeros.copy_(qw.zeros)
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qweight: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        input_perm: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> QuantLinear:
+        """A QuantLinear holding an already quantized weight (e.g. from :mod:`flashquant.checkpoints`), no copy.
+
+        bias: (out_features,) float or None (stored in qweight.dtype). input_perm: None, or an int (in_features,)
+        permutation when the stored columns are the weight's columns reordered, column j = original column
+        ``input_perm[j]`` (GPTQ act-order checkpoints, whose groups are not contiguous in the original order): the
+        forward then reads ``x[..., input_perm]``, one gather of the activations, and ``self.qweight`` is the
+        reordered matrix."""
+        if not isinstance(qweight, QuantizedWeight):
+            raise TypeError(f"qweight must be a flashquant.QuantizedWeight, got {type(qweight).__name__}")
+        out_features, in_features = qweight.shape
+        mod = cls(
+            in_features,
+            out_features,
+            False,
+            qweight.bits,
+            qweight.group_size,
+            qweight.zeros is None,
+            qweight.dtype,
+            "meta",
+            backend,
+        )
+        mod.qdata, mod.scales, mod.zeros = qweight.qdata, qweight.scales.to(qweight.dtype), qweight.zeros
+        if bias is not None:
+            check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+            if bias.shape[0] != out_features:
+                raise ValueError(
+                    f"bias must have shape (out_features={out_features},), got {tuple(bias.shape)}"
+                )
+            mod.bias = bias.to(device=qweight.device, dtype=qweight.dtype)
+        if input_perm is not None:
+            check_tensor("input_perm", input_perm, ndim=1, dtypes=(torch.int32, torch.int64))
+            if input_perm.shape[0] != in_features or not torch.equal(
+                input_perm.sort().values.cpu(), torch.arange(in_features, dtype=input_perm.dtype)
+            ):
+                raise ValueError(
+                    f"input_perm must be a permutation of range(in_features={in_features}), got shape "
+                    f"{tuple(input_perm.shape)}"
+                )
+            mod.input_perm = input_perm.to(device=qweight.device, dtype=torch.int64)
         return mod
 
     @classmethod
@@ -139,12 +191,15 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         return quant_matmul(x, self.qweight, bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}"
+            + (", input_perm" if self.input_perm is not None else "")
         )
 
 
@@ -357,9 +412,9 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
 
     Args:
         linears: two or more ``nn.Linear`` (same in_features, dtype and device) or two or more
-            :class:`QuantLinear` (also the same bits, group_size, symmetric and backend). Quantization is per
-            output row, so fusing quantized linears stores exactly what quantizing the fused float linear
-            would. A bias is kept if any input has one (zeros for those without).
+            :class:`QuantLinear` (also the same bits, group_size, symmetric, backend and input_perm).
+            Quantization is per output row, so fusing quantized linears stores exactly what quantizing the fused
+            float linear would. A bias is kept if any input has one (zeros for those without).
     Returns:
         a new module of the inputs' type with out_features = their sum; the weights are copied.
     """
@@ -379,6 +434,16 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
         values = [getattr(m, name) for m in mods]
         if len(set(values)) != 1:
             raise ValueError(f"linears must share {name} to be fused, got {values}")
+    if quant:
+        perms = [m.input_perm for m in mods]
+        same = all(p is None for p in perms) or (
+            all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms)
+        )
+        if not same:
+            raise ValueError(
+                "linears must share their input_perm to be fused (GPTQ act-order checkpoints give each linear "
+                "its own column order; fusing needs one)"
+            )
     ref_weight = first.qdata if quant else first.weight
     for m in mods:
         w = m.qdata if quant else m.weight
@@ -406,6 +471,8 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
             fused.scales.copy_(torch.cat([m.scales for m in mods]))
             if not first.symmetric:
                 fused.zeros.copy_(torch.cat([m.zeros for m in mods]))
+            if first.input_perm is not None:
+                fused.input_perm = first.input_perm.clone()
         else:
             w = first.weight
             fused = nn.Linear(first.in_features, out_features, has_bias, device=w.device, dtype=w.dtype)

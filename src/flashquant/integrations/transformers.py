@@ -5,6 +5,7 @@
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=name)
     fqt.quantize_transformers_model(model, bits=4)   # linears -> QuantLinear, lm_head kept
     fqt.fuse_transformers_model(model)               # RMSNorm, SwiGLU MLP -> flashquant's fused ops
+    model = fqt.load_quantized_pretrained("path/to/Llama-GPTQ")  # a GPTQ / AWQ checkpoint, no optimum needed
 
 The attention function receives transformers' (B, H, S, D) tensors and calls flashquant.attention with
 bottom-right-aligned causal masking. The mask function registered with it is transformers' SDPA one: it
@@ -19,14 +20,18 @@ fails at model set-up; "fq" avoids that.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import flashquant as fq
+from flashquant.checkpoints import load_quantized_state_dict
 from flashquant.nn import fuse_linears, quantize_model
 
 log = logging.getLogger("flashquant")
@@ -147,3 +152,83 @@ def fuse_transformers_model(model: nn.Module, backend: str = "auto") -> dict[str
             swapped["mlp"] += 1
     log.info("fuse_transformers_model: %s", swapped)
     return swapped
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no random init) and their buffers
+    where they would be: buffers that are not in a checkpoint (rotary inv_freq) are still computed."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory: model.safetensors, or the shards its index names."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(path, shard)))
+        return state
+    raise FileNotFoundError(
+        f"{path} has neither model.safetensors nor model.safetensors.index.json (GPTQ / AWQ checkpoints in "
+        "other files, e.g. *.bin, are not read: convert them to safetensors)"
+    )
+
+
+def load_quantized_pretrained(
+    path: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device="cpu",
+    backend: str = "auto",
+    attn_implementation: str | None = None,
+    model_class=None,
+):
+    """A GPTQ or AWQ checkpoint directory (config.json with a ``quantization_config``, *.safetensors) as a
+    transformers model whose quantized linears are flashquant QuantLinears: no optimum / gptqmodel / autoawq, no
+    GPU needed (the CPU kernels run it). The checkpoint's codes are used as they are (see flashquant.checkpoints).
+
+    Args:
+        path: a local directory (download it first, e.g. ``huggingface_hub.snapshot_download``).
+        dtype: the model's float dtype (norms, embeddings, scales; default: the checkpoint's, usually fp16).
+        device: where the model goes after loading.
+        backend: the QuantLinears' quant_matmul backend.
+        attn_implementation: passed to the model config ("fq" after :func:`register`; default transformers').
+        model_class: the transformers class to build (default ``AutoModelForCausalLM``).
+    Returns:
+        the model, in eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is None:
+        raise ValueError(f"{path}/config.json has no quantization_config: it is not a GPTQ / AWQ checkpoint")
+    del config.quantization_config  # transformers would otherwise look for the tool that wrote it
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    model_class = model_class or AutoModelForCausalLM
+    with _parameters_on_meta():
+        model = model_class.from_config(
+            config, dtype=dtype or getattr(config, "dtype", None) or torch.float16
+        )
+    load_quantized_state_dict(model, _read_state_dict(path), qcfg, dtype=dtype, backend=backend)
+    return model.to(device).eval()

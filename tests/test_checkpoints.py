@@ -1,0 +1,408 @@
+"""GPTQ / AWQ checkpoints read by flashquant.checkpoints: every format variant against weights written from the
+formats' definitions (the packers here follow the layouts as AutoGPTQ and AutoAWQ document and write them, word by
+word, and share no code with the reader), then whole models through load_quantized_state_dict and
+load_quantized_pretrained.
+
+The reader must give back the exact weights ``scales * (code - zero)``: dequantize() is compared exactly in fp32.
+Outputs of the loaded model go through quant_matmul's CPU kernel and are held to tolerances.QMM_RTOL_CPU per
+linear, tolerances.CHECKPOINT_LOGITS_RTOL for a whole model's logits.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from flashquant.checkpoints import AWQ_ORDER, from_awq, from_gptq, load_quantized_state_dict
+from flashquant.nn import QuantLinear, fuse_linears
+from tolerances import CHECKPOINT_LOGITS_RTOL, assert_qmm_close
+
+
+# ---- writers of the formats (independent of the reader) -----------------------------------------------------
+def _int32(words: torch.Tensor) -> torch.Tensor:
+    """uint32 values held in int64 -> the int32 with the same bits (two's complement), as the tools store them."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_dim0(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R * 32 / bits, C) small ints -> int32 (R, C): word r holds rows r * per + j at bits * j."""
+    per = 32 // bits
+    words = torch.zeros(values.shape[0] // per, values.shape[1], dtype=torch.int64)
+    for j in range(per):
+        words |= values[j::per].to(torch.int64) << (bits * j)
+    return _int32(words)
+
+
+def write_gptq(codes, zeros, scales, g_idx, bits, fmt="gptq"):
+    """codes (N, K), zeros (N, G) true zero points, scales (N, G) -> GPTQ tensors (qweight, qzeros, scales, g_idx)."""
+    stored_zeros = zeros - 1 if fmt == "gptq" else zeros
+    qweight = _pack_dim0(codes.t(), bits)  # (K / per, N): packed along K
+    qzeros = _pack_dim0(stored_zeros, bits).t().contiguous()  # (G, N / per): packed along N
+    return qweight, qzeros, scales.t().contiguous(), g_idx.to(torch.int32)
+
+
+def write_awq(codes, zeros, scales):
+    """AutoAWQ's GEMM layout: word c of row k holds column 8c + AWQ_ORDER[j] in nibble j."""
+
+    def pack_columns(v):  # (R, N) -> (R, N / 8)
+        words = torch.zeros(v.shape[0], v.shape[1] // 8, dtype=torch.int64)
+        for c in range(v.shape[1] // 8):
+            for j, col in enumerate(AWQ_ORDER):
+                words[:, c] |= v[:, 8 * c + col].to(torch.int64) << (4 * j)
+        return _int32(words)
+
+    return pack_columns(codes.t()), pack_columns(zeros.t()), scales.t().contiguous()
+
+
+def random_quantized(N, K, bits, group_size, symmetric, act_order, seed=0, zero_min=1):
+    """Random codes / zero points / fp16 scales and the weight they define, w[n, k] = s * (code - zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    G = 1 if group_size == -1 else K // group_size
+    gs = K // G
+    maxq = (1 << bits) - 1
+    codes = torch.randint(0, maxq + 1, (N, K), generator=gen)
+    if symmetric:
+        zeros = torch.full((N, G), 1 << (bits - 1))
+    else:
+        zeros = torch.randint(zero_min, maxq + 1, (N, G), generator=gen)
+    scales = (torch.rand(N, G, generator=gen) * 0.02 + 0.002).half()
+    g_idx = torch.arange(K) // gs
+    if act_order:
+        g_idx = g_idx[torch.randperm(K, generator=gen)]
+    w = (codes - zeros[:, g_idx]).float() * scales.float()[:, g_idx]
+    return codes, zeros, scales, g_idx, w
+
+
+def original_order(qw, perm):
+    """The loaded weight's columns back in the checkpoint's order (fp32)."""
+    w = qw.dequantize(torch.float32)
+    if perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, perm] = w
+    return out
+
+
+# ---- one linear ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (4, -1), (8, 64), (8, -1)])
+def test_gptq_weights_are_the_checkpoints_exactly(bits, group_size, symmetric, act_order, fmt):
+    N, K = 24, 256
+    codes, zeros, scales, g_idx, w = random_quantized(N, K, bits, group_size, symmetric, act_order)
+    qw, perm = from_gptq(
+        *write_gptq(codes, zeros, scales, g_idx, bits, fmt), bits=bits, checkpoint_format=fmt
+    )
+    assert (qw.zeros is None) == symmetric, "symmetric checkpoints load as flashquant's symmetric format"
+    # (with one group per row every channel is in group 0: act-order changes nothing the format holds)
+    assert (perm is None) != (act_order and group_size != -1), "a permutation exactly where groups are spread"
+    assert (
+        qw.shape == (N, K) and qw.bits == bits and qw.group_size == group_size and qw.dtype == torch.float16
+    )
+    assert torch.equal(original_order(qw, perm), w)
+    if perm is not None:  # the groups are contiguous after the permutation
+        assert torch.equal(g_idx[perm], torch.arange(K) // (K // qw.scales.shape[1]))
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_awq_weights_are_the_checkpoints_exactly(group_size):
+    N, K = 40, 256
+    codes, zeros, scales, _, w = random_quantized(N, K, 4, group_size, False, False, seed=1, zero_min=0)
+    qw = from_awq(*write_awq(codes, zeros, scales))
+    assert qw.zeros is not None and qw.group_size == group_size
+    assert torch.equal(qw.dequantize(torch.float32), w)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("M", [1, 4, 17])
+def test_act_order_linear_permutes_its_input(backend, M):
+    """A QuantLinear from an act-order checkpoint computes x @ W^T with W in the checkpoint's column order."""
+    N, K = 32, 256
+    codes, zeros, scales, g_idx, w = random_quantized(N, K, 4, 64, False, True, seed=2)
+    qw, perm = from_gptq(*write_gptq(codes, zeros, scales, g_idx, 4), bits=4, dtype=torch.float32)
+    bias = torch.randn(N)
+    layer = QuantLinear.from_quantized(qw, bias, perm, backend=backend)
+    x = torch.randn(2, M, K)
+    assert_qmm_close(layer(x), x @ w.t() + bias, f"act-order M={M}", backend)
+    assert "input_perm" in layer.state_dict() and "input_perm" in repr(layer)
+
+
+def test_fp16_scales_can_load_as_bf16_or_fp32():
+    codes, zeros, scales, g_idx, w = random_quantized(16, 64, 4, 32, False, False)
+    for dtype in (torch.bfloat16, torch.float32):
+        qw, _ = from_gptq(*write_gptq(codes, zeros, scales, g_idx, 4), bits=4, dtype=dtype)
+        assert qw.scales.dtype == dtype and qw.dtype == dtype
+        torch.testing.assert_close(qw.dequantize(torch.float32), w, rtol=2**-8, atol=0)
+
+
+def test_symmetric_argument():
+    codes, zeros, scales, g_idx, w = random_quantized(16, 64, 4, 32, True, False)
+    tensors = write_gptq(codes, zeros, scales, g_idx, 4)
+    asym, _ = from_gptq(*tensors, bits=4, symmetric=False)
+    assert asym.zeros is not None and torch.equal(asym.dequantize(torch.float32), w)
+    codes, zeros, scales, g_idx, _ = random_quantized(16, 64, 4, 32, False, False)
+    with pytest.raises(ValueError, match="symmetric=True needs every zero point to be 8"):
+        from_gptq(*write_gptq(codes, zeros, scales, g_idx, 4), bits=4, symmetric=True)
+
+
+def _gptq_tensors(N=16, K=64, bits=4, group_size=32):
+    codes, zeros, scales, g_idx, _ = random_quantized(N, K, bits, group_size, False, False)
+    return write_gptq(codes, zeros, scales, g_idx, bits)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda t, kw: kw.update(bits=3), ValueError, "bits must be 4 or 8"),
+        (lambda t, kw: kw.update(checkpoint_format="marlin"), ValueError, "checkpoint_format must be one of"),
+        (lambda t, kw: t.__setitem__(0, t[0].to(torch.int64)), TypeError, "qweight must have dtype in"),
+        (lambda t, kw: t.__setitem__(slice(0, 4), (t[0], t[1][[0, 1, 1]], t[2][[0, 1, 1]], None)), ValueError,
+         r"scales.shape\[0\] = 3 must divide K = 64"),
+        (lambda t, kw: t.__setitem__(1, t[1][:, :1]), ValueError, r"qzeros must have shape"),
+        (lambda t, kw: t.__setitem__(2, t[2][:, :8]), ValueError, r"qweight must have shape"),
+        (lambda t, kw: t.__setitem__(2, t[2].int()), TypeError, "scales must have dtype in"),
+        (lambda t, kw: t.__setitem__(3, t[3][:10]), ValueError, r"g_idx must have shape \(K,\) = \(64,\)"),
+        (lambda t, kw: t.__setitem__(3, t[3] + 1), ValueError, r"g_idx must hold group indices in \[0, 2\)"),
+        (lambda t, kw: t.__setitem__(3, torch.zeros(64, dtype=torch.int32)), ValueError, "every group 32"),
+    ],
+    ids=["bits3", "marlin", "qweight-int64", "groups-do-not-divide-K", "qzeros-shape", "N-mismatch", "int-scales",
+         "g_idx-length", "g_idx-range", "g_idx-unequal-groups"],
+)  # fmt: skip
+def test_gptq_bad_inputs_raise_clear_errors(change, error, match):
+    tensors, kwargs = list(_gptq_tensors()), {"bits": 4}
+    change(tensors, kwargs)
+    with pytest.raises(error, match=match):
+        from_gptq(*tensors, **kwargs)
+
+
+def test_gptq_v1_zero_point_overflow_is_reported():
+    """A v1 packer cannot store a zero point of 0 (it writes -1): reading 15 in a 4-bit qzeros means that."""
+    codes, zeros, scales, g_idx, _ = random_quantized(16, 64, 4, 32, False, False)
+    zeros[3, 1] = 16  # stored as 15 by the v1 writer
+    tensors = write_gptq(codes, zeros, scales, g_idx, 4)
+    with pytest.raises(ValueError, match="packed with a zero point of 0"):
+        from_gptq(*tensors, bits=4)
+    zeros[3, 1] = 15  # the same bits read as v2 are a valid zero point 15
+    qw, _ = from_gptq(
+        *write_gptq(codes, zeros, scales, g_idx, 4, "gptq_v2"), bits=4, checkpoint_format="gptq_v2"
+    )
+    assert int(qw.zeros[3, 1]) == 15
+
+
+def test_awq_bad_inputs_raise_clear_errors():
+    codes, zeros, scales, _, _ = random_quantized(16, 64, 4, 32, False, False)
+    qweight, qzeros, s = write_awq(codes, zeros, scales)
+    with pytest.raises(ValueError, match="AWQ checkpoints are int4"):
+        from_awq(qweight, qzeros, s, bits=8)
+    with pytest.raises(ValueError, match=r"qweight must have shape \(K, N / 8\)"):
+        from_awq(qweight[:, :1], qzeros, s)
+    with pytest.raises(ValueError, match=r"must be a multiple of 8"):
+        from_awq(qweight, qzeros, s[:, :12])
+
+
+def test_from_quantized_checks_its_arguments():
+    qw, _ = from_gptq(*_gptq_tensors(), bits=4)
+    with pytest.raises(TypeError, match="qweight must be a flashquant.QuantizedWeight"):
+        QuantLinear.from_quantized(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"bias must have shape \(out_features=16,\)"):
+        QuantLinear.from_quantized(qw, torch.zeros(15))
+    with pytest.raises(ValueError, match="input_perm must be a permutation of range"):
+        QuantLinear.from_quantized(qw, None, torch.zeros(64, dtype=torch.int64))
+
+
+def test_fusing_needs_one_input_perm():
+    linears, perms = [], []
+    for seed in (0, 1):
+        codes, zeros, scales, g_idx, _ = random_quantized(16, 64, 4, 32, False, True, seed=seed)
+        qw, perm = from_gptq(*write_gptq(codes, zeros, scales, g_idx, 4), bits=4, dtype=torch.float32)
+        linears.append(QuantLinear.from_quantized(qw, None, perm))
+        perms.append(perm)
+    with pytest.raises(ValueError, match="must share their input_perm"):
+        fuse_linears(linears)
+    # with one shared permutation (q/k/v of a layer share it: one X^T X) the fused linear equals the parts
+    same = [QuantLinear.from_quantized(m.qweight, None, perms[0]) for m in linears]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fuse_linears(same)(x), torch.cat([m(x) for m in same], -1), rtol=0, atol=1e-6)
+
+
+# ---- whole models -------------------------------------------------------------------------------------------
+class TinyMLP(nn.Module):
+    def __init__(self, device=None):
+        super().__init__()
+        self.up = nn.Linear(64, 128, bias=True, device=device)
+        self.down = nn.Linear(128, 32, bias=False, device=device)
+        self.norm = nn.LayerNorm(64, device=device)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(self.norm(x))))
+
+
+def _mlp_checkpoint(act_order=True):
+    """A GPTQ state_dict for TinyMLP and the float weights it stands for."""
+    state, weights = {}, {}
+    for name, (N, K) in {"up": (128, 64), "down": (32, 128)}.items():
+        codes, zeros, scales, g_idx, w = random_quantized(N, K, 4, 32, False, act_order, seed=N)
+        q = write_gptq(codes, zeros, scales, g_idx, 4)
+        state.update(zip((f"{name}.qweight", f"{name}.qzeros", f"{name}.scales", f"{name}.g_idx"), q))
+        weights[name] = w
+    state["up.bias"] = torch.randn(128).half()
+    state["norm.weight"], state["norm.bias"] = torch.rand(64).half() + 0.5, torch.randn(64).half()
+    return state, weights
+
+
+GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False}
+
+
+@pytest.mark.parametrize("on_meta", [False, True], ids=["cpu", "meta"])
+def test_load_quantized_state_dict_into_a_model(on_meta):
+    state, weights = _mlp_checkpoint()
+    model = TinyMLP(device="meta" if on_meta else None)
+    report = load_quantized_state_dict(model, state, GPTQ_CONFIG, dtype=torch.float32)
+    assert report == {"quantized": 2, "loaded": 2}
+    assert isinstance(model.up, QuantLinear) and isinstance(model.down, QuantLinear)
+    ref = TinyMLP()
+    ref.load_state_dict(
+        {"up.weight": weights["up"], "up.bias": state["up.bias"].float(), "down.weight": weights["down"],
+         "norm.weight": state["norm.weight"].float(), "norm.bias": state["norm.bias"].float()}
+    )  # fmt: skip
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert_qmm_close(model(x), ref(x), "TinyMLP from a GPTQ act-order state_dict", "cpu")
+
+
+def test_load_quantized_state_dict_errors_leave_the_model_unchanged():
+    state, _ = _mlp_checkpoint()
+    model = TinyMLP()
+    bad = dict(state, **{"down.scales": state["down.scales"][:, :8]})
+    with pytest.raises(ValueError, match=r"^down: qweight must have shape"):
+        load_quantized_state_dict(model, bad, GPTQ_CONFIG)
+    assert isinstance(model.up, nn.Linear) and isinstance(model.down, nn.Linear), "nothing replaced"
+    with pytest.raises(ValueError, match=r"not loaded \['norm.bias'\]"):
+        load_quantized_state_dict(
+            TinyMLP(), {k: v for k, v in state.items() if k != "norm.bias"}, GPTQ_CONFIG
+        )
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+        load_quantized_state_dict(TinyMLP(), dict(state, extra=torch.zeros(1)), GPTQ_CONFIG)
+    with pytest.raises(ValueError, match=r"state_dict has down.qweight but not down.scales"):
+        load_quantized_state_dict(
+            TinyMLP(), {k: v for k, v in state.items() if k != "down.scales"}, GPTQ_CONFIG
+        )
+    with pytest.raises(ValueError, match="holds no '<linear>.qweight' tensor"):
+        load_quantized_state_dict(TinyMLP(), {"norm.weight": torch.ones(64)}, GPTQ_CONFIG)
+    for cfg, match in (
+        ({"quant_method": "bitsandbytes"}, "quant_method must be 'gptq' or 'awq'"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "'gemm' layout"),
+        (dict(GPTQ_CONFIG, checkpoint_format="marlin"), "checkpoint_format must be one of"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            load_quantized_state_dict(TinyMLP(), state, cfg)
+    with pytest.raises(TypeError, match="quantization_config must be a dict"):
+        load_quantized_state_dict(TinyMLP(), state, "gptq")
+
+
+# ---- a transformers Llama from a checkpoint directory ----------------------------------------------------------
+LLAMA = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def _write_llama_checkpoint(tmp_path, method, tie, shards):
+    """A float Llama and a GPTQ / AWQ checkpoint directory of the same model (random codes for every linear but
+    lm_head), as the tools save one: config.json with quantization_config, fp16 tensors in safetensors."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    config = transformers.LlamaConfig(**LLAMA, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(config).eval()
+    float_state = {k: v.half() for k, v in ref.state_dict().items()}
+    state = {}
+    seed = 0
+    for name, mod in ref.named_modules():
+        if not isinstance(mod, nn.Linear) or name == "lm_head":
+            continue
+        seed += 1
+        N, K = mod.out_features, mod.in_features
+        act_order = method == "gptq-desc_act"
+        codes, zeros, scales, g_idx, w = random_quantized(N, K, 4, 64, method == "gptq", act_order, seed=seed)
+        if method == "awq":
+            tensors = dict(zip(("qweight", "qzeros", "scales"), write_awq(codes, zeros, scales)))
+        else:
+            tensors = dict(
+                zip(("qweight", "qzeros", "scales", "g_idx"), write_gptq(codes, zeros, scales, g_idx, 4))
+            )
+        state.update({f"{name}.{k}": v for k, v in tensors.items()})
+        mod.weight.data = w  # the reference keeps the exact fp32 weight (s * (code - zero) needs > 11 bits)
+    state.update({k: v for k, v in float_state.items() if not k.endswith("proj.weight")})
+    if tie:
+        state.pop("lm_head.weight", None)
+    if method == "awq":
+        qcfg = {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True}
+    else:
+        qcfg = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": method == "gptq-desc_act",
+                "sym": method == "gptq", "checkpoint_format": "gptq"}  # fmt: skip
+    config.quantization_config = qcfg
+    config.save_pretrained(tmp_path)
+    keys = sorted(state)
+    if shards == 1:
+        save_file(state, str(tmp_path / "model.safetensors"))
+    else:
+        parts = {
+            "model-00001-of-00002.safetensors": keys[::2],
+            "model-00002-of-00002.safetensors": keys[1::2],
+        }
+        for file, part in parts.items():
+            save_file({k: state[k] for k in part}, str(tmp_path / file))
+        weight_map = {k: file for file, part in parts.items() for k in part}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ref.load_state_dict({k: v.float() for k, v in state.items() if ".q" not in k and "scales" not in k and
+                         "g_idx" not in k}, strict=False)  # fmt: skip
+    if tie:
+        ref.tie_weights()
+    return ref
+
+
+@pytest.mark.parametrize(
+    "method,tie,shards",
+    [("gptq", False, 1), ("gptq-desc_act", True, 2), ("awq", False, 2)],
+    ids=["gptq-sym", "gptq-desc_act-asym-tied-sharded", "awq-sharded"],
+)
+def test_llama_checkpoint_directory_loads_and_matches_its_float_model(tmp_path, method, tie, shards):
+    ref = _write_llama_checkpoint(tmp_path, method, tie, shards)
+    import flashquant.integrations.transformers as fqt
+
+    model = fqt.load_quantized_pretrained(str(tmp_path), dtype=torch.float32)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 7 * LLAMA["num_hidden_layers"], "every linear but lm_head"
+    assert all((m.input_perm is not None) == (method == "gptq-desc_act") for m in model.modules()
+               if isinstance(m, QuantLinear))  # fmt: skip
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if tie:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    err = float((got - want).abs().max())
+    print(f"logits: max error {err:.3g} = {err / float(want.abs().max()):.3g} of max |logit|")
+    assert err <= CHECKPOINT_LOGITS_RTOL * float(want.abs().max()), f"logits differ by {err:.3g}"
+    assert not model.training
+
+
+def test_directory_without_quantization_config_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import flashquant.integrations.transformers as fqt
+
+    transformers.LlamaConfig(**LLAMA).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no quantization_config"):
+        fqt.load_quantized_pretrained(str(tmp_path))
+    transformers.LlamaConfig(**LLAMA, quantization_config=GPTQ_CONFIG).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+        fqt.load_quantized_pretrained(str(tmp_path))
