@@ -9,6 +9,7 @@ linear, tolerances.CHECKPOINT_LOGITS_RTOL for a whole model's logits.
 """
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -55,8 +56,9 @@ def write_awq(codes, zeros, scales):
     return pack_columns(codes.t()), pack_columns(zeros.t()), scales.t().contiguous()
 
 
-def random_quantized(N, K, bits, group_size, symmetric, act_order, seed=0, zero_min=1):
-    """Random codes / zero points / fp16 scales and the weight they define, w[n, k] = s * (code - zero)."""
+def random_quantized(N, K, bits, group_size, symmetric, act_order, seed=0, zero_min=1, order_seed=None):
+    """Random codes / zero points / fp16 scales and the weight they define, w[n, k] = s * (code - zero).
+    act_order: groups spread over K by a permutation drawn from `order_seed` (default: `seed`)."""
     gen = torch.Generator().manual_seed(seed)
     G = 1 if group_size == -1 else K // group_size
     gs = K // G
@@ -69,7 +71,8 @@ def random_quantized(N, K, bits, group_size, symmetric, act_order, seed=0, zero_
     scales = (torch.rand(N, G, generator=gen) * 0.02 + 0.002).half()
     g_idx = torch.arange(K) // gs
     if act_order:
-        g_idx = g_idx[torch.randperm(K, generator=gen)]
+        order = torch.Generator().manual_seed(seed if order_seed is None else order_seed)
+        g_idx = g_idx[torch.randperm(K, generator=order)]
     w = (codes - zeros[:, g_idx]).float() * scales.float()[:, g_idx]
     return codes, zeros, scales, g_idx, w
 
@@ -314,42 +317,61 @@ LLAMA = dict(
 )
 
 
-def _write_llama_checkpoint(tmp_path, method, tie, shards):
-    """A float Llama and a GPTQ / AWQ checkpoint directory of the same model (random codes for every linear but
-    lm_head), as the tools save one: config.json with quantization_config, fp16 tensors in safetensors."""
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 500000.0,
+}
+
+
+def _write_llama_checkpoint(tmp_path, method, tie, shards=1, rope=None):
+    """A float transformers Llama and a checkpoint directory of the same model, as the tools save one:
+    config.json (with quantization_config unless method="float"), fp16 tensors in safetensors. For GPTQ / AWQ
+    every linear but lm_head holds random codes, and the float model their exact weights; linears that read the
+    same input (q/k/v, gate/up) share their act-order permutation, as GPTQ gives them (one X^T X)."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
-    config = transformers.LlamaConfig(**LLAMA, tie_word_embeddings=tie)
+    extra = {"rope_parameters": rope} if rope else {}
+    config = transformers.LlamaConfig(**LLAMA, tie_word_embeddings=tie, **extra)
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(config).eval()
-    float_state = {k: v.half() for k, v in ref.state_dict().items()}
-    state = {}
-    seed = 0
-    for name, mod in ref.named_modules():
-        if not isinstance(mod, nn.Linear) or name == "lm_head":
+    with torch.no_grad():  # the checkpoint is fp16: the float model holds the same values
+        for p in ref.parameters():
+            p.copy_(p.half().float())
+    state = {k: v.half() for k, v in ref.state_dict().items()}
+    for seed, (name, mod) in enumerate(ref.named_modules()):
+        if method == "float" or not isinstance(mod, nn.Linear) or name == "lm_head":
             continue
-        seed += 1
         N, K = mod.out_features, mod.in_features
+        parent, leaf = name.rsplit(".", 1)
+        shared_input = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
+        order_seed = zlib.crc32(f"{parent}.{shared_input.get(leaf, leaf)}".encode())
         act_order = method == "gptq-desc_act"
-        codes, zeros, scales, g_idx, w = random_quantized(N, K, 4, 64, method == "gptq", act_order, seed=seed)
+        codes, zeros, scales, g_idx, w = random_quantized(
+            N, K, 4, 64, method == "gptq", act_order, seed=seed, order_seed=order_seed
+        )
         if method == "awq":
             tensors = dict(zip(("qweight", "qzeros", "scales"), write_awq(codes, zeros, scales)))
         else:
-            tensors = dict(
-                zip(("qweight", "qzeros", "scales", "g_idx"), write_gptq(codes, zeros, scales, g_idx, 4))
-            )
+            names = ("qweight", "qzeros", "scales", "g_idx")
+            tensors = dict(zip(names, write_gptq(codes, zeros, scales, g_idx, 4)))
+        del state[f"{name}.weight"]
         state.update({f"{name}.{k}": v for k, v in tensors.items()})
-        mod.weight.data = w  # the reference keeps the exact fp32 weight (s * (code - zero) needs > 11 bits)
-    state.update({k: v for k, v in float_state.items() if not k.endswith("proj.weight")})
+        mod.weight.data = w  # the exact fp32 weight (s * (code - zero) needs more than fp16's 11 bits)
     if tie:
         state.pop("lm_head.weight", None)
     if method == "awq":
-        qcfg = {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True}
-    else:
-        qcfg = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": method == "gptq-desc_act",
-                "sym": method == "gptq", "checkpoint_format": "gptq"}  # fmt: skip
-    config.quantization_config = qcfg
+        config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"}
+    elif method != "float":
+        desc_act, sym = method == "gptq-desc_act", method == "gptq"
+        config.quantization_config = {
+            "quant_method": "gptq", "bits": 4, "group_size": 64, "checkpoint_format": "gptq", "desc_act": desc_act,
+            "sym": sym,
+        }  # fmt: skip
     config.save_pretrained(tmp_path)
     keys = sorted(state)
     if shards == 1:
@@ -363,11 +385,13 @@ def _write_llama_checkpoint(tmp_path, method, tie, shards):
             save_file({k: state[k] for k in part}, str(tmp_path / file))
         weight_map = {k: file for file, part in parts.items() for k in part}
         (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    ref.load_state_dict({k: v.float() for k, v in state.items() if ".q" not in k and "scales" not in k and
-                         "g_idx" not in k}, strict=False)  # fmt: skip
-    if tie:
-        ref.tie_weights()
     return ref
+
+
+def _assert_logits_close(got, want, what):
+    err = float((got - want).abs().max())
+    bound = CHECKPOINT_LOGITS_RTOL * float(want.abs().max())
+    assert err <= bound, f"{what}: logits differ by {err:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize(
@@ -390,9 +414,7 @@ def test_llama_checkpoint_directory_loads_and_matches_its_float_model(tmp_path, 
     ids = torch.randint(0, LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = model(ids).logits, ref(ids).logits
-    err = float((got - want).abs().max())
-    print(f"logits: max error {err:.3g} = {err / float(want.abs().max()):.3g} of max |logit|")
-    assert err <= CHECKPOINT_LOGITS_RTOL * float(want.abs().max()), f"logits differ by {err:.3g}"
+    _assert_logits_close(got, want, method)
     assert not model.training
 
 
@@ -406,3 +428,59 @@ def test_directory_without_quantization_config_is_refused(tmp_path):
     transformers.LlamaConfig(**LLAMA, quantization_config=GPTQ_CONFIG).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         fqt.load_quantized_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "method,tie,rope",
+    [
+        ("float", True, LLAMA3_ROPE),
+        ("gptq", False, None),
+        ("gptq-desc_act", False, LLAMA3_ROPE),
+        ("awq", True, None),
+    ],
+    ids=["float-tied-llama3rope", "gptq-sym", "gptq-desc_act-llama3rope", "awq-tied"],
+)
+def test_flashquant_llama_from_pretrained_matches_transformers(tmp_path, method, tie, rope):
+    """flashquant's own decoder (fused projections, its caches and kernels) on a transformers-format checkpoint."""
+    from flashquant.models.llama import Llama, generate
+
+    ref = _write_llama_checkpoint(tmp_path, method, tie, rope=rope)
+    model = Llama.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert model.cfg.tie_embeddings == tie and (model.cfg.rope_scaling is not None) == (rope is not None)
+    if tie:
+        assert model.lm_head.weight is model.embed_tokens.weight
+    n_quant = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert n_quant == (0 if method == "float" else 7 * LLAMA["num_hidden_layers"])
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+        _assert_logits_close(model(ids), want, f"{method}: flashquant Llama")
+        # q/k/v and gate/up fuse (act-order ones share their permutation) and give the same logits
+        _assert_logits_close(model.fuse_projections()(ids), want, f"{method}: fused projections")
+    # decode through the KV cache: greedy tokens as recomputing the whole sequence gives them
+    prompt = ids[0, :5].tolist()
+    new = generate(model, [prompt], 4)[0]
+    with torch.no_grad():
+        seq = torch.tensor([prompt + new])
+        assert new == ref(seq).logits[0, 4:-1].argmax(-1).tolist()
+
+
+def test_llama_config_from_hf_reads_both_config_styles_and_refuses_what_it_cannot_compute():
+    from flashquant.models.llama import LlamaConfig
+
+    base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    new_style = LlamaConfig.from_hf({**base, "rope_parameters": LLAMA3_ROPE})
+    old = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    old_style = LlamaConfig.from_hf({**base, "rope_theta": 500000.0, "rope_scaling": old})
+    assert new_style == old_style
+    assert new_style.rope_scaling == (8.0, 1.0, 4.0, 64) and new_style.head_dim == 8
+    assert LlamaConfig.from_hf(base).rope_scaling is None and LlamaConfig.from_hf(base).rope_theta == 10000.0
+    for change, match in (
+        ({"model_type": "mistral"}, "model_type must be 'llama'"),
+        ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),
+        ({"attention_bias": True}, "attention_bias must be False"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "must be 'llama3' or none, got 'yarn'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            LlamaConfig.from_hf({**base, **change})

@@ -24,7 +24,9 @@ a whole model (``flashquant.integrations.transformers.load_quantized_pretrained`
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import Mapping
 
@@ -35,7 +37,7 @@ from ._checks import FLOAT_DTYPES, check_tensor
 from .nn import QuantLinear
 from .quant import QuantizedWeight, pack, unpack
 
-__all__ = ["AWQ_ORDER", "from_awq", "from_gptq", "load_quantized_state_dict"]
+__all__ = ["AWQ_ORDER", "from_awq", "from_gptq", "load_quantized_state_dict", "read_safetensors"]
 log = logging.getLogger("flashquant")
 
 # AWQ's GEMM layout interleaves the eight columns of a word: nibble j holds column AWQ_ORDER[j] of its 8.
@@ -231,8 +233,8 @@ def _config_dict(quantization_config) -> dict:
         quantization_config = quantization_config.to_dict()
     if not isinstance(quantization_config, Mapping):
         raise TypeError(
-            "quantization_config must be a dict (the checkpoint's config.json 'quantization_config') or a "
-            f"transformers quantization config, got {type(quantization_config).__name__}"
+            "quantization_config must be a dict (the checkpoint's config.json 'quantization_config'), a "
+            f"transformers quantization config or None, got {type(quantization_config).__name__}"
         )
     return dict(quantization_config)
 
@@ -293,6 +295,7 @@ def load_quantized_state_dict(
     """Load a GPTQ / AWQ state_dict into `model`, in place: every ``nn.Linear`` whose ``<name>.qweight`` is in
     `state_dict` becomes a :class:`~flashquant.nn.QuantLinear` holding the checkpoint's quantized weight; every
     other tensor (embeddings, norms, unquantized linears) is loaded as ``load_state_dict(assign=True)`` loads it.
+    With quantization_config=None the state_dict is a float one, loaded with the same checks.
 
     The model may have its parameters on the meta device (nothing is read from them, only their shapes).
 
@@ -307,11 +310,19 @@ def load_quantized_state_dict(
     Returns:
         {"quantized": linears replaced, "loaded": other tensors loaded}.
     """
-    cfg = _config_dict(quantization_config)
-    names, convert = _converter(cfg, dtype)
     prefixes = sorted(k[: -len(".qweight")] for k in state_dict if k.endswith(".qweight"))
-    if not prefixes:
-        raise ValueError("state_dict holds no '<linear>.qweight' tensor: it is not a GPTQ / AWQ checkpoint")
+    if quantization_config is None:
+        if prefixes:
+            raise ValueError(
+                f"state_dict holds quantized linears ({prefixes[0]}.qweight, ...) but quantization_config is None"
+            )
+        names, convert = (), None
+    else:
+        names, convert = _converter(_config_dict(quantization_config), dtype)
+        if not prefixes:
+            raise ValueError(
+                "state_dict holds no '<linear>.qweight' tensor: it is not a GPTQ / AWQ checkpoint"
+            )
     used, replacements = set(), []
     for prefix in prefixes:
         try:
@@ -377,3 +388,25 @@ def load_quantized_state_dict(
             )
     log.info("load_quantized_state_dict: %d quantized linears, %d other tensors", len(prefixes), len(rest))
     return {"quantized": len(prefixes), "loaded": len(rest)}
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory (on the CPU): its model.safetensors, or the shards that
+    model.safetensors.index.json names."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(path, shard)))
+        return state
+    raise FileNotFoundError(
+        f"{path} has neither model.safetensors nor model.safetensors.index.json (checkpoints in other files, e.g. "
+        "*.bin, are not read: convert them to safetensors)"
+    )

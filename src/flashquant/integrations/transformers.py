@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import flashquant as fq
-from flashquant.checkpoints import load_quantized_state_dict
+from flashquant.checkpoints import load_quantized_state_dict, read_safetensors
 from flashquant.nn import fuse_linears, quantize_model
 
 log = logging.getLogger("flashquant")
@@ -172,27 +170,6 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint directory: model.safetensors, or the shards its index names."""
-    from safetensors.torch import load_file
-
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
-        return state
-    raise FileNotFoundError(
-        f"{path} has neither model.safetensors nor model.safetensors.index.json (GPTQ / AWQ checkpoints in "
-        "other files, e.g. *.bin, are not read: convert them to safetensors)"
-    )
-
-
 def load_quantized_pretrained(
     path: str,
     *,
@@ -230,5 +207,5 @@ def load_quantized_pretrained(
         model = model_class.from_config(
             config, dtype=dtype or getattr(config, "dtype", None) or torch.float16
         )
-    load_quantized_state_dict(model, _read_state_dict(path), qcfg, dtype=dtype, backend=backend)
+    load_quantized_state_dict(model, read_safetensors(path), qcfg, dtype=dtype, backend=backend)
     return model.to(device).eval()

@@ -1,4 +1,5 @@
-"""A compact Llama-3-architecture decoder on flashquant's ops, with seeded random weights (no downloads).
+"""A compact Llama-3-architecture decoder on flashquant's ops, with seeded random weights (no downloads), or the
+weights of a Hugging Face-format Llama checkpoint directory, float or GPTQ / AWQ (:meth:`Llama.from_pretrained`).
 
 RMSNorm -> GQA attention (rotary with Llama-3 frequency scaling; prefill through flashquant.attention, decode
 through flashquant.attention_with_kvcache over a contiguous or paged KVCache) -> RMSNorm -> SwiGLU MLP; every
@@ -8,7 +9,9 @@ linear can be swapped for a QuantLinear (int4/int8) with :meth:`Llama.quantize`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 
 import torch
 from torch import nn
@@ -33,6 +36,46 @@ class LlamaConfig:
     # Llama 3 rope scaling (factor, low_freq_factor, high_freq_factor, original_max_position); None disables it
     rope_scaling: tuple[float, float, float, int] | None = (8.0, 1.0, 4.0, 8192)
     tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, hf) -> LlamaConfig:
+        """From a Hugging Face Llama config (its config.json as a dict, or a transformers LlamaConfig). Raises
+        ValueError for what this decoder does not compute (biases, another activation or rotary scaling)."""
+        d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"config model_type must be 'llama', got {d.get('model_type')!r}")
+        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if d.get(key, ok) != ok:
+                raise ValueError(f"config {key} must be {ok!r} for this Llama decoder, got {d[key]!r}")
+        # transformers >= 5 writes rope_parameters (rope_theta inside); older configs rope_theta + rope_scaling
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "llama3":
+            scaling = (
+                float(rope["factor"]),
+                float(rope["low_freq_factor"]),
+                float(rope["high_freq_factor"]),
+                int(rope["original_max_position_embeddings"]),
+            )
+        elif kind == "default":
+            scaling = None
+        else:
+            raise ValueError(f"config rotary scaling must be 'llama3' or none, got {kind!r}")
+        heads = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position=d.get("max_position_embeddings", 8192),
+            rope_scaling=scaling,
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
 
 
 PRESETS = {
@@ -280,6 +323,44 @@ class Llama(nn.Module):
                     p.mul_(0.02)
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: torch.dtype | None = None,
+        device="cpu",
+        attn_backend: str = "auto",
+        backend: str = "auto",
+    ) -> Llama:
+        """A Hugging Face-format Llama checkpoint directory (config.json + *.safetensors, as saved by
+        transformers), float or quantized by GPTQ / AWQ (``quantization_config`` in config.json; read by
+        flashquant.checkpoints, no other library needed). Nothing is downloaded: pass a local directory.
+
+        dtype: the float dtype of the model (default: as stored). backend: the QuantLinears' quant_matmul backend.
+        The q/k/v and gate/up projections are separate, as stored; :meth:`fuse_projections` merges them (for an
+        act-order GPTQ checkpoint only where they share their input permutation, as GPTQ gives them)."""
+        from flashquant.checkpoints import load_quantized_state_dict, read_safetensors
+
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        cfg = LlamaConfig.from_hf(hf)
+        with torch.device("meta"):
+            model = cls(cfg, attn_backend)
+        state = {
+            k.removeprefix("model."): v
+            for k, v in read_safetensors(path).items()
+            if not k.endswith("rotary_emb.inv_freq")  # (older transformers saved it; computed here)
+        }
+        model.inv_freq = rope_inv_freq(cfg)  # (a buffer outside the state_dict: built on meta above)
+        load_quantized_state_dict(model, state, hf.get("quantization_config"), dtype=dtype, backend=backend)
+        return model.to(device).eval()
+
+    def tie_weights(self) -> None:
+        """lm_head shares the embedding matrix when the config ties them (again, after a load that replaced it)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def quantize(
         self,
