@@ -305,6 +305,22 @@ def test_load_quantized_state_dict_errors_leave_the_model_unchanged():
         load_quantized_state_dict(TinyMLP(), state, "gptq")
 
 
+def test_transformers_quantization_config_objects_are_read():
+    """transformers' GPTQConfig / AwqConfig hold str enums (QuantizationMethod.GPTQ), not plain strings."""
+    transformers = pytest.importorskip("transformers")
+    state, weights = _mlp_checkpoint(act_order=False)
+    model = TinyMLP()
+    cfg = transformers.GPTQConfig(bits=4, group_size=32, sym=False)
+    assert load_quantized_state_dict(model, state, cfg)["quantized"] == 2
+    assert torch.equal(model.down.qweight.dequantize(torch.float32), weights["down"])
+    codes, zeros, scales, _, w = random_quantized(32, 128, 4, 32, False, False, zero_min=0)
+    awq = dict(zip(("down.qweight", "down.qzeros", "down.scales"), write_awq(codes, zeros, scales)))
+    model = nn.Sequential()
+    model.down = nn.Linear(128, 32, bias=False)
+    load_quantized_state_dict(model, awq, transformers.AwqConfig(bits=4, group_size=32))
+    assert torch.equal(model.down.qweight.dequantize(torch.float32), w)
+
+
 # ---- a transformers Llama from a checkpoint directory ----------------------------------------------------------
 LLAMA = dict(
     vocab_size=256,

@@ -239,12 +239,18 @@ def _config_dict(quantization_config) -> dict:
     return dict(quantization_config)
 
 
+def _text(value) -> str:
+    """A config entry as lower-case text: transformers' configs hold str enums (QuantizationMethod.GPTQ), whose
+    str() is their name, not their value."""
+    return str(getattr(value, "value", value)).lower()
+
+
 def _converter(cfg: dict, dtype: torch.dtype | None):
     """The checkpoint's quantization_config -> (tensor names per linear, function(tensors) -> (qweight, perm))."""
-    method = str(cfg.get("quant_method", "")).lower()
+    method = _text(cfg.get("quant_method", ""))
     bits = cfg.get("bits", cfg.get("w_bit"))
     if method == "gptq":
-        fmt = str(cfg.get("checkpoint_format") or "gptq").lower()
+        fmt = _text(cfg.get("checkpoint_format") or "gptq")
         if fmt not in GPTQ_FORMATS:
             raise ValueError(
                 f"quantization_config checkpoint_format must be one of {GPTQ_FORMATS}, got {fmt!r}"
@@ -267,7 +273,7 @@ def _converter(cfg: dict, dtype: torch.dtype | None):
 
         return ("qweight", "qzeros", "scales", "g_idx"), convert
     if method == "awq":
-        version = str(cfg.get("version", "gemm")).lower()
+        version = _text(cfg.get("version") or "gemm")
         if version != "gemm":
             raise ValueError(
                 f"AWQ checkpoints in the 'gemm' layout are read; this one is {version!r} (AutoAWQ's GEMV / "
