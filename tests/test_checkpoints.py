@@ -500,3 +500,55 @@ def test_llama_config_from_hf_reads_both_config_styles_and_refuses_what_it_canno
     ):
         with pytest.raises(ValueError, match=match):
             LlamaConfig.from_hf({**base, **change})
+
+
+# ---- python -m flashquant generate DIR ------------------------------------------------------------------------
+def _save_word_tokenizer(path):
+    """A word-level tokenizer of the tiny model's 256 ids ("w0" .. "w255"), saved as transformers saves one."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(LLAMA["vocab_size"])}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    fast.save_pretrained(path)
+
+
+@pytest.mark.parametrize("method", ["gptq-desc_act", "awq"])
+def test_generate_command_continues_a_text_prompt_as_the_float_model_does(tmp_path, method, capsys):
+    from flashquant.__main__ import main
+
+    ref = _write_llama_checkpoint(tmp_path, method, False)
+    _save_word_tokenizer(tmp_path)
+    prompt = [5, 9, 3, 17, 2]
+    assert main(["generate", str(tmp_path), "--prompt", " ".join(f"w{i}" for i in prompt), "--new-tokens", "4",
+                 "--dtype", "float32"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    want = []
+    with torch.no_grad():
+        for _ in range(4):
+            want.append(int(ref(torch.tensor([prompt + want])).logits[0, -1].argmax()))
+    assert f"output (4 tokens): {' '.join(f'w{i}' for i in want)}\n" in out, out
+    assert "(quantized, float32, cpu)" in out and "decode" in out and "tok/s" in out
+
+
+def test_generate_command_with_token_ids_and_quantize_on_load(tmp_path, capsys):
+    from flashquant.__main__ import main
+
+    _write_llama_checkpoint(tmp_path, "float", True)
+    assert (
+        main(["generate", str(tmp_path), "--prompt-ids", "1,2,3", "--new-tokens", "3", "--quantize", "int8"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "(int8, float16, cpu)" in out and "output (3 tokens): " in out
+    with pytest.raises(SystemExit, match="no tokenizer could be read"):
+        main(["generate", str(tmp_path), "--prompt", "hello"])
+    for bad in (
+        ["--prompt-ids", "1,x"],
+        ["--prompt-ids", "1,999"],
+        ["--prompt-ids", "1", "--new-tokens", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            main(["generate", str(tmp_path), *bad])
+    assert "--prompt-ids must be comma-separated integers" in capsys.readouterr().err

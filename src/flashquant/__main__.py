@@ -1,5 +1,7 @@
 """python -m flashquant            backends available here + every op once against its reference
 python -m flashquant demo [...]    the end-to-end Llama demo (see flashquant.demo)
+python -m flashquant generate DIR [...]
+                                   a Hugging Face-format Llama checkpoint (float, GPTQ, AWQ) generating text
 python -m flashquant tune [...]    measure and store this GPU's Triton launch configs (see flashquant.tune)
 python -m flashquant compile-check [...]
                                    compile the Triton kernels for sm_80/sm_89/sm_90a without a GPU and report
@@ -90,6 +92,10 @@ def main(argv: list[str]) -> int:
         from flashquant.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "generate":
+        from flashquant.generate_cli import main as generate_main
+
+        return generate_main(argv[1:])
     if argv and argv[0] == "tune":
         from flashquant.tune import main as tune_main
 
