@@ -536,12 +536,12 @@ def test_generate_command_with_token_ids_and_quantize_on_load(tmp_path, capsys):
     from flashquant.__main__ import main
 
     _write_llama_checkpoint(tmp_path, "float", True)
-    assert (
-        main(["generate", str(tmp_path), "--prompt-ids", "1,2,3", "--new-tokens", "3", "--quantize", "int8"])
-        == 0
-    )
+    args = ["generate", str(tmp_path), "--prompt-ids", "1,2,3", "--new-tokens", "3"]
+    assert main([*args, "--quantize", "int8"]) == 0
     out = capsys.readouterr().out
     assert "(int8, float16, cpu)" in out and "output (3 tokens): " in out
+    assert main([*args, "--lm-head", "int4"]) == 0
+    assert "(float, lm_head int4, float16, cpu)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no tokenizer could be read"):
         main(["generate", str(tmp_path), "--prompt", "hello"])
     for bad in (

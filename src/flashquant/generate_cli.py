@@ -52,6 +52,13 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--no-graph", action="store_true", help="on CUDA, decode eagerly instead of replaying a graph"
     )
+    ap.add_argument(
+        "--lm-head",
+        choices=("keep", "int8", "int4"),
+        default="keep",
+        help="quantize the output projection too (checkpoints keep it in float: for small models, or tied "
+        "embeddings, it is a large share of the bytes each decoded token reads)",
+    )
     args = ap.parse_args(argv)
     if args.new_tokens < 1:
         ap.error(f"--new-tokens must be >= 1, got {args.new_tokens}")
@@ -63,6 +70,9 @@ def main(argv=None) -> int:
             ap.error("--quantize is for float checkpoints; this one is already quantized")
         bits = int(args.quantize[3:])
         model.quantize(bits, 128 if bits == 4 else -1)
+    if args.lm_head != "keep":
+        bits = int(args.lm_head[3:])
+        model.lm_head = QuantLinear.from_linear(model.lm_head, bits, 128 if bits == 4 else -1)
     model.fuse_projections()
 
     tokenizer = None
@@ -88,6 +98,7 @@ def main(argv=None) -> int:
         new = new[: new.index(eos) + 1]
     text = tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new))
     kind = "quantized" if quantized else (args.quantize if args.quantize != "none" else "float")
+    kind += f", lm_head {args.lm_head}" if args.lm_head != "keep" else ""
     print(
         f"{args.checkpoint} ({kind}, {str(model.embed_tokens.weight.dtype).replace('torch.', '')}, {args.device})"
     )
