@@ -415,11 +415,20 @@ def _assert_logits_close(got, want, what):
     [("gptq", False, 1), ("gptq-desc_act", True, 2), ("awq", False, 2)],
     ids=["gptq-sym", "gptq-desc_act-asym-tied-sharded", "awq-sharded"],
 )
-def test_llama_checkpoint_directory_loads_and_matches_its_float_model(tmp_path, method, tie, shards):
+def test_llama_checkpoint_directory_loads_and_matches_its_float_model(
+    tmp_path, method, tie, shards, monkeypatch
+):
     ref = _write_llama_checkpoint(tmp_path, method, tie, shards)
     import flashquant.integrations.transformers as fqt
 
-    model = fqt.load_quantized_pretrained(str(tmp_path), dtype=torch.float32)
+    calls = []
+    real = fqt.fq.attention
+    monkeypatch.setattr(fqt.fq, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    model = fqt.load_quantized_pretrained(
+        str(tmp_path), dtype=torch.float32, attn_implementation=fqt.register()
+    )
+    assert model.config._attn_implementation == fqt.NAME
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 7 * LLAMA["num_hidden_layers"], "every linear but lm_head"
     assert all((m.input_perm is not None) == (method == "gptq-desc_act") for m in model.modules()
@@ -431,6 +440,7 @@ def test_llama_checkpoint_directory_loads_and_matches_its_float_model(tmp_path, 
     with torch.no_grad():
         got, want = model(ids).logits, ref(ids).logits
     _assert_logits_close(got, want, method)
+    assert len(calls) == LLAMA["num_hidden_layers"], "every layer's attention ran through flashquant"
     assert not model.training
 
 
