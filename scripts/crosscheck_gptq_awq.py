@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from flashquant.checkpoints import from_awq, from_gptq
+from flashquant.nn import QuantLinear
 
 WHEELS = ("auto-gptq==0.7.1", "autoawq==0.2.7")
 
@@ -64,12 +65,7 @@ def on_grid(N, K, bits, group_size, symmetric, g_idx):
 
 
 def in_original_order(qw, perm):
-    w = qw.dequantize(torch.float32)
-    if perm is None:
-        return w
-    out = torch.empty_like(w)
-    out[:, perm] = w
-    return out
+    return QuantLinear.from_quantized(qw, None, perm).dequantize(torch.float32)
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ from torch import nn
 
 from flashquant.checkpoints import AWQ_ORDER, from_awq, from_gptq, load_quantized_state_dict
 from flashquant.nn import QuantLinear, fuse_linears
+from tiny_models import TINY_LLAMA
 from tolerances import CHECKPOINT_LOGITS_RTOL, assert_qmm_close
 
 
@@ -78,13 +79,9 @@ def random_quantized(N, K, bits, group_size, symmetric, act_order, seed=0, zero_
 
 
 def original_order(qw, perm):
-    """The loaded weight's columns back in the checkpoint's order (fp32)."""
-    w = qw.dequantize(torch.float32)
-    if perm is None:
-        return w
-    out = torch.empty_like(w)
-    out[:, perm] = w
-    return out
+    """The loaded weight's columns back in the checkpoint's order (fp32): QuantLinear.dequantize undoes the
+    permutation."""
+    return QuantLinear.from_quantized(qw, None, perm).dequantize(torch.float32)
 
 
 # ---- one linear ---------------------------------------------------------------------------------------------
@@ -129,6 +126,7 @@ def test_act_order_linear_permutes_its_input(backend, M):
     layer = QuantLinear.from_quantized(qw, bias, perm, backend=backend)
     x = torch.randn(2, M, K)
     assert_qmm_close(layer(x), x @ w.t() + bias, f"act-order M={M}", backend)
+    assert torch.equal(layer.dequantize(torch.float32), w), "dequantize() gives the columns in x's order"
     assert "input_perm" in layer.state_dict() and "input_perm" in repr(layer)
 
 
@@ -322,15 +320,7 @@ def test_transformers_quantization_config_objects_are_read():
 
 
 # ---- a transformers Llama from a checkpoint directory ----------------------------------------------------------
-LLAMA = dict(
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+LLAMA = TINY_LLAMA
 
 
 LLAMA3_ROPE = {

@@ -8,17 +8,10 @@ transformers = pytest.importorskip("transformers")
 import flashquant as fq  # noqa: E402
 import flashquant.integrations.transformers as fqt  # noqa: E402
 from flashquant.nn import QuantLinear  # noqa: E402
+from tiny_models import TINY_LLAMA  # noqa: E402
 from tolerances import sqnr_db  # noqa: E402
 
-CFG = dict(
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+CFG = TINY_LLAMA
 
 
 @pytest.fixture(scope="module")

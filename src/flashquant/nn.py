@@ -189,6 +189,14 @@ class QuantLinear(nn.Module):
             self.weight_dtype,
         )
 
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out_features, in_features) weight in `dtype` (default: weight_dtype), its columns in the order of
+        the input x (an ``input_perm`` undone): ``F.linear(x, self.dequantize(), self.bias)`` is the forward."""
+        w = self.qweight.dequantize(dtype)
+        if self.input_perm is None:
+            return w
+        return torch.empty_like(w).index_copy_(1, self.input_perm, w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.input_perm is not None:
