@@ -70,7 +70,7 @@ for stage in $stages; do
     workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
     timed tests "$(limit 260)" $PY -m pytest -q $workers --maxfail=200 -rfE tests/test_cuda_kernels.py \
       tests/test_triton_attention.py tests/test_triton_quant.py tests/test_layer_ops.py tests/test_dispatch.py \
-      tests/test_llama.py tests/test_bench.py tests/test_gradients.py tests/test_quant.py \
+      tests/test_llama.py tests/test_bench.py tests/test_gradients.py tests/test_quant.py tests/test_checkpoints.py \
       -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
     ;;
   memcheck)  # the CUDA kernels' riskiest paths (tail steps, clamped rows, paging, misaligned views, the in-kernel

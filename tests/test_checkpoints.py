@@ -130,6 +130,22 @@ def test_act_order_linear_permutes_its_input(backend, M):
     assert "input_perm" in layer.state_dict() and "input_perm" in repr(layer)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_act_order_linear_on_cuda(backend, dtype):
+    """The same on the GPU kernels, in fp16 and bf16 (scales rounded to bf16 there, the weight with them)."""
+    N, K = 64, 256
+    codes, zeros, scales, g_idx, _ = random_quantized(N, K, 4, 64, False, True, seed=3)
+    qw, perm = from_gptq(*write_gptq(codes, zeros, scales, g_idx, 4), bits=4, dtype=dtype)
+    w = (codes - zeros[:, g_idx]).float() * scales.to(dtype).float()[:, g_idx]
+    layer = QuantLinear.from_quantized(qw.to("cuda"), None, perm, backend=backend)
+    assert layer.input_perm.is_cuda
+    x = torch.randn(2, 5, K, device="cuda", dtype=dtype)
+    assert_qmm_close(layer(x), x.float() @ w.cuda().t(), f"act-order on CUDA, {backend}", backend)
+    assert torch.equal(layer.dequantize(torch.float32).cpu(), w)
+
+
 def test_fp16_scales_can_load_as_bf16_or_fp32():
     codes, zeros, scales, g_idx, w = random_quantized(16, 64, 4, 32, False, False)
     for dtype in (torch.bfloat16, torch.float32):
