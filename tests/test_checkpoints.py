@@ -349,11 +349,14 @@ LLAMA3_ROPE = {
 }
 
 
-def _write_llama_checkpoint(tmp_path, method, tie, shards=1, rope=None):
+def _write_llama_checkpoint(tmp_path, method, tie, shards=1, rope=None, legacy=False):
     """A float transformers Llama and a checkpoint directory of the same model, as the tools save one:
     config.json (with quantization_config unless method="float"), fp16 tensors in safetensors. For GPTQ / AWQ
     every linear but lm_head holds random codes, and the float model their exact weights; linears that read the
-    same input (q/k/v, gate/up) share their act-order permutation, as GPTQ gives them (one X^T X)."""
+    same input (q/k/v, gate/up) share their act-order permutation, as GPTQ gives them (one X^T X).
+    legacy: as older tools saved them: the settings in quantize_config.json (AutoGPTQ, no quant_method) or
+    quant_config.json (AutoAWQ: w_bit, q_group_size, "GEMM"), one oddly named weights file, and (GPTQ) a zero
+    bias for every quantized linear, as GPTQ-for-LLaMa's packer wrote."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
@@ -383,10 +386,20 @@ def _write_llama_checkpoint(tmp_path, method, tie, shards=1, rope=None):
             tensors = dict(zip(names, write_gptq(codes, zeros, scales, g_idx, 4)))
         del state[f"{name}.weight"]
         state.update({f"{name}.{k}": v for k, v in tensors.items()})
+        if legacy and method != "awq":
+            state[f"{name}.bias"] = torch.zeros(N, dtype=torch.float16)
         mod.weight.data = w  # the exact fp32 weight (s * (code - zero) needs more than fp16's 11 bits)
     if tie:
         state.pop("lm_head.weight", None)
-    if method == "awq":
+    if legacy:
+        settings = (
+            ("quant_config.json", {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"})
+            if method == "awq"
+            else ("quantize_config.json", {"bits": 4, "group_size": 64, "desc_act": method == "gptq-desc_act",
+                                           "sym": method == "gptq", "true_sequential": True})
+        )  # fmt: skip
+        (tmp_path / settings[0]).write_text(json.dumps(settings[1]))
+    elif method == "awq":
         config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"}
     elif method != "float":
         desc_act, sym = method == "gptq-desc_act", method == "gptq"
@@ -397,7 +410,9 @@ def _write_llama_checkpoint(tmp_path, method, tie, shards=1, rope=None):
     config.save_pretrained(tmp_path)
     keys = sorted(state)
     if shards == 1:
-        save_file(state, str(tmp_path / "model.safetensors"))
+        save_file(
+            state, str(tmp_path / ("gptq_model-4bit-64g.safetensors" if legacy else "model.safetensors"))
+        )
     else:
         parts = {
             "model-00001-of-00002.safetensors": keys[::2],
@@ -568,3 +583,35 @@ def test_generate_command_with_token_ids_and_quantize_on_load(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["generate", str(tmp_path), *bad])
     assert "--prompt-ids must be comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq-desc_act", "awq"])
+def test_older_checkpoint_layouts_load(tmp_path, method):
+    """quantize_config.json / quant_config.json beside a config.json without quantization_config, one weights file
+    named after the tool, and GPTQ-for-LLaMa's zero biases on linears that have none."""
+    import flashquant.integrations.transformers as fqt
+    from flashquant.models.llama import Llama
+
+    ref = _write_llama_checkpoint(tmp_path, method, False, legacy=True)
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(ids).logits
+        _assert_logits_close(
+            Llama.from_pretrained(str(tmp_path), dtype=torch.float32)(ids), want, "flashquant"
+        )
+        model = fqt.load_quantized_pretrained(str(tmp_path), dtype=torch.float32)
+        _assert_logits_close(model(ids).logits, want, "transformers")
+    assert all(m.bias is None for m in model.modules() if isinstance(m, QuantLinear)), "zero biases dropped"
+
+
+def test_a_nonzero_bias_for_a_linear_without_one_is_an_error():
+    state, _ = _mlp_checkpoint()
+    state["down.bias"] = torch.zeros(32, dtype=torch.float16)
+    model = TinyMLP()
+    load_quantized_state_dict(model, state, GPTQ_CONFIG)  # zeros: dropped
+    assert model.down.bias is None
+    state["down.bias"][3] = 1.0
+    with pytest.raises(
+        ValueError, match="down: the model's linear has bias=False, the checkpoint has down.bias"
+    ):
+        load_quantized_state_dict(TinyMLP(), state, GPTQ_CONFIG)

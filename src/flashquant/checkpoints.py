@@ -37,7 +37,14 @@ from ._checks import FLOAT_DTYPES, check_tensor
 from .nn import QuantLinear
 from .quant import QuantizedWeight, pack, unpack
 
-__all__ = ["AWQ_ORDER", "from_awq", "from_gptq", "load_quantized_state_dict", "read_safetensors"]
+__all__ = [
+    "AWQ_ORDER",
+    "from_awq",
+    "from_gptq",
+    "load_quantized_state_dict",
+    "read_quantization_config",
+    "read_safetensors",
+]
 log = logging.getLogger("flashquant")
 
 # AWQ's GEMM layout interleaves the eight columns of a word: nibble j holds column AWQ_ORDER[j] of its 8.
@@ -357,6 +364,8 @@ def load_quantized_state_dict(
                 f"{(linear.out_features, linear.in_features)}"
             )
         bias = state_dict.get(f"{prefix}.bias")
+        if bias is not None and linear.bias is None and not bool(bias.any()):
+            bias = None  # GPTQ-for-LLaMa-era packers saved a zero bias for every linear, bias or not
         if (bias is not None) != (linear.bias is not None):
             raise ValueError(
                 f"{prefix}: the model's linear has bias={linear.bias is not None}, the checkpoint "
@@ -397,14 +406,18 @@ def load_quantized_state_dict(
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint directory (on the CPU): its model.safetensors, or the shards that
-    model.safetensors.index.json names."""
+    """The tensors of a checkpoint directory (on the CPU): its model.safetensors, the shards that
+    model.safetensors.index.json names, or else its one *.safetensors file (older GPTQ repositories name it
+    e.g. gptq_model-4bit-128g.safetensors)."""
     from safetensors.torch import load_file
 
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
         return load_file(single)
+    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not os.path.isfile(index) and len(others) == 1:
+        return load_file(os.path.join(path, others[0]))
     if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -413,6 +426,22 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
             state.update(load_file(os.path.join(path, shard)))
         return state
     raise FileNotFoundError(
-        f"{path} has neither model.safetensors nor model.safetensors.index.json (checkpoints in other files, e.g. "
-        "*.bin, are not read: convert them to safetensors)"
+        f"{path} has neither model.safetensors nor model.safetensors.index.json nor a single *.safetensors file "
+        f"(found {others}; checkpoints in other files, e.g. *.bin, are not read: convert them to safetensors)"
     )
+
+
+def read_quantization_config(path: str) -> dict | None:
+    """A checkpoint directory's quantization settings: config.json's ``quantization_config``, else the files
+    older tools wrote beside it (AutoGPTQ's quantize_config.json, AutoAWQ's quant_config.json), else None (a
+    float checkpoint)."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    if config.get("quantization_config"):
+        return dict(config["quantization_config"])
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                return {"quant_method": method, **json.load(f)}
+    return None

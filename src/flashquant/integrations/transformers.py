@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flashquant as fq
-from flashquant.checkpoints import load_quantized_state_dict, read_safetensors
+from flashquant.checkpoints import load_quantized_state_dict, read_quantization_config, read_safetensors
 from flashquant.nn import fuse_linears, quantize_model
 
 log = logging.getLogger("flashquant")
@@ -195,11 +195,15 @@ def load_quantized_pretrained(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
-    qcfg = getattr(config, "quantization_config", None)
+    qcfg = read_quantization_config(path)
     if qcfg is None:
-        raise ValueError(f"{path}/config.json has no quantization_config: it is not a GPTQ / AWQ checkpoint")
-    del config.quantization_config  # transformers would otherwise look for the tool that wrote it
+        raise ValueError(
+            f"{path} has no quantization_config in config.json, nor a quantize_config.json / quant_config.json: "
+            "it is not a GPTQ / AWQ checkpoint"
+        )
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers would otherwise look for the tool that wrote it
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     model_class = model_class or AutoModelForCausalLM

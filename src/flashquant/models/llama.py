@@ -341,7 +341,11 @@ class Llama(nn.Module):
         dtype: the float dtype of the model (default: as stored). backend: the QuantLinears' quant_matmul backend.
         The q/k/v and gate/up projections are separate, as stored; :meth:`fuse_projections` merges them (for an
         act-order GPTQ checkpoint only where they share their input permutation, as GPTQ gives them)."""
-        from flashquant.checkpoints import load_quantized_state_dict, read_safetensors
+        from flashquant.checkpoints import (
+            load_quantized_state_dict,
+            read_quantization_config,
+            read_safetensors,
+        )
 
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
@@ -354,7 +358,8 @@ class Llama(nn.Module):
             if not k.endswith("rotary_emb.inv_freq")  # (older transformers saved it; computed here)
         }
         model.inv_freq = rope_inv_freq(cfg)  # (a buffer outside the state_dict: built on meta above)
-        load_quantized_state_dict(model, state, hf.get("quantization_config"), dtype=dtype, backend=backend)
+        qcfg = read_quantization_config(path)
+        load_quantized_state_dict(model, state, qcfg, dtype=dtype, backend=backend)
         return model.to(device).eval()
 
     def tie_weights(self) -> None:
