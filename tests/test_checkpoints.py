@@ -349,14 +349,18 @@ LLAMA3_ROPE = {
 }
 
 
-def _write_llama_checkpoint(tmp_path, method, tie, shards=1, rope=None, legacy=False):
+def _write_llama_checkpoint(
+    tmp_path, method, tie, shards=1, rope=None, legacy=False, quantized_lm_head=False
+):
     """A float transformers Llama and a checkpoint directory of the same model, as the tools save one:
     config.json (with quantization_config unless method="float"), fp16 tensors in safetensors. For GPTQ / AWQ
     every linear but lm_head holds random codes, and the float model their exact weights; linears that read the
     same input (q/k/v, gate/up) share their act-order permutation, as GPTQ gives them (one X^T X).
     legacy: as older tools saved them: the settings in quantize_config.json (AutoGPTQ, no quant_method) or
     quant_config.json (AutoAWQ: w_bit, q_group_size, "GEMM"), one oddly named weights file, and (GPTQ) a zero
-    bias for every quantized linear, as GPTQ-for-LLaMa's packer wrote."""
+    bias for every quantized linear, as GPTQ-for-LLaMa's packer wrote.
+    quantized_lm_head: lm_head quantized too, on its own (GPTQModel's lm_head=True), while config.json still says
+    the embeddings are tied (the float model is then untied)."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
@@ -369,10 +373,14 @@ def _write_llama_checkpoint(tmp_path, method, tie, shards=1, rope=None, legacy=F
             p.copy_(p.half().float())
     state = {k: v.half() for k, v in ref.state_dict().items()}
     for seed, (name, mod) in enumerate(ref.named_modules()):
-        if method == "float" or not isinstance(mod, nn.Linear) or name == "lm_head":
+        if (
+            method == "float"
+            or not isinstance(mod, nn.Linear)
+            or (name == "lm_head" and not quantized_lm_head)
+        ):
             continue
         N, K = mod.out_features, mod.in_features
-        parent, leaf = name.rsplit(".", 1)
+        parent, _, leaf = name.rpartition(".")
         shared_input = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
         order_seed = zlib.crc32(f"{parent}.{shared_input.get(leaf, leaf)}".encode())
         act_order = method == "gptq-desc_act"
@@ -407,6 +415,8 @@ def _write_llama_checkpoint(tmp_path, method, tie, shards=1, rope=None, legacy=F
             "quant_method": "gptq", "bits": 4, "group_size": 64, "checkpoint_format": "gptq", "desc_act": desc_act,
             "sym": sym,
         }  # fmt: skip
+    if quantized_lm_head:
+        config.tie_word_embeddings = True
     config.save_pretrained(tmp_path)
     keys = sorted(state)
     if shards == 1:
@@ -615,3 +625,14 @@ def test_a_nonzero_bias_for_a_linear_without_one_is_an_error():
         ValueError, match="down: the model's linear has bias=False, the checkpoint has down.bias"
     ):
         load_quantized_state_dict(TinyMLP(), state, GPTQ_CONFIG)
+
+
+def test_a_quantized_lm_head_stays_apart_from_tied_embeddings(tmp_path):
+    from flashquant.models.llama import Llama
+
+    ref = _write_llama_checkpoint(tmp_path, "gptq", False, quantized_lm_head=True)
+    model = Llama.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert isinstance(model.lm_head, QuantLinear) and not hasattr(model.lm_head, "weight")
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _assert_logits_close(model(ids), ref(ids).logits, "quantized lm_head")

@@ -363,8 +363,9 @@ class Llama(nn.Module):
         return model.to(device).eval()
 
     def tie_weights(self) -> None:
-        """lm_head shares the embedding matrix when the config ties them (again, after a load that replaced it)."""
-        if self.cfg.tie_embeddings:
+        """lm_head shares the embedding matrix when the config ties them (again, after a load that replaced it);
+        not when the checkpoint quantized lm_head on its own (then it is a QuantLinear)."""
+        if self.cfg.tie_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight
 
     def quantize(
