@@ -628,11 +628,15 @@ def test_a_nonzero_bias_for_a_linear_without_one_is_an_error():
 
 
 def test_a_quantized_lm_head_stays_apart_from_tied_embeddings(tmp_path):
+    import flashquant.integrations.transformers as fqt
     from flashquant.models.llama import Llama
 
     ref = _write_llama_checkpoint(tmp_path, "gptq", False, quantized_lm_head=True)
     model = Llama.from_pretrained(str(tmp_path), dtype=torch.float32)
-    assert isinstance(model.lm_head, QuantLinear) and not hasattr(model.lm_head, "weight")
+    hf = fqt.load_quantized_pretrained(str(tmp_path), dtype=torch.float32)
+    for m in (model, hf):  # tying did not hang the embedding on the QuantLinear
+        assert isinstance(m.lm_head, QuantLinear) and not hasattr(m.lm_head, "weight")
     ids = torch.randint(0, LLAMA["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         _assert_logits_close(model(ids), ref(ids).logits, "quantized lm_head")
+        _assert_logits_close(hf(ids).logits, ref(ids).logits, "quantized lm_head, transformers")

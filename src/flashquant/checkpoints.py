@@ -385,6 +385,10 @@ def load_quantized_state_dict(
     result = model.load_state_dict(rest, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+        for _, module in replacements:
+            # a config that ties the embeddings, with lm_head quantized on its own (GPTQModel's lm_head=True):
+            # transformers' tie_weights hangs the embedding on the QuantLinear as a "weight" it never reads
+            module._parameters.pop("weight", None)
     if strict:
         # missing: not in the state_dict and not tied to (the very tensor of) something that was
         tensors = model.state_dict(keep_vars=True)
