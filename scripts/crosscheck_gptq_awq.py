@@ -1,6 +1,6 @@
 """Cross-check flashquant.checkpoints against the tools that write the formats: AutoGPTQ's and AutoAWQ's own
 packers (their QuantLinear.pack / WQLinear_GEMM.from_linear) pack weights that lie on a known grid, and
-flashquant must read back exactly those weights.
+flashquant must read back exactly those weights (and, for GPTQ, write back exactly their tensors).
 
 Not part of the test suite (it downloads two wheels, ~25 MB, and imports single modules from them without
 installing them or their dependencies):
@@ -19,7 +19,7 @@ import zipfile
 import torch
 from torch import nn
 
-from flashquant.checkpoints import from_awq, from_gptq
+from flashquant.checkpoints import from_awq, from_gptq, to_gptq
 from flashquant.nn import QuantLinear
 
 WHEELS = ("auto-gptq==0.7.1", "autoawq==0.2.7")
@@ -103,10 +103,17 @@ def main() -> int:
                             packed.qweight, packed.qzeros, packed.scales, packed.g_idx, bits=bits
                         )
                         ok = torch.equal(in_original_order(qw, perm), w) and (qw.zeros is None) == symmetric
+                        # and back: flashquant's writer gives their tensors, word for word
+                        written = to_gptq(qw, perm)
+                        ok &= all(
+                            torch.equal(written[n], getattr(packed, n).to(written[n].dtype))
+                            for n in ("qweight", "qzeros", "scales")
+                        )
+                        ok &= group_size == -1 or torch.equal(written["g_idx"], packed.g_idx.int())
                         failures += not ok
                         cases += 1
                         print(f"AutoGPTQ {kind} int{bits} group {group_size} sym={symmetric} act_order={act_order}:",
-                              "exact" if ok else "MISMATCH")  # fmt: skip
+                              "exact, both ways" if ok else "MISMATCH")  # fmt: skip
     for group_size in (32, 64, 128, -1):
         G = 1 if group_size == -1 else K // group_size
         codes, zeros, scales, w = on_grid(N, K, 4, group_size, False, torch.arange(K) // (K // G))

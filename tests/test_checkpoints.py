@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from flashquant.checkpoints import AWQ_ORDER, from_awq, from_gptq, load_quantized_state_dict
+from flashquant import quantize as fq_quantize
+from flashquant.checkpoints import AWQ_ORDER, from_awq, from_gptq, load_quantized_state_dict, to_gptq
 from flashquant.nn import QuantLinear, fuse_linears
 from tiny_models import TINY_LLAMA
 from tolerances import CHECKPOINT_LOGITS_RTOL, assert_qmm_close
@@ -640,3 +641,90 @@ def test_a_quantized_lm_head_stays_apart_from_tied_embeddings(tmp_path):
     with torch.no_grad():
         _assert_logits_close(model(ids), ref(ids).logits, "quantized lm_head")
         _assert_logits_close(hf(ids).logits, ref(ids).logits, "quantized lm_head, transformers")
+
+
+# ---- writing GPTQ checkpoints -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, -1), (8, 64)])
+def test_to_gptq_writes_what_the_format_definition_writes(bits, group_size, symmetric, act_order, fmt):
+    """to_gptq(from_gptq(t)) == t, tensor for tensor, against the writer built from the format's definition."""
+    codes, zeros, scales, g_idx, _ = random_quantized(24, 256, bits, group_size, symmetric, act_order, seed=5)
+    tensors = write_gptq(codes, zeros, scales, g_idx, bits, fmt)
+    qw, perm = from_gptq(*tensors, bits=bits, checkpoint_format=fmt)
+    out = to_gptq(qw, perm, checkpoint_format=fmt)
+    for name, want in zip(("qweight", "qzeros", "scales", "g_idx"), tensors):
+        if name == "g_idx" and group_size == -1:
+            want = torch.zeros_like(want)  # one group: any order is the same
+        assert torch.equal(out[name], want), name
+
+
+def test_to_gptq_refuses_what_the_format_cannot_hold():
+    codes, zeros, scales, g_idx, _ = random_quantized(16, 64, 4, 32, False, False)
+    zeros[0, 0] = 0
+    qw, _ = from_gptq(
+        *write_gptq(codes, zeros, scales, g_idx, 4, "gptq_v2"), bits=4, checkpoint_format="gptq_v2"
+    )
+    with pytest.raises(ValueError, match="zero point of 0 cannot be stored in the 'gptq' \\(v1\\) format"):
+        to_gptq(qw)
+    assert int(to_gptq(qw, checkpoint_format="gptq_v2")["qzeros"][0, 0]) & 0xF == 0
+    with pytest.raises(ValueError, match=r"multiples of 8, got \(N, K\) = \(12, 64\)"):
+        to_gptq(fq_quantize(torch.randn(12, 64), 4, 32))
+    with pytest.raises(TypeError, match="qweight must be a flashquant.QuantizedWeight"):
+        to_gptq(torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric,act_order,tie",
+    [(4, 32, True, False, False), (4, 64, False, True, True), (8, -1, True, False, True)],
+    ids=["int4-g32-sym", "int4-g64-asym-act-order-tied", "int8-per-channel-tied"],
+)
+def test_llama_save_pretrained_round_trips_through_flashquant_and_transformers(
+    tmp_path, bits, group_size, symmetric, act_order, tie
+):
+    """A Llama quantized here (GPTQ act-order: static groups, so no permutation is written) saved as a GPTQ
+    checkpoint loads back to the same weights and logits, and transformers reads the same model from it."""
+    from flashquant.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, rope_scaling=(8.0, 1.0, 4.0, 32), tie_embeddings=tie)  # fmt: skip
+    model = Llama.random(cfg, seed=1, dtype=torch.float16)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    method = {"method": "gptq", "act_order": True, "calibration": lambda m: m(calib)} if act_order else {}
+    model.quantize(bits, group_size, symmetric, **method)
+    model.save_pretrained(str(tmp_path), checkpoint_format="gptq_v2" if not symmetric else "gptq")
+    loaded = Llama.from_pretrained(str(tmp_path))
+    for (name, a), b in zip(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)),
+        (m for m in loaded.modules() if isinstance(m, QuantLinear)),
+    ):
+        assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)), name
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids)
+        torch.testing.assert_close(loaded(ids), want, rtol=0, atol=0)
+        hf = pytest.importorskip("flashquant.integrations.transformers").load_quantized_pretrained(
+            str(tmp_path), dtype=torch.float32
+        )
+        _assert_logits_close(hf(ids).logits, model.float()(ids), "transformers from a flashquant checkpoint")
+
+
+def test_llama_save_pretrained_float_checkpoint_is_a_transformers_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from flashquant.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, rope_scaling=(8.0, 1.0, 4.0, 32), tie_embeddings=True)  # fmt: skip
+    model = Llama.random(cfg, seed=2)
+    assert model.lm_head.weight is model.embed_tokens.weight, (
+        "random() keeps the tie (to_empty used to break it)"
+    )
+    model.save_pretrained(str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _assert_logits_close(hf(ids).logits, model(ids), "transformers reading a flashquant Llama")
+        torch.testing.assert_close(Llama.from_pretrained(str(tmp_path))(ids), model(ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="save before fuse_projections"):
+        model.fuse_projections().save_pretrained(str(tmp_path / "fused"))

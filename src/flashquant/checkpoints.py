@@ -42,8 +42,10 @@ __all__ = [
     "from_awq",
     "from_gptq",
     "load_quantized_state_dict",
+    "gptq_state_dict",
     "read_quantization_config",
     "read_safetensors",
+    "to_gptq",
 ]
 log = logging.getLogger("flashquant")
 
@@ -449,3 +451,107 @@ def read_quantization_config(path: str) -> dict | None:
             with open(file) as f:
                 return {"quant_method": method, **json.load(f)}
     return None
+
+
+# ---- writing: flashquant's format -> GPTQ --------------------------------------------------------------------------
+def _as_words(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 (R, 4C) -> the int32 (R, C) of the same little-endian bytes (whatever strides size-1 dims have)."""
+    return rows.reshape(-1).view(torch.int32).view(rows.shape[0], -1)
+
+
+def to_gptq(
+    qweight: QuantizedWeight,
+    input_perm: torch.Tensor | None = None,
+    *,
+    checkpoint_format: str = "gptq",
+    scales_dtype: torch.dtype = torch.float16,
+) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`from_gptq`: one linear's {"qweight", "qzeros", "scales", "g_idx"} in GPTQ's layout,
+    for serving a model quantized here by other GPTQ loaders (transformers + gptqmodel, vLLM, ...).
+
+    input_perm: a QuantLinear's input_perm (its columns go back to the input's order, groups spread by g_idx).
+    checkpoint_format: "gptq" (v1: zeros stored minus one; what other loaders read by default) or "gptq_v2".
+    scales_dtype: GPTQ checkpoints hold fp16 scales (bf16 ones convert exactly unless tiny; fp32 ones round).
+    Raises ValueError where the format cannot hold the weight: a zero point of 0 in v1 (asymmetric grids can
+    have one: use "gptq_v2" or symmetric quantization), N or K not a multiple of 32 / bits.
+    """
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a flashquant.QuantizedWeight, got {type(qweight).__name__}")
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {GPTQ_FORMATS}, got {checkpoint_format!r}")
+    bits, (N, K) = qweight.bits, qweight.shape
+    per_word = 32 // bits
+    if N % per_word or K % per_word:
+        raise ValueError(
+            f"GPTQ packs {per_word} int{bits} codes per int32 word along K and (zeros) along N: both must be "
+            f"multiples of {per_word}, got (N, K) = {(N, K)}"
+        )
+    G = qweight.scales.shape[1]
+    gs = K // G
+    qdata = qweight.qdata
+    g_idx = torch.arange(K, dtype=torch.int32, device=qdata.device) // gs
+    if input_perm is not None:
+        perm = input_perm.to(device=qdata.device, dtype=torch.int64)
+        codes = torch.empty_like(unpack(qdata, bits)).index_copy_(1, perm, unpack(qdata, bits))
+        qdata = pack(codes, bits)
+        g_idx = torch.empty_like(g_idx).index_copy_(0, perm, g_idx)
+    if qweight.zeros is None:
+        zeros = torch.full((N, G), 1 << (bits - 1), dtype=torch.uint8, device=qdata.device)
+    else:
+        zeros = qweight.zeros
+    if checkpoint_format == "gptq":
+        if bool((zeros == 0).any()):
+            raise ValueError(
+                "a zero point of 0 cannot be stored in the 'gptq' (v1) format, which stores zero - 1: use "
+                "checkpoint_format='gptq_v2', or quantize symmetrically"
+            )
+        zeros = zeros - 1
+    # little-endian bytes of flashquant's rows are GPTQ's words along K (see from_gptq), and packing the zeros'
+    # transpose the same way gives GPTQ's words along N
+    return {
+        "qweight": _as_words(qdata).t().contiguous(),
+        "qzeros": _as_words(pack(zeros.t().contiguous(), bits)),
+        "scales": qweight.scales.t().to(scales_dtype).contiguous(),
+        "g_idx": g_idx,
+    }
+
+
+def gptq_state_dict(
+    model: nn.Module, *, checkpoint_format: str = "gptq"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """A model's state_dict with every QuantLinear in GPTQ's layout (:func:`to_gptq`), and the
+    ``quantization_config`` that describes it (for config.json). The QuantLinears must share bits, group size and
+    symmetry (GPTQ's settings are per model); tensors that share memory (tied embeddings) are kept once."""
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quant:
+        raise ValueError("model has no QuantLinear to write in GPTQ's layout")
+    settings = {(m.bits, m.group_size, m.symmetric) for m in quant.values()}
+    if len(settings) != 1:
+        raise ValueError(
+            "GPTQ checkpoints have one bits / group_size / symmetric setting per model; this one has "
+            f"{sorted(settings)}"
+        )
+    bits, group_size, symmetric = settings.pop()
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in quant:
+            continue
+        if tensor.data_ptr() in seen and tensor.numel():
+            continue  # a tied copy: loaders tie it again
+        seen.add(tensor.data_ptr())
+        state[key] = tensor.contiguous()
+    for name, m in quant.items():
+        for key, tensor in to_gptq(m.qweight, m.input_perm, checkpoint_format=checkpoint_format).items():
+            state[f"{name}.{key}"] = tensor
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.to(torch.float16)
+    config = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "sym": symmetric,
+        "desc_act": any(m.input_perm is not None for m in quant.values()),
+        "checkpoint_format": checkpoint_format,
+    }
+    return state, config

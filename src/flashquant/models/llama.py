@@ -77,6 +77,38 @@ class LlamaConfig:
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         )
 
+    def to_hf(self) -> dict:
+        """This config as a Hugging Face Llama config.json (the inverse of :meth:`from_hf`)."""
+        rope = {"rope_type": "default"}
+        if self.rope_scaling is not None:
+            factor, low, high, orig = self.rope_scaling
+            rope = {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": orig,
+            }
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope if self.rope_scaling is not None else None,
+            "tie_word_embeddings": self.tie_embeddings,
+        }
+
 
 PRESETS = {
     "tiny": LlamaConfig(),
@@ -311,6 +343,7 @@ class Llama(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, attn_backend)
         model = model.to_empty(device=device).to(dtype)
+        model.tie_weights()  # to_empty gave lm_head and the embedding a tensor each
         g = torch.Generator(device=device).manual_seed(seed)  # same seed + device => same weights
         for name, p in model.named_parameters():
             with torch.no_grad():
@@ -361,6 +394,35 @@ class Llama(nn.Module):
         qcfg = read_quantization_config(path)
         load_quantized_state_dict(model, state, qcfg, dtype=dtype, backend=backend)
         return model.to(device).eval()
+
+    def save_pretrained(self, path: str, *, checkpoint_format: str = "gptq") -> None:
+        """Write a Hugging Face-format checkpoint directory (config.json + model.safetensors) that
+        :meth:`from_pretrained`, transformers and other GPTQ loaders read: float linears as they are, QuantLinears
+        in GPTQ's layout (flashquant.checkpoints.to_gptq; `checkpoint_format` "gptq" or "gptq_v2") with a
+        ``quantization_config``. Save before :meth:`fuse_projections` (checkpoints hold separate projections)."""
+        from safetensors.torch import save_file
+
+        from flashquant.checkpoints import gptq_state_dict
+        from flashquant.nn import QuantLinear
+
+        if any(
+            layer.self_attn.qkv_proj is not None or layer.mlp.gate_up_proj is not None
+            for layer in self.layers
+        ):
+            raise ValueError("save_pretrained needs the separate projections: save before fuse_projections()")
+        config = self.cfg.to_hf()
+        if any(isinstance(m, QuantLinear) for m in self.modules()):
+            state, config["quantization_config"] = gptq_state_dict(self, checkpoint_format=checkpoint_format)
+        else:
+            state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.tie_embeddings and isinstance(self.lm_head, nn.Linear):
+            state.pop("lm_head.weight", None)
+        config["torch_dtype"] = str(self.embed_tokens.weight.dtype).replace("torch.", "")
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        prefixed = {k if k.startswith("lm_head.") else f"model.{k}": v.cpu() for k, v in state.items()}
+        save_file(prefixed, os.path.join(path, "model.safetensors"))
 
     def tie_weights(self) -> None:
         """lm_head shares the embedding matrix when the config ties them (again, after a load that replaced it);
