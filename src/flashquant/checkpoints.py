@@ -19,7 +19,9 @@ Formats, for a linear with K = in_features, N = out_features and G groups along 
   [4j, 4j + 4). ``qzeros`` int32 (G, N / 8), the same packing (zeros stored as they are). ``scales`` (G, N) fp16.
 
 Entry points: :func:`from_gptq` and :func:`from_awq` for one linear's tensors, :func:`load_quantized_state_dict` for
-a whole model (``flashquant.integrations.transformers.load_quantized_pretrained`` reads a checkpoint directory).
+a whole model (``flashquant.integrations.transformers.load_quantized_pretrained`` and
+``flashquant.models.llama.Llama.from_pretrained`` read a checkpoint directory). The other way, :func:`to_gptq` and
+:func:`gptq_state_dict` write GPTQ's layout (``Llama.save_pretrained`` a directory).
 """
 
 from __future__ import annotations
