@@ -147,6 +147,22 @@ def test_act_order_linear_on_cuda(backend, dtype):
     assert torch.equal(layer.dequantize(torch.float32).cpu(), w)
 
 
+def test_a_saved_act_order_model_reloads_into_an_empty_skeleton():
+    """quantize_model(quantize_weights=False) builds QuantLinears without input_perm; load_state_dict adds it."""
+    from flashquant.nn import quantize_model
+
+    state, _ = _mlp_checkpoint(act_order=True)
+    model = TinyMLP()
+    load_quantized_state_dict(model, state, GPTQ_CONFIG, dtype=torch.float32)
+    saved = model.state_dict()
+    skeleton = quantize_model(TinyMLP(), bits=4, group_size=32, symmetric=False, quantize_weights=False)
+    skeleton.load_state_dict(saved)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton(x), model(x), rtol=0, atol=0)
+    assert skeleton.up.input_perm.dtype == torch.int64
+
+
 def test_fp16_scales_can_load_as_bf16_or_fp32():
     codes, zeros, scales, g_idx, w = random_quantized(16, 64, 4, 32, False, False)
     for dtype in (torch.bfloat16, torch.float32):

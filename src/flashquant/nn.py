@@ -172,6 +172,14 @@ class QuantLinear(nn.Module):
             backend,
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A saved act-order linear carries an input_perm that a linear built empty (quantize_model(...,
+        # quantize_weights=False)) has no buffer for yet: make room so that load_state_dict fills it.
+        perm = state_dict.get(prefix + "input_perm")
+        if perm is not None and self.input_perm is None:
+            self.input_perm = torch.empty(perm.shape, dtype=torch.int64, device=self.qdata.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def weight_dtype(self) -> torch.dtype:
         """The dtype the weight was quantized from (dequantize()'s default): its scales', which follow ``.to()``."""
