@@ -377,3 +377,27 @@ def test_accuracy_report_measures_every_format_and_method(tmp_path):
     )
     assert first["symmetric"] and first["method"] == "minmax"
     assert abs(first["weight_sqnr_db"] - accuracy.sqnr_db(w, deq)) < 1e-9
+
+
+def test_checkpoint_report_runs_every_variant_and_counts_the_bytes_each_token_reads(tmp_path):
+    """python -m flashquant.bench.checkpoint on the tiny preset: a row per dtype x lm_head variant plus the dense
+    anchor, and the bytes per token it reports are the linears' own (recomputed here for the fp16 rows)."""
+    from flashquant.bench import checkpoint
+    from flashquant.models.llama import LlamaConfig
+
+    out = tmp_path / "ckpt.json"
+    args = ["--preset", "tiny", "--layers", "1", "--prompt-len", "4", "--new-tokens", "2", "--reps", "1"]
+    assert checkpoint.main([*args, "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    rows = {r["name"]: r for r in run["results"]}
+    assert run["environment"]["device"] and list(rows) == [name for name, *_ in checkpoint.variants()]
+    cfg = LlamaConfig()  # the tiny preset: hidden 128, intermediate 384, 4/2 heads of 32, vocab 512
+    h, i, q, kv, v = cfg.hidden_size, cfg.intermediate_size, 4 * 32, 2 * 32, cfg.vocab_size
+    codes = (h * (q + 2 * kv) + q * h + 3 * h * i) // 2  # int4: half a byte per weight
+    scales = 2 * (h * (q + 2 * kv) + q * h + 2 * h * i) // 128 + 2 * i * h // 128  # fp16, one per 128 weights
+    lm_head = {"keep": 2 * v * h, "int8": v * h + 2 * v, "int4": v * h // 2 + 2 * v * h // 128}
+    for name, lm_bytes in lm_head.items():
+        assert round(rows[f"fp16 / lm_head {name}"]["read_gb_per_token"] * 1e9) == codes + scales + lm_bytes
+    dense = 2 * (h * (q + 2 * kv) + q * h + 3 * h * i + v * h)
+    assert round(rows["fp16 dense (dequantized)"]["read_gb_per_token"] * 1e9) == dense
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows.values())
