@@ -306,14 +306,6 @@ def test_load_quantized_state_dict_into_a_model(on_meta):
         assert_qmm_close(model(x), ref(x), "TinyMLP from a GPTQ act-order state_dict", "cpu")
 
 
-def test_release_frees_each_linears_tensors_from_the_dict():
-    state, _ = _mlp_checkpoint()
-    model = TinyMLP()
-    load_quantized_state_dict(model, state, GPTQ_CONFIG, release=True)
-    assert sorted(state) == ["norm.bias", "norm.weight"], "only the tensors loaded as they are remain"
-    assert isinstance(model.up, QuantLinear) and model.up.bias is not None
-
-
 def test_load_quantized_state_dict_errors_leave_the_model_unchanged():
     state, _ = _mlp_checkpoint()
     model = TinyMLP()

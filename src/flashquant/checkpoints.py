@@ -308,7 +308,6 @@ def load_quantized_state_dict(
     dtype: torch.dtype | None = None,
     backend: str = "auto",
     strict: bool = True,
-    release: bool = False,
 ) -> dict[str, int]:
     """Load a GPTQ / AWQ state_dict into `model`, in place: every ``nn.Linear`` whose ``<name>.qweight`` is in
     `state_dict` becomes a :class:`~flashquant.nn.QuantLinear` holding the checkpoint's quantized weight; every
@@ -325,9 +324,6 @@ def load_quantized_state_dict(
         backend: the QuantLinears' quant_matmul backend.
         strict: raise if `model` has parameters or buffers the state_dict does not fill (tied weights excepted,
             after ``model.tie_weights()`` where the model has it) or the state_dict has keys the model lacks.
-        release: delete each linear's packed tensors from `state_dict` (a dict) once converted, so that they are
-            freed as loading goes: the peak memory is then about one checkpoint, not two. For a dict you do not
-            need afterwards (after an error it is incomplete).
     Returns:
         {"quantized": linears replaced, "loaded": other tensors loaded}.
     """
@@ -381,10 +377,6 @@ def load_quantized_state_dict(
             )
         replacements.append((prefix, QuantLinear.from_quantized(qw, bias, perm, backend)))
         used.update(f"{prefix}.{n}" for n in (*names, "bias"))
-        if release:
-            for n in (*names, "bias"):
-                state_dict.pop(f"{prefix}.{n}", None)
-            del tensors, qw
     for (
         prefix,
         module,

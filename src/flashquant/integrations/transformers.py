@@ -211,5 +211,5 @@ def load_quantized_pretrained(
         model = model_class.from_config(
             config, dtype=dtype or getattr(config, "dtype", None) or torch.float16
         )
-    load_quantized_state_dict(model, read_safetensors(path), qcfg, dtype=dtype, backend=backend, release=True)
+    load_quantized_state_dict(model, read_safetensors(path), qcfg, dtype=dtype, backend=backend)
     return model.to(device).eval()

@@ -392,7 +392,7 @@ class Llama(nn.Module):
         }
         model.inv_freq = rope_inv_freq(cfg)  # (a buffer outside the state_dict: built on meta above)
         qcfg = read_quantization_config(path)
-        load_quantized_state_dict(model, state, qcfg, dtype=dtype, backend=backend, release=True)
+        load_quantized_state_dict(model, state, qcfg, dtype=dtype, backend=backend)
         return model.to(device).eval()
 
     def save_pretrained(self, path: str, *, checkpoint_format: str = "gptq") -> None:
