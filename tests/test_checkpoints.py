@@ -490,6 +490,10 @@ def test_llama_checkpoint_directory_loads_and_matches_its_float_model(
     _assert_logits_close(got, want, method)
     assert len(calls) == LLAMA["num_hidden_layers"], "every layer's attention ran through flashquant"
     assert not model.training
+    # transformers' own generate() with its KV cache: the float model's greedy tokens
+    prompt = ids[:1, :6]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kw), ref.generate(prompt, **kw))
 
 
 def test_directory_without_quantization_config_is_refused(tmp_path):
