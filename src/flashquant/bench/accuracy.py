@@ -19,7 +19,6 @@ other rows of the same distribution.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -142,12 +141,9 @@ def main(argv=None) -> int:
     rows = measure(n, k, args.device, args.seed)
     print(table(rows))
     if args.json:
-        from .harness import environment
+        from .harness import write_run
 
-        run = {"environment": environment(args.device), "args": vars(args), "results": rows}
-        with open(args.json, "w") as f:
-            json.dump(run, f, indent=1)
-        print(f"wrote {args.json}")
+        write_run(args.json, args.device, args, rows)
     return 0
 
 

@@ -22,7 +22,6 @@ embedding it was tied to.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
@@ -130,12 +129,9 @@ def main(argv=None) -> int:
         print(f"synthetic GPTQ checkpoint: {args.preset}, {cfg.num_layers} layers, int4 g128 symmetric, fp16")
         rows = run(path, args.prompt_len, args.new_tokens, args.reps, args.seed)
     if args.json:
-        from .harness import environment
+        from .harness import write_run
 
-        result = {"environment": environment("cpu"), "args": vars(args), "results": rows}
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+        write_run(args.json, "cpu", args, rows)
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import platform
 import random
@@ -194,6 +195,14 @@ def environment(device: str) -> dict:
             if key in env["device"]:
                 env["peak_bandwidth_gbs"], env["peak_bf16_tflops"] = bw, tf
     return env
+
+
+def write_run(path: str, device: str, args, rows: list) -> None:
+    """A recorded run as JSON: the environment (device, versions, commit), the command's arguments, the rows."""
+    run = {"environment": environment(device), "args": vars(args), "results": rows}
+    with open(path, "w") as f:
+        json.dump(run, f, indent=1)
+    print(f"wrote {path}")
 
 
 def _git(*args: str) -> str:
