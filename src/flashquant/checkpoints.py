@@ -56,12 +56,17 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 
 
+def _require_little_endian() -> None:
+    # the int32 <-> byte views below read the words' bytes in memory order
+    if sys.byteorder != "little":
+        raise RuntimeError("reading or writing packed int32 checkpoints needs a little-endian machine")
+
+
 def _word_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 words (R, C) -> uint8 codes (R, C * 32 / bits), word c's codes at c * 32 / bits + j, j counting from
     the lowest bits. On a little-endian machine byte b of a word holds codes 2b and 2b + 1 (int4: low nibble
     first) or code b (int8), so viewing the words as bytes is the unpacking: no shifts, no int32 temporaries."""
-    if sys.byteorder != "little":
-        raise RuntimeError("reading packed int32 checkpoints needs a little-endian machine")
+    _require_little_endian()
     as_bytes = packed.contiguous().view(torch.uint8)
     if bits == 8:
         return as_bytes
@@ -458,6 +463,7 @@ def read_quantization_config(path: str) -> dict | None:
 # ---- writing: flashquant's format -> GPTQ --------------------------------------------------------------------------
 def _as_words(rows: torch.Tensor) -> torch.Tensor:
     """uint8 (R, 4C) -> the int32 (R, C) of the same little-endian bytes (whatever strides size-1 dims have)."""
+    _require_little_endian()
     return rows.reshape(-1).view(torch.int32).view(rows.shape[0], -1)
 
 
