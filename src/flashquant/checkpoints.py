@@ -382,10 +382,8 @@ def load_quantized_state_dict(
             )
         replacements.append((prefix, QuantLinear.from_quantized(qw, bias, perm, backend)))
         used.update(f"{prefix}.{n}" for n in (*names, "bias"))
-    for (
-        prefix,
-        module,
-    ) in replacements:  # only once every linear converted: an error above leaves model as it was
+    # only now that every linear converted: an error above leaves the model as it was
+    for prefix, module in replacements:
         parent, _, leaf = prefix.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, module)
     rest = {k: v for k, v in state_dict.items() if k not in used}
@@ -428,9 +426,6 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
         return load_file(single)
-    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not os.path.isfile(index) and len(others) == 1:
-        return load_file(os.path.join(path, others[0]))
     if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -438,6 +433,9 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         for shard in shards:
             state.update(load_file(os.path.join(path, shard)))
         return state
+    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if len(others) == 1:
+        return load_file(os.path.join(path, others[0]))
     raise FileNotFoundError(
         f"{path} has neither model.safetensors nor model.safetensors.index.json nor a single *.safetensors file "
         f"(found {others}; checkpoints in other files, e.g. *.bin, are not read: convert them to safetensors)"
