@@ -498,8 +498,8 @@ def to_gptq(
     g_idx = torch.arange(K, dtype=torch.int32, device=qdata.device) // gs
     if input_perm is not None:
         perm = input_perm.to(device=qdata.device, dtype=torch.int64)
-        codes = torch.empty_like(unpack(qdata, bits)).index_copy_(1, perm, unpack(qdata, bits))
-        qdata = pack(codes, bits)
+        codes = unpack(qdata, bits)
+        qdata = pack(torch.empty_like(codes).index_copy_(1, perm, codes), bits)
         g_idx = torch.empty_like(g_idx).index_copy_(0, perm, g_idx)
     if qweight.zeros is None:
         zeros = torch.full((N, G), 1 << (bits - 1), dtype=torch.uint8, device=qdata.device)
