@@ -71,6 +71,8 @@ def main(argv=None) -> int:
         bits = int(args.quantize[3:])
         model.quantize(bits, 128 if bits == 4 else -1)
     if args.lm_head != "keep":
+        if isinstance(model.lm_head, QuantLinear):
+            ap.error("--lm-head: this checkpoint's lm_head is quantized already")
         bits = int(args.lm_head[3:])
         model.lm_head = QuantLinear.from_linear(model.lm_head, bits, 128 if bits == 4 else -1)
     model.fuse_projections()
@@ -90,7 +92,12 @@ def main(argv=None) -> int:
 
     prompt = torch.tensor([ids], device=args.device)
     run = measure(
-        model, prompt, args.new_tokens, args.device, progress=True, graph=cuda and not args.no_graph
+        model,
+        prompt,
+        args.new_tokens,
+        args.device,
+        progress=True,
+        graph=args.device.startswith("cuda") and not args.no_graph,
     )
     new = run["tokens"][0]
     eos = getattr(tokenizer, "eos_token_id", None)
