@@ -73,8 +73,7 @@ def main(argv=None) -> int:
     if args.lm_head != "keep":
         if isinstance(model.lm_head, QuantLinear):
             ap.error("--lm-head: this checkpoint's lm_head is quantized already")
-        bits = int(args.lm_head[3:])
-        model.lm_head = QuantLinear.from_linear(model.lm_head, bits, 128 if bits == 4 else -1)
+        model.quantize_lm_head(int(args.lm_head[3:]))
     model.fuse_projections()
 
     tokenizer = None

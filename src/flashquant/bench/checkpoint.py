@@ -79,8 +79,7 @@ def run(path: str, prompt_len: int, new_tokens: int, reps: int, seed: int) -> li
         model = Llama.from_pretrained(path, dtype=DTYPES[dtype])
         load_s = time.perf_counter() - start
         if lm_head != "keep":
-            bits = int(lm_head[3:])
-            model.lm_head = QuantLinear.from_linear(model.lm_head, bits, 128 if bits == 4 else -1)
+            model.quantize_lm_head(int(lm_head[3:]))
         if dense:
             _dense(model)
         model.fuse_projections()

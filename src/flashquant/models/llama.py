@@ -443,6 +443,17 @@ class Llama(nn.Module):
         quantize_model(self, bits, group_size, symmetric, skip=skip, **options)
         return self
 
+    def quantize_lm_head(self, bits: int, group_size: int | None = None) -> Llama:
+        """The output projection alone as a QuantLinear, in place (group_size default: 128 for int4, per channel
+        for int8). Checkpoints keep it in float; when it is tied, the embedding keeps the float matrix."""
+        from flashquant.nn import QuantLinear
+
+        if not isinstance(self.lm_head, nn.Linear):
+            raise ValueError(f"lm_head is a {type(self.lm_head).__name__} already, not a float nn.Linear")
+        group_size = (128 if bits == 4 else -1) if group_size is None else group_size
+        self.lm_head = QuantLinear.from_linear(self.lm_head, bits, group_size)
+        return self
+
     def fuse_projections(self) -> Llama:
         """Merge each layer's q/k/v projections into one ``qkv_proj`` and gate/up into one ``gate_up_proj``, in
         place, float or quantized (before or after :meth:`quantize`: quantization is per output row, so either
