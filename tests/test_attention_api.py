@@ -275,3 +275,19 @@ def test_torch_compile_fullgraph(backend):
     eager = f(q, k, v, kc.clone(), vc.clone(), lens, knew)
     compiled = torch.compile(f, fullgraph=True, backend="eager")(q, k, v, kc.clone(), vc.clone(), lens, knew)
     assert torch.allclose(eager, compiled, atol=1e-4)
+
+
+@pytest.mark.parametrize("sq, sk, causal", [(77, 77, True), (5, 77, True), (33, 40, False)])
+def test_torch_backend_fp16_on_cpu_computes_in_fp32(sq, sk, causal):
+    """On CPUs the PyTorch path widens fp16 to fp32 (PyTorch's fp16 CPU attention is 1.6-2.6x slower than fp32 and
+    rounds its intermediates), so its output is the fp32 reference rounded once: within one fp16 ulp. Square
+    causal (SDPA's is_causal), bottom-right causal with Sq < Sk (a mask) and no mask."""
+    from tolerances import assert_within_ulps
+
+    q = torch.randn(2, sq, 8, 64).half()
+    k = torch.randn(2, sk, 2, 64).half()
+    v = torch.randn(2, sk, 2, 64).half()
+    out = fq.attention(q, k, v, causal=causal, backend="torch")
+    expected = fq.attention(q.float(), k.float(), v.float(), causal=causal, backend="reference")
+    assert out.dtype == torch.float16
+    assert_within_ulps(out, expected.half().float(), 1, f"fp16 sq={sq} sk={sk} causal={causal}")

@@ -125,7 +125,7 @@ def test_gpu_crossover_preset_measures_both_auto_boundaries():
 
 
 def test_cpu_crossover_preset_times_both_cpu_strategies_around_each_switch():
-    """On a CPU the crossover preset times the cpu backend's fused kernel and its dequantize + BLAS strategy, both
+    """On a CPU the crossover preset times the cpu backend's fused kernel and its dequantize + BLAS strategies, all
     forced, at every M and in every activation dtype, next to auto and F.linear on unquantized weights. Building
     the case list allocates nothing."""
     from flashquant.bench.cases import dispatch_crossover_cases
@@ -136,6 +136,8 @@ def test_cpu_crossover_preset_times_both_cpu_strategies_around_each_switch():
         for dt in ("float32", "bfloat16", "float16"):
             for bits in (4, 8):
                 assert {(m, dt, "cpu-fused", f"int{bits}"), (m, dt, "cpu-dequant", f"int{bits}")} <= forced
+                # half precision through the fp32 GEMM (what CPUs without AMX run) only for half precision
+                assert ((m, dt, "cpu-dequant_fp32", f"int{bits}") in forced) == (dt != "float32")
     assert any(c.impl.startswith("flashquant auto") for c in cases)
     assert any(c.impl.startswith("torch F.linear") for c in cases)
 

@@ -510,8 +510,12 @@ def test_cpu_dequant_min_m_follows_the_measured_crossovers(monkeypatch):
         monkeypatch.setattr(quant, "cpu_has_amx", lambda v=amx: v)
         avx512 = level in ("amx_bf16", "avx512_vnni")
         assert quant.cpu_dequant_min_m(torch.float32) == (128 if avx512 else 256)
-        assert quant.cpu_dequant_min_m(torch.bfloat16) == (512 if amx else None)
-        assert quant.cpu_dequant_min_m(torch.float16) == (128 if amx else None)
+        # without AMX half precision goes through the fp32 GEMM, so it switches where fp32 does
+        assert quant.cpu_dequant_min_m(torch.bfloat16) == (512 if amx else 128 if avx512 else 256)
+        assert quant.cpu_dequant_min_m(torch.float16) == (128 if amx or avx512 else 256)
+        assert quant.cpu_dequant_strategy(torch.float32) == "dequant"
+        for dtype in (torch.bfloat16, torch.float16):
+            assert quant.cpu_dequant_strategy(dtype) == ("dequant" if amx else "dequant_fp32")
         # never below the floor quant_matmul_cpu checks first
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert (quant.cpu_dequant_min_m(dtype) or 1 << 30) >= quant._CPU_DEQUANT_MIN_M_ANY
@@ -521,9 +525,10 @@ def test_cpu_dequant_min_m_follows_the_measured_crossovers(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cpu_backend_switches_to_dequant_from_min_m(dtype, bits, monkeypatch):
-    """backend="cpu" runs the fused kernel below cpu_dequant_min_m and dequantize + BLAS from it on. The two
-    strategies round differently (int16 activations or exact AMX products vs weights rounded to the dtype), so
-    torch.equal tells which one ran; the test first checks that they do differ at this shape."""
+    """backend="cpu" runs the fused kernel below cpu_dequant_min_m and dequantize + BLAS from it on, in x's dtype or
+    (half precision on CPUs without AMX) in fp32. The strategies round differently (int16 activations or exact AMX
+    products; weights rounded to the dtype; weights in fp32), so torch.equal tells which one ran; the test first
+    checks that they do differ at this shape."""
     from flashquant import quant
 
     min_m = 40
@@ -532,11 +537,15 @@ def test_cpu_backend_switches_to_dequant_from_min_m(dtype, bits, monkeypatch):
     k, n = 512, 24
     qw = fq.quantize(torch.randn(n, k), bits, 128, symmetric=False)
     args = (qw.qdata, qw.scales, qw.zeros, bits, 128)
+    blas = quant.cpu_dequant_strategy(dtype)
     for m in (min_m - 1, min_m):
         x = torch.randn(m, k).to(dtype)
         fused = quant.quant_matmul_cpu(x, *args, strategy="fused")
-        dequant = quant.quant_matmul_cpu(x, *args, strategy="dequant")
+        dequant = quant.quant_matmul_cpu(x, *args, strategy=blas)
         assert not torch.equal(fused, dequant)
+        if dtype != torch.float32:
+            other = "dequant" if blas == "dequant_fp32" else "dequant_fp32"
+            assert not torch.equal(dequant, quant.quant_matmul_cpu(x, *args, strategy=other))
         assert torch.equal(fq.quant_matmul(x, qw, backend="cpu"), dequant if m >= min_m else fused)
     with pytest.raises(ValueError, match="strategy must be"):
         quant.quant_matmul_cpu(x, *args, strategy="blas")
@@ -566,6 +575,34 @@ def test_cpu_dequant_strategy_is_dequantize_then_matmul(dtype, bits, group_size,
     if bias is not None:
         expected += bias.to(dtype).float()
     assert_qmm_same_rounding(out, expected.to(dtype), f"dequant {dtype} bits={bits} g={group_size} m={m}")
+
+
+@pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 6), (8, -1)])
+@pytest.mark.parametrize("m", [3, 130])
+def test_cpu_dequant_fp32_strategy_is_the_fp32_matmul_rounded_once(dtype, bits, group_size, m, monkeypatch):
+    """The dequant_fp32 strategy (half-precision activations on CPUs without a fast half GEMM) computes the fp32
+    matmul of x widened and the fp32 weights, plus the bias in fp32, and rounds the output once to x's dtype; with
+    fp32 activations it is the dequant strategy. Chunks of 4 rows of N = 19, as in the test above."""
+    from flashquant import quant
+
+    monkeypatch.setattr(quant, "CPU_DEQUANT_CHUNK_ELEMENTS", 4 * 384)
+    n, k = 19, 384
+    w = torch.randn(n, k).to(dtype)  # half weights give half scales: the op widens them
+    qw = fq.quantize(w, bits, group_size, symmetric=bits == 4)
+    x = torch.randn(m, k).to(dtype)
+    bias = None if m == 3 else (torch.randn(n) * 8).to(dtype)
+    out = quant.quant_matmul_cpu(
+        x, qw.qdata, qw.scales, qw.zeros, bits, qw.effective_group_size, "dequant_fp32", bias=bias
+    )
+    assert out.dtype == dtype and out.shape == (m, n)
+    expected = x.float() @ qw.dequantize(torch.float32).t()
+    if bias is not None:
+        expected += bias.float()
+    assert_qmm_same_rounding(
+        out, expected.to(dtype), f"dequant_fp32 {dtype} bits={bits} g={group_size} m={m}"
+    )
 
 
 @pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")

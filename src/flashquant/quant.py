@@ -299,20 +299,20 @@ def cpu_kernel_level() -> str | None:
 # csrc/cpu/dequantize.cpp) in row chunks and multiplied by torch's BLAS (oneDNN / MKL; bf16 on AMX tiles) instead
 # of the fused kernel, which decodes each weight again for every block of activation rows and cannot match the
 # BLAS's GEMM once the matmul is compute-bound. Measured by `python -m flashquant.bench --preset crossover`
-# (rows "cpu-fused" / "cpu-dequant"; bench/NOTES.md, "Session 15"):
+# (rows "cpu-fused" / "cpu-dequant" / "cpu-dequant_fp32"; bench/NOTES.md, "Session 15" and "Session 24"):
 # 4096x4096 on the AMX Xeon, commit e10a9fc, median ms fused / dequant, int4 (int8 alike):
 # * fp32 with the AVX-512 VNNI kernel: M = 64 11.4 / 11.5, M = 128 20.0 / 16.4: from 128.
-# * fp32 on AVX2 / AVX-VNNI CPUs: from 256, estimated, not measured (no such machine since). The AMD machine's
-#   crossover run (bench/results/amd-epyc-x2/crossover.json, commit afa6db7) timed the kernel and dequantize-in-
-#   PyTorch-ops + F.linear; that dequantize costs ~100 ms there (the M = 16 row), so the sgemm alone took ~35 ms at
-#   M = 256 and ~87 at 512, against the kernel's 87 / 56 ms (int4 / int8) at 256 and 173 / 119 at 512: the
-#   C++ dequantize (a few ms) + sgemm should win by 1.4-2.2x from 256. (Below, the estimate's margin thins.)
+# * fp32 on AVX2 CPUs: M = 128 49.0 / 49.5 (int4), 42.3 / 46.3 (int8); M = 256 92.9 / 80.1, 81.9 / 67.3: from 256
+#   (the 2-core AMD EPYC, bench/results/amd-epyc-x2/crossover.json, commit 2a1eef8; AVX-VNNI CPUs assumed alike).
 # * bf16 on AMX CPUs: M = 256 7.3 / 6.8 (within noise; the fused AMX path is exact to 1 bf16 ulp, the dequantize
 #   strategy rounds each weight to bf16 first, so the tie stays fused), M = 512 15.6 / 9.7: from 512.
 # * fp16 on the same CPUs (torch's fp16 GEMM there runs at its fp32 speed): M = 64 10.1 / 10.7, M = 128 19.3 / 15.9:
 #   from 128.
-# * fp16 / bf16 on CPUs without AMX: never; BLAS there has no fast half-precision GEMM, and the kernel was 4.5-7x
-#   faster than dequantize + F.linear at every M measured up to 1024 (AMD machine).
+# * fp16 / bf16 on CPUs without AMX: the BLAS there has no fast half-precision GEMM (bf16 F.linear at M = 1024 took
+#   1.65 s on the AMD machine, fp32 0.24 s), so "dequant" in the activations' dtype never wins (4.7x slower than
+#   the fused kernel at M = 1024). "dequant_fp32" instead widens x, dequantizes to fp32 and runs the fp32 GEMM,
+#   rounding the output once to x's dtype; the fused kernel's time does not depend on the activations' dtype, so
+#   it crosses where fp32 does (AMD machine: bf16 fused 184 / 347 ms at M = 512 / 1024 int4, fp32 dequant 135 / 246).
 CPU_DEQUANT_MIN_M_FP32_AVX512 = 128
 CPU_DEQUANT_MIN_M_FP32_AVX2 = 256
 CPU_DEQUANT_MIN_M_AMX = {torch.bfloat16: 512, torch.float16: 128}
@@ -327,16 +327,22 @@ CPU_DEQUANT_CHUNK_ELEMENTS = 1 << 22
 
 
 def cpu_dequant_min_m(dtype: torch.dtype) -> int | None:
-    """The M from which backend="cpu" dequantizes and calls BLAS instead of the fused kernel (None: never); int4
-    and int8 crossed at the same M in every measurement."""
-    if dtype == torch.float32:
+    """The M from which backend="cpu" dequantizes and calls BLAS (cpu_dequant_strategy) instead of the fused
+    kernel (None: never); int4 and int8 crossed at the same M in every measurement."""
+    if dtype == torch.float32 or not cpu_has_amx():
         level = cpu_kernel_level()
         return (
             CPU_DEQUANT_MIN_M_FP32_AVX512
             if level in ("avx512_vnni", "amx_bf16")
             else CPU_DEQUANT_MIN_M_FP32_AVX2
         )
-    return CPU_DEQUANT_MIN_M_AMX.get(dtype) if cpu_has_amx() else None
+    return CPU_DEQUANT_MIN_M_AMX.get(dtype)
+
+
+def cpu_dequant_strategy(dtype: torch.dtype) -> str:
+    """Which dequantize + BLAS strategy backend="cpu" runs from cpu_dequant_min_m on: the GEMM in x's dtype where the
+    CPU has a fast one for it (fp32; fp16 / bf16 on AMX CPUs), else in fp32 ("dequant_fp32")."""
+    return "dequant" if dtype == torch.float32 or cpu_has_amx() else "dequant_fp32"
 
 
 def quant_matmul_cpu(
@@ -351,16 +357,30 @@ def quant_matmul_cpu(
 ) -> torch.Tensor:
     """backend="cpu": x (M, K) @ dequant(W)^T (+ bias (N,)) in x.dtype. strategy "fused" (the C++ kernel: VNNI, or
     AMX tiles for bf16; the bias added to its fp32 sums), "dequant" (C++ dequantize in row chunks + torch.addmm, the
-    weight and the bias rounded to x.dtype first as dequantize() + F.linear does) or None: "dequant" from
-    cpu_dequant_min_m(x.dtype) rows on."""
+    weight and the bias rounded to x.dtype first as dequantize() + F.linear does), "dequant_fp32" (the same in
+    fp32 from x widened, the output rounded once to x.dtype: for CPUs whose BLAS has no fast half-precision GEMM)
+    or None: cpu_dequant_strategy(x.dtype) from cpu_dequant_min_m(x.dtype) rows on, else "fused"."""
     if strategy is None:
         # decode-sized M never reaches a switch: skip the lookup (it calls an op) on the per-token path
         min_m = cpu_dequant_min_m(x.dtype) if x.shape[0] >= _CPU_DEQUANT_MIN_M_ANY else None
-        strategy = "dequant" if min_m is not None and x.shape[0] >= min_m else "fused"
+        use_blas = min_m is not None and x.shape[0] >= min_m
+        strategy = cpu_dequant_strategy(x.dtype) if use_blas else "fused"
     if strategy == "fused":
         return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size, bias)
-    if strategy != "dequant":
-        raise ValueError(f"strategy must be 'fused', 'dequant' or None, got {strategy!r}")
+    if strategy == "dequant_fp32" and x.dtype != torch.float32:
+        out = torch.ops.flashquant.dequant_matmul_packed(
+            x.float(),
+            qdata,
+            scales,
+            zeros,
+            bits,
+            group_size,
+            CPU_DEQUANT_CHUNK_ELEMENTS,
+            None if bias is None else bias.float(),
+        )
+        return out.to(x.dtype)
+    if strategy not in ("dequant", "dequant_fp32"):
+        raise ValueError(f"strategy must be 'fused', 'dequant', 'dequant_fp32' or None, got {strategy!r}")
     return torch.ops.flashquant.dequant_matmul_packed(
         x, qdata, scales, zeros, bits, group_size, CPU_DEQUANT_CHUNK_ELEMENTS, bias
     )

@@ -308,9 +308,13 @@ def dispatch_crossover_cases(device: str) -> list[Case]:
                 if narrower and _cpu_best_simd() == "amx_bf16":
                     c = _qmm_flashquant(device, n, k, m, bits, group, "cpu", dtype, cpu_simd=narrower[-1])
                     out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
-                # Around DEQUANT_GEMM_MIN_M[bits] / cpu_dequant_min_m: the launcher's two strategies, each forced.
+                # Around DEQUANT_GEMM_MIN_M[bits] / cpu_dequant_min_m: the launcher's strategies, each forced (on
+                # CPUs half-precision activations also through the fp32 GEMM: cpu_dequant_strategy)
                 launcher = "cpu" if device == "cpu" else "triton"
-                for strategy in ("fused", "dequant") if device == "cpu" or m >= 64 else ():
+                strategies = ("fused", "dequant") if device == "cpu" or m >= 64 else ()
+                if device == "cpu" and dtype != torch.float32:
+                    strategies += ("dequant_fp32",)
+                for strategy in strategies:
                     c = _qmm_flashquant(device, n, k, m, bits, group, launcher, dtype, strategy)
                     c.unavailable = _why_not(launcher, device)
                     out.append(_label(c, n, k, m, f" int{bits} {_dt(dtype)}"))
