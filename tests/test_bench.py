@@ -271,12 +271,21 @@ def test_plots_draw_every_family_and_one_decode_panel_per_dtype(tmp_path):
     results += [row("prefill", "flashquant triton", {"S": s, "D": 128, "causal": True}, "bfloat16", tflops=1.0)
                 for s in (512, 1024)]  # fmt: skip
     run = {"environment": {"device": "test"}, "bandwidth_bound_gbs": 10.0, "results": results}
-    written = plots(run, str(tmp_path))
-    assert sorted(pathlib.Path(p).name for p in written) == ["decode_gbs.png", "prefill_tflops.png"]
+    written = plots(run, str(tmp_path), "run-")
+    names = ("run-decode_gbs.png", "run-prefill_tflops.png")
+    assert sorted(pathlib.Path(p).name for p in written) == list(names)
     from PIL import Image  # matplotlib's own dependency
 
-    width = {n: Image.open(tmp_path / n).size[0] for n in ("decode_gbs.png", "prefill_tflops.png")}
-    assert width["decode_gbs.png"] == 2 * width["prefill_tflops.png"]  # two 7-inch panels against one
+    width = {n: Image.open(tmp_path / n).size[0] for n in names}
+    assert width[names[0]] == 2 * width[names[1]]  # two 7-inch panels against one
+    # `--plots RUN.json` draws a recorded run's plots next to it, named after it
+    import json
+
+    from flashquant.bench.__main__ import main
+
+    (tmp_path / "old.json").write_text(json.dumps(run))
+    assert main(["--plots", str(tmp_path / "old.json")]) == 0
+    assert (tmp_path / "old-decode_gbs.png").exists() and (tmp_path / "old-prefill_tflops.png").exists()
 
 
 def test_llama_presets_interleave_the_op_families_group_by_group():

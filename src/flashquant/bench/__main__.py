@@ -1,5 +1,6 @@
 """python -m flashquant.bench [--quick | --llama3-8b | --llama3-70b | --preset smoke|crossover] [--ops ...]
                              [--out DIR] [--graph] [--reps N] [--compare OLD.json NEW.json] [--markdown RUN.json]
+                             [--plots RUN.json]
 
 Runs flashquant's kernels next to their anchors (what you would use instead) in one run, prints a table,
 and writes JSON + PNG plots to bench/results/<device>/ (or --out)."""
@@ -54,11 +55,21 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--markdown", metavar="RUN.json", help="print a markdown summary table of a JSON run")
     ap.add_argument("--group", help="with --markdown: only groups whose name contains this (e.g. 'M=1 ')")
+    ap.add_argument("--plots", metavar="RUN.json", help="(re)draw a JSON run's plots next to it")
     args = ap.parse_args(argv)
 
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f), args.group))
+        return 0
+    if args.plots:
+        with open(args.plots) as f:
+            run = json.load(f)
+        stem = os.path.splitext(args.plots)[0]
+        print(
+            "wrote",
+            ", ".join(plots(run, os.path.dirname(stem) or ".", os.path.basename(stem) + "-")) or "nothing",
+        )
         return 0
     if args.compare:
         text, regressions = compare(*args.compare)
@@ -75,7 +86,7 @@ def main(argv=None) -> int:
     out = args.out or os.path.join("bench", "results", _slug(run["environment"]["device"]))
     name = f"{args.preset or 'quick'}{'-graph' if args.graph else ''}{''.join('-' + op for op in args.ops or ())}"
     write_json(run, os.path.join(out, f"{name}.json"))
-    written = [] if args.no_plots else plots(run, out)
+    written = [] if args.no_plots else plots(run, out, name + "-")
     print(f"\nwrote {os.path.join(out, name + '.json')}" + "".join(f", {p}" for p in written))
     return 0
 

@@ -192,8 +192,9 @@ def _lines(ax, rows, key, x, y, label):
         ax.plot(*zip(*sorted((x(r), r[y]) for r in rows if key(r) == k)), marker="o", label=label(k))
 
 
-def plots(run: dict, out_dir: str) -> list[str]:
-    """PNG plots: speedup vs M for matmuls, TFLOP/s vs seqlen for prefill, GB/s vs cache length for decode."""
+def plots(run: dict, out_dir: str, prefix: str = "") -> list[str]:
+    """PNG plots: speedup vs M for matmuls, TFLOP/s vs seqlen for prefill, GB/s vs cache length for decode; file
+    names start with `prefix` (the run's name, so that runs of other presets in one directory keep theirs)."""
     try:
         import matplotlib
 
@@ -207,7 +208,7 @@ def plots(run: dict, out_dir: str) -> list[str]:
     dev = run["environment"]["device"]
 
     def save(fig, name):
-        path = os.path.join(out_dir, name)
+        path = os.path.join(out_dir, prefix + name)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
