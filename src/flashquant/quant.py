@@ -303,7 +303,8 @@ def cpu_kernel_level() -> str | None:
 # 4096x4096 on the AMX Xeon, commit e10a9fc, median ms fused / dequant, int4 (int8 alike):
 # * fp32 with the AVX-512 VNNI kernel: M = 64 11.4 / 11.5, M = 128 20.0 / 16.4: from 128.
 # * fp32 on AVX2 CPUs: M = 128 49.0 / 49.5 (int4), 42.3 / 46.3 (int8); M = 256 92.9 / 80.1, 81.9 / 67.3: from 256
-#   (the 2-core AMD EPYC, bench/results/amd-epyc-x2/crossover.json, commit 2a1eef8; AVX-VNNI CPUs assumed alike).
+#   (the 2-core AMD EPYC, run at commit 2a1eef8: bench/results/amd-epyc-x2/crossover.json as committed in 11d33d5;
+#   the next run, the file now, agrees at 256: 69.4 / 56.7 int4). AVX-VNNI CPUs assumed alike.
 # * bf16 on AMX CPUs: M = 256 7.3 / 6.8 (within noise; the fused AMX path is exact to 1 bf16 ulp, the dequantize
 #   strategy rounds each weight to bf16 first, so the tie stays fused), M = 512 15.6 / 9.7: from 512.
 # * fp16 on the same CPUs (torch's fp16 GEMM there runs at its fp32 speed): M = 64 10.1 / 10.7, M = 128 19.3 / 15.9:
@@ -311,8 +312,9 @@ def cpu_kernel_level() -> str | None:
 # * fp16 / bf16 on CPUs without AMX: the BLAS there has no fast half-precision GEMM (bf16 F.linear at M = 1024 took
 #   1.65 s on the AMD machine, fp32 0.24 s), so "dequant" in the activations' dtype never wins (4.7x slower than
 #   the fused kernel at M = 1024). "dequant_fp32" instead widens x, dequantizes to fp32 and runs the fp32 GEMM,
-#   rounding the output once to x's dtype; the fused kernel's time does not depend on the activations' dtype, so
-#   it crosses where fp32 does (AMD machine: bf16 fused 184 / 347 ms at M = 512 / 1024 int4, fp32 dequant 135 / 246).
+#   rounding the output once to x's dtype. The fused kernel's time does not depend on the activations' dtype, so
+#   it crosses where fp32 does: AMD machine, bf16 int4 fused / dequant_fp32 (the file now, commit 11d33d5) M = 128
+#   38.3 / 35.9, 256 76.5 / 74.3, 512 182 / 126, 1024 371 / 282; fp16 alike.
 CPU_DEQUANT_MIN_M_FP32_AVX512 = 128
 CPU_DEQUANT_MIN_M_FP32_AVX2 = 256
 CPU_DEQUANT_MIN_M_AMX = {torch.bfloat16: 512, torch.float16: 128}
