@@ -421,7 +421,8 @@ def quant_matmul(
     2^-16 of the group's max, below the rounding of fp16/bf16 inputs; on CPUs with AMX, bf16 activations with
     M >= 8 and group sizes that are multiples of 32 run on AMX tiles instead, exact up to fp32 summation; from
     cpu_dequant_min_m(x.dtype) rows on, prefill sizes, it dequantizes the weight to x.dtype in C++ and calls
-    torch's BLAS, rounding each weight to x.dtype first as dequantize() + F.linear does).
+    torch's BLAS, rounding each weight to x.dtype first as dequantize() + F.linear does; fp16/bf16 on CPUs
+    without AMX, whose BLAS has no fast half-precision GEMM, do this in fp32 and round the output once).
     Differentiable with respect to x and bias on every backend (the quantized weight is frozen): the backward
     computes ``grad_out @ qweight.dequantize(x.dtype)``.
     """
