@@ -369,23 +369,14 @@ def quant_matmul_cpu(
         strategy = cpu_dequant_strategy(x.dtype) if use_blas else "fused"
     if strategy == "fused":
         return torch.ops.flashquant.quant_matmul_packed(x, qdata, scales, zeros, bits, group_size, bias)
-    if strategy == "dequant_fp32" and x.dtype != torch.float32:
-        out = torch.ops.flashquant.dequant_matmul_packed(
-            x.float(),
-            qdata,
-            scales,
-            zeros,
-            bits,
-            group_size,
-            CPU_DEQUANT_CHUNK_ELEMENTS,
-            None if bias is None else bias.float(),
-        )
-        return out.to(x.dtype)
     if strategy not in ("dequant", "dequant_fp32"):
         raise ValueError(f"strategy must be 'fused', 'dequant', 'dequant_fp32' or None, got {strategy!r}")
-    return torch.ops.flashquant.dequant_matmul_packed(
-        x, qdata, scales, zeros, bits, group_size, CPU_DEQUANT_CHUNK_ELEMENTS, bias
+    widen = strategy == "dequant_fp32" and x.dtype != torch.float32
+    xs, bs = (x.float(), None if bias is None else bias.float()) if widen else (x, bias)
+    out = torch.ops.flashquant.dequant_matmul_packed(
+        xs, qdata, scales, zeros, bits, group_size, CPU_DEQUANT_CHUNK_ELEMENTS, bs
     )
+    return out.to(x.dtype) if widen else out
 
 
 def triton_supports(qweight: QuantizedWeight) -> bool:
