@@ -350,8 +350,8 @@ def cpu_level(request, monkeypatch):
 def test_cpu_kernel_paths_match_reference(cpu_level, bits, group_size, symmetric):
     """Every path (scalar, AVX2, AVX-VNNI, AVX-512 VNNI with its 512-bit tile for groups of 64/128/256 and its
     256-bit tile for 32/48) over group sizes that are not multiples of the 32/64-code chunks (48: groups start
-    mid-chunk), per-channel with K % 64 != 0, M covering the 8-, 4- and 1..3-row tiles, and an odd N (a lone
-    weight row after the pairs that one- and two-row tiles take)."""
+    mid-chunk), per-channel with K % 64 != 0, M covering the 8-, 4- and 1..3-row tiles, and an odd N. (Rows this
+    short are read one weight row per tile; the paired tiles of rows >= 4 KB: the next test.)"""
     k = 768 if group_size != -1 else 4100
     n = 21
     qw = fq.quantize(torch.randn(n, k), bits, group_size, symmetric)
@@ -361,6 +361,25 @@ def test_cpu_kernel_paths_match_reference(cpu_level, bits, group_size, symmetric
         out = fq.quant_matmul(x, qw, backend="cpu")
         assert_qmm_close(
             out, ref_fn(x), f"{cpu_level} bits={bits} g={group_size} sym={symmetric} m={m}", "cpu"
+        )
+
+
+@pytest.mark.parametrize("bits,k", [(4, 8192), (8, 4096), (4, 4096)])
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_cpu_kernel_pairs_weight_rows_of_a_page_or_more(cpu_level, bits, k, group_size):
+    """With one or two activation rows the kernel reads two weight rows per tile (sharing each activation load)
+    where a packed row fills a 4 KB page or more (int4 K = 8192, int8 K = 4096), and one row per tile below that
+    (int4 K = 4096: two 2 KB rows in one page streamed slower in pairs). Both against the reference, with an odd N
+    (two pairs and a lone row) and M = 1, 2 (paired tiles) and 3 (one-row tiles)."""
+    torch.manual_seed(bits * k + group_size)
+    qw = fq.quantize(torch.randn(5, k), bits, group_size, symmetric=False)
+    for m in (1, 2, 3):
+        x = torch.randn(m, k)
+        assert_qmm_close(
+            fq.quant_matmul(x, qw, backend="cpu"),
+            fq.quant_matmul(x, qw, backend="reference"),
+            f"{cpu_level} bits={bits} K={k} g={group_size} m={m}",
+            "cpu",
         )
 
 
