@@ -255,3 +255,83 @@ def test_cpu_kvcache_op_opcheck_and_errors():
         torch.ops.flashquant.kvcache_attention(q, kc, vc, lens + 100, table, 0.25, True, -1, -1, 0.0, 0)
     with pytest.raises(RuntimeError, match="block_table entries"):
         torch.ops.flashquant.kvcache_attention(q, kc, vc, lens, table + 100, 0.25, True, -1, -1, 0.0, 0)
+
+
+# ---- the C++ KV-cache append (append_kv(backend="cpu"), the append step of backend="cpu") -----------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("paged,block_size", [(False, 16), (True, 16), (True, 48)])
+@pytest.mark.parametrize("hkv,d,snew", [(3, 40, 1), (8, 128, 5), (1, 8, 33)])
+def test_cpu_append_writes_what_pytorch_indexing_writes(dtype, paged, block_size, hkv, d, snew):
+    """The C++ append vs PyTorch indexing: bit-identical caches, with k/v as strided views of one fused projection
+    output, shuffled pages (also of 48 keys, not a power of two), appends that cross pages, odd heads / head_dim,
+    and an empty sequence next to one that fills its cache exactly."""
+    from flashquant.attention import append_kv
+
+    capacity = 96
+    lens = [15, 0, capacity - snew]
+    kc, vc, seqlens, table = make_cache(3, hkv, d, lens, paged, block_size, capacity, dtype)
+    kv = torch.randn(3, snew, 2 * hkv + 1, d, dtype=dtype)  # (k heads, v heads, one more): strided views
+    k, v = kv[:, :, :hkv], kv[:, :, hkv : 2 * hkv]
+    want_k, want_v = kc.clone(), vc.clone()
+    append_kv(want_k, want_v, seqlens, k, v, table, backend="torch")
+    append_kv(kc, vc, seqlens, k, v, table, backend="cpu")
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    assert seqlens.tolist() == lens, "the append must not change cache_seqlens"
+
+
+def test_cpu_append_copies_a_strided_head_dim_and_a_strided_cache_view():
+    from flashquant.attention import append_kv
+
+    big_k, big_v = torch.randn(2, 40, 4, 16), torch.randn(2, 40, 4, 16)
+    kc, vc = big_k[:, :32, 1:3], big_v[:, :32, 1:3]  # caches as views: strides of the larger tensor
+    lens = torch.tensor([3, 30], dtype=torch.int32)
+    wide = torch.randn(2, 2, 2, 32)
+    k, v = wide[..., ::2], wide[..., 1::2]  # head_dim stride 2: the op copies them contiguous first
+    want_k, want_v = kc.clone(), vc.clone()
+    append_kv(want_k, want_v, lens, k.contiguous(), v.contiguous(), backend="torch")
+    before_k, before_v = big_k.clone(), big_v.clone()
+    append_kv(kc, vc, lens, k, v, backend="cpu")
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    untouched = torch.ones_like(big_k, dtype=torch.bool)
+    untouched[:, :32, 1:3] = False
+    assert torch.equal(big_k[untouched], before_k[untouched]) and torch.equal(
+        big_v[untouched], before_v[untouched]
+    )
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_cpu_append_past_the_capacity_raises_and_writes_nothing(paged):
+    from flashquant.attention import append_kv
+
+    kc, vc, _, table = make_cache(2, 2, 16, [0, 0], paged, capacity=64)
+    k, v = torch.randn(2, 4, 2, 16), torch.randn(2, 4, 2, 16)
+    want_k, want_v = kc.clone(), vc.clone()
+    with pytest.raises(
+        ValueError, match=r"cache_seqlens\[0\] \+ Snew = 62 \+ 4 must lie in \[0, capacity=64\]"
+    ):
+        append_kv(kc, vc, torch.tensor([62, 10], dtype=torch.int32), k, v, table, backend="cpu")
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] \+ Snew = -1 \+ 4"):
+        append_kv(kc, vc, torch.tensor([0, -1], dtype=torch.int32), k, v, table, backend="cpu")
+    if paged:
+        bad = table.clone()
+        bad[1, 0] = kc.shape[0]
+        with pytest.raises(ValueError, match=rf"block_table\[1, 0\] = {kc.shape[0]} is outside"):
+            append_kv(kc, vc, torch.tensor([0, 0], dtype=torch.int32), k, v, bad, backend="cpu")
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v), (
+        "a failed append must leave the caches as they were"
+    )
+
+
+def test_cpu_append_op_opcheck_and_auto_dispatch():
+    from flashquant.attention import append_kv
+
+    kc, vc, lens, table = make_cache(2, 2, 16, [3, 9], True, capacity=32)
+    k, v = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
+    torch.library.opcheck(torch.ops.flashquant.kvcache_append.default, (kc, vc, lens, k, v, table))
+    assert _dispatch.resolve("append_kv", "auto", kc.device, ("cpu", "torch")) == "cpu"
+    want_k, want_v = kc.clone(), vc.clone()
+    append_kv(want_k, want_v, lens, k, v, table, backend="torch")
+    append_kv(kc, vc, lens, k, v, table)  # auto: the C++ copy on CPU tensors
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    with pytest.raises(TypeError, match="v_cache must have dtype"):
+        append_kv(kc, vc.half(), lens, k, v, table, backend="cpu")

@@ -22,4 +22,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
                                                          double softmax_scale, bool causal, int64_t window_left,
                                                          int64_t window_right, double softcap, int64_t num_splits);
 
+// Writes the new tokens k / v (B, Snew, Hkv, D) into the caches (laid out as above) at positions
+// cache_seqlens[b] + t, in place; cache_seqlens int32 (B,) is not changed. Raises, writing nothing, when a position
+// lies past a sequence's capacity or a needed block_table entry outside the pool.
+void kvcache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                        const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& block_table);
+
 }  // namespace flashquant::cpu

@@ -31,6 +31,11 @@ TORCH_LIBRARY(flashquant, m) {
       "kvcache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
       "float softmax_scale, bool causal, int window_left, int window_right, float softcap, int num_splits) "
       "-> (Tensor, Tensor)");
+  // New tokens written into a contiguous or paged KV cache in place (flashquant.append_kv); CPU only (the GPU's
+  // is a Triton kernel).
+  m.def(
+      "kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor k, Tensor v, "
+      "Tensor? block_table) -> ()");
   // Per group of w (N, K), the ratio of `ratios` whose clipped quantization is closest to w: fp32 (N, K // group_size).
   // reference.quant.mse_clip_ratios is the definition; CPU only (elsewhere the reference runs).
   m.def("mse_clip_search(Tensor w, int bits, int group_size, bool symmetric, float[] ratios) -> Tensor");
@@ -42,6 +47,7 @@ TORCH_LIBRARY_IMPL(flashquant, CPU, m) {
   m.impl("dequantize_packed", &flashquant::cpu::dequantize_cpu);
   m.impl("dequant_matmul_packed", &flashquant::cpu::dequant_matmul_cpu);
   m.impl("kvcache_attention", &flashquant::cpu::kvcache_attention_cpu);
+  m.impl("kvcache_append", &flashquant::cpu::kvcache_append_cpu);
   m.impl("mse_clip_search", &flashquant::cpu::mse_clip_search_cpu);
 }
 

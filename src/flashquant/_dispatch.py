@@ -30,7 +30,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("reference", "torch", "triton"),
     "rotary_embedding": ("reference", "torch", "triton"),
     "silu_mul": ("reference", "torch", "triton"),
-    "append_kv": ("torch", "triton"),  # KV-cache writes: PyTorch indexing or one Triton kernel
+    # KV-cache writes: PyTorch indexing, one Triton kernel, a C++ row copy
+    "append_kv": ("torch", "triton", "cpu"),
 }
 
 # Ops whose custom op has a backward registered with torch.library.register_autograd (quant.py: w.r.t. x and bias).

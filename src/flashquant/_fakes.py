@@ -42,6 +42,11 @@ def _kvcache_attention_fake(
     return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
 
+@torch.library.register_fake("flashquant::kvcache_append")
+def _kvcache_append_fake(k_cache, v_cache, cache_seqlens, k, v, block_table):
+    return None
+
+
 @torch.library.register_fake("flashquant::mse_clip_search")
 def _mse_clip_search_fake(w, bits, group_size, symmetric, ratios):
     groups = 1 if group_size == -1 else w.shape[1] // group_size

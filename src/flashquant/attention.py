@@ -161,9 +161,10 @@ def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None, *, backen
     """Write new tokens k/v (B, Snew, Hkv, D) at positions ``cache_seqlens[b] + t`` of the caches, in place,
     without a host sync. Caches: contiguous (B, S_max, Hkv, D) or, with block_table (B, max_blocks) int32, paged
     (num_blocks, block_size, Hkv, D), in k's dtype; cache_seqlens (B,) int32. :func:`attention_with_kvcache`
-    does this itself when given k and v. backend: "triton" (one kernel for k and v; "auto" on CUDA) or "torch"
-    (indexing, 6-10 kernels). Positions past the cache are the caller's error, unchecked on CUDA (a host sync):
-    PyTorch's indexing raises on them, the kernel leaves them unwritten."""
+    does this itself when given k and v. backend: "triton" (one kernel for k and v; "auto" on CUDA), "cpu" (a C++
+    row copy; "auto" on CPUs) or "torch" (indexing, 6-10 ATen ops). Positions past the cache are the caller's
+    error, unchecked on CUDA (a host sync): PyTorch's indexing and the C++ copy raise on them (the C++ copy before
+    writing anything), the Triton kernel leaves them unwritten."""
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
     B, _, hkv, D = k.shape
     check_tensor("v", v, ndim=4, dtypes=(k.dtype,))
@@ -185,7 +186,7 @@ def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None, *, backen
         k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v, block_table=block_table
     )
     name = _dispatch.resolve(
-        "append_kv", backend, device, ("triton", "torch") if device.type == "cuda" else ("torch",)
+        "append_kv", backend, device, ("triton", "torch") if device.type == "cuda" else ("cpu", "torch")
     )
     _dispatch.call("append_kv", _append_kv_impl, k_cache, v_cache, cache_seqlens, k, v, block_table, name)
 
@@ -203,6 +204,9 @@ def _append_kv_impl(
         from .kernels.append_kv import append_kv_triton
 
         append_kv_triton(k_cache, v_cache, cache_seqlens, k, v, block_table)
+        return
+    if backend == "cpu":
+        torch.ops.flashquant.kvcache_append(k_cache, v_cache, cache_seqlens, k, v, block_table)
         return
     B, snew = k.shape[:2]
     pos = cache_seqlens.long()[:, None] + torch.arange(snew, device=k.device)  # (B, Snew)
@@ -407,14 +411,16 @@ def _attention_kvcache_impl(
     seqlens_k = cache_seqlens
     if k is not None and k.shape[1] > 0 and k.shape[2] > 0:
         # Next to the Triton/CUDA attention kernels the append is one Triton kernel, which also writes the new
-        # lengths (no separate add launch); PyTorch indexing otherwise.
+        # lengths (no separate add launch); next to the C++ CPU kernel a C++ row copy; PyTorch indexing otherwise.
         if backend == "triton" or backend == "cuda" and _dispatch._available("triton"):
             from .kernels.append_kv import append_kv_triton
 
             seqlens_k = torch.empty(cache_seqlens.shape, dtype=torch.int32, device=cache_seqlens.device)
             append_kv_triton(k_cache, v_cache, cache_seqlens, k, v, block_table, seqlens_k)
         else:
-            _append_kv_impl(k_cache, v_cache, cache_seqlens, k, v, block_table, "torch")
+            _append_kv_impl(
+                k_cache, v_cache, cache_seqlens, k, v, block_table, "cpu" if backend == "cpu" else "torch"
+            )
             seqlens_k = cache_seqlens + k.shape[1]
     if backend == "triton":
         from .kernels import attention as tri
