@@ -30,6 +30,7 @@ CPU_SOURCES = [
     "csrc/cpu/quant_gemm_amx.cpp",
     "csrc/cpu/kvcache_attention.cpp",
     "csrc/cpu/kvcache_append.cpp",
+    "csrc/cpu/layer_ops.cpp",
     "csrc/cpu/mse_clip.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/quant_gemv.cu", "csrc/cuda/decode_attention.cu"]

@@ -1,5 +1,6 @@
 """rms_norm, rotary_embedding and silu_mul: the Triton kernels (under TRITON_INTERPRET=1 on the CPU, fp16/fp32;
-on a GPU also bf16) against the fp32 references, input validation, dispatch and the custom-op registration.
+on a GPU also bf16) and the C++ CPU ops (fp32/fp16/bf16, AVX2 and portable paths) against the fp32 references,
+input validation, dispatch and the custom-op registration.
 Tolerances: tests/tolerances.py (kernels: one rounding of the fp32 result; the "torch" backend: Hugging Face's
 forms, rounded up to three times in the dtype)."""
 
@@ -7,12 +8,16 @@ import pytest
 import torch
 
 import flashquant as fq
-from flashquant import layer_ops
+from flashquant import _dispatch, layer_ops
 from flashquant import reference as ref
 from tolerances import assert_one_rounding, assert_torch_layer_op_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+CPU_OK = _dispatch.backends()["cpu"].available
+needs_cpu_ext = pytest.mark.skipif(not CPU_OK, reason="C++ extension not built")
+# FLASHQUANT_CPU_SIMD for the C++ ops: "1" the AVX2 path where the CPU has it, "0" the portable one.
+CPU_PATHS = ["1", "0"]
 
 
 # ---- rms_norm ---------------------------------------------------------------------------------------------
@@ -64,8 +69,9 @@ def test_torch_backend_layer_ops_are_close_to_the_references_and_auto_on_cpu_tak
     assert_torch_layer_op_close(k_rot, ref.rotary_ref(k, pos, freq), float(k.abs().max()), "rotary torch k")
     want = ref.silu_mul_ref(x, r)
     assert_torch_layer_op_close(fq.silu_mul(x, r, backend="torch"), want, float(want.abs().max()), "silu_mul")
-    if DEVICE == "cpu":
-        assert torch.equal(fq.rms_norm(x, w, 1e-6), fq.rms_norm(x, w, 1e-6, backend="torch"))
+    if DEVICE == "cpu":  # auto takes the C++ ops when the extension is built (below), else these
+        auto = "cpu" if CPU_OK else "torch"
+        assert torch.equal(fq.rms_norm(x, w, 1e-6, r)[0], fq.rms_norm(x, w, 1e-6, r, backend=auto)[0])
 
 
 def test_rms_norm_errors_name_the_argument():
@@ -118,7 +124,7 @@ def test_triton_rotary_reads_q_and_k_as_views_of_a_packed_projection():
 def test_rotary_at_position_zero_is_the_identity():
     q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 8)
     pos = torch.zeros(1, 1, dtype=torch.long)
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton") + (("cpu",) if CPU_OK else ()):
         q_rot, k_rot = fq.rotary_embedding(q, k, pos, torch.rand(4), backend=backend)
         assert torch.equal(q_rot, q) and torch.equal(k_rot, k)
 
@@ -174,6 +180,149 @@ def test_silu_mul_errors_name_the_argument():
         fq.silu_mul(torch.randn(2, 3), torch.randn(3, 2))
     with pytest.raises(TypeError, match="up must have dtype"):
         fq.silu_mul(torch.randn(2, 3), torch.randn(2, 3).half())
+
+
+# ---- the C++ CPU ops (backend="cpu", auto on CPU tensors): fp32 inside, one rounding, fp32/fp16/bf16 ---------
+CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("simd", CPU_PATHS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 5, 128), (1, 1000), (4, 4096), (1, 1, 2048)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_cpu_rms_norm_matches_reference(monkeypatch, simd, dtype, shape, with_residual):
+    """H from 1 to 4096, multiples of the 8-lane vectors and not (the tail), with and without the residual add."""
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    x = torch.randn(shape, dtype=dtype) * 3
+    weight = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    residual = torch.randn(shape, dtype=dtype) if with_residual else None
+    got = fq.rms_norm(x, weight, 1e-5, residual, backend="cpu")
+    want_out, want_h = ref.rms_norm_ref(x, weight, 1e-5, residual)
+    if with_residual:
+        out, h = got
+        assert torch.equal(h, want_h), "the new residual stream is x + residual, rounded as PyTorch's add"
+        assert_one_rounding(out, want_out, f"rms_norm(x + residual) {dtype} {shape} simd={simd}")
+    else:
+        assert_one_rounding(got, want_out, f"rms_norm {dtype} {shape} simd={simd}")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("simd", CPU_PATHS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("B,S,hq,hk,D", ROTARY_SHAPES + [(1, 2, 3, 1, 2), (2, 1, 32, 8, 64)])
+def test_cpu_rotary_matches_reference(monkeypatch, simd, dtype, B, S, hq, hk, D):
+    """D/2 of 1 and 5 (all tail), 8, 32 and 64 (whole vectors); int64 positions up to 100k."""
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    q = torch.randn(B, S, hq, D, dtype=dtype)
+    k = torch.randn(B, S, hk, D, dtype=dtype)
+    positions = torch.randint(0, 100_000, (B, S))
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    q_rot, k_rot = fq.rotary_embedding(q, k, positions, inv_freq, backend="cpu")
+    assert_one_rounding(q_rot, ref.rotary_ref(q, positions, inv_freq), f"rotary q {dtype} simd={simd}")
+    assert_one_rounding(k_rot, ref.rotary_ref(k, positions, inv_freq), f"rotary k {dtype} simd={simd}")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("simd", CPU_PATHS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 1000), (2, 3, 1029), (1, 14336), (600, 40)])
+def test_cpu_silu_mul_matches_reference(monkeypatch, simd, dtype, shape):
+    """Gates of +-12 (sigmoid's both branches and its tails); (600, 40) is split over threads."""
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    gate = torch.randn(shape, dtype=dtype) * 4
+    up = torch.randn(shape, dtype=dtype)
+    assert_one_rounding(
+        fq.silu_mul(gate, up, backend="cpu"), ref.silu_mul_ref(gate, up), f"silu {dtype} {simd}"
+    )
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("simd", CPU_PATHS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_cpu_silu_mul_special_values_match_the_reference(monkeypatch, simd, dtype):
+    """Large gates, infinities and NaN: NaN exactly where the reference has NaN, the rest within one rounding."""
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    values = [
+        0.0,
+        -0.0,
+        1e-8,
+        -100.0,
+        100.0,
+        -80.0,
+        80.0,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        3.0,
+        -3.0,
+    ]
+    gate = torch.tensor([values + values[:5]], dtype=dtype)  # 17 values: two vectors and a tail
+    up = torch.full_like(gate, 1.5)
+    got, want = fq.silu_mul(gate, up, backend="cpu"), ref.silu_mul_ref(gate, up)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert_one_rounding(got[finite], want[finite], f"silu special values {dtype} simd={simd}")
+
+
+@needs_cpu_ext
+def test_cpu_layer_ops_read_strided_views_in_place_or_copy_them():
+    """rms_norm over rows with a stride larger than H; rotary on q / k sliced out of a packed qkv projection (strided
+    heads) with positions expanded over the batch (stride 0); silu_mul on the two halves of a fused gate_up output
+    and on transposed views: each bit-identical to the same op on contiguous copies."""
+    base = torch.randn(6, 96, dtype=torch.bfloat16)
+    x, w = base[:, 16:80], torch.randn(64, dtype=torch.bfloat16)
+    assert torch.equal(fq.rms_norm(x, w, backend="cpu"), fq.rms_norm(x.contiguous(), w, backend="cpu"))
+    B, S, hq, hk, D = 2, 3, 4, 2, 32
+    qkv = torch.randn(B, S, hq + 2 * hk, D, dtype=torch.float16)
+    q, k = qkv[:, :, :hq], qkv[:, :, hq : hq + hk]
+    positions, inv_freq = torch.arange(S).expand(B, S), torch.rand(D // 2)
+    got = fq.rotary_embedding(q, k, positions, inv_freq, backend="cpu")
+    want = fq.rotary_embedding(
+        q.contiguous(), k.contiguous(), positions.contiguous(), inv_freq, backend="cpu"
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    gate, up = (torch.randn(2, 3, 2 * 1029, dtype=torch.bfloat16) * 3).chunk(2, -1)
+    for g, u in [(gate, up), (gate.transpose(0, 1), up.transpose(0, 1))]:
+        out = fq.silu_mul(g, u, backend="cpu")
+        assert out.shape == g.shape and out.is_contiguous()
+        assert torch.equal(out, fq.silu_mul(g.contiguous(), u.contiguous(), backend="cpu"))
+
+
+@needs_cpu_ext
+def test_cpu_layer_ops_are_auto_on_cpu_except_with_grad():
+    """auto takes the C++ ops for CPU tensors; inputs that require grad get the PyTorch path (the kernels have no
+    backward), which autograd differentiates."""
+    x, w = torch.randn(3, 32), torch.randn(32)
+    for op in ("rms_norm", "rotary_embedding", "silu_mul"):
+        assert _dispatch.resolve(op, "auto", x.device, layer_ops._auto_order(x.device)) == "cpu"
+    assert torch.equal(fq.rms_norm(x, w), fq.rms_norm(x, w, backend="cpu"))
+    assert torch.equal(fq.silu_mul(x, w.expand(3, 32)), fq.silu_mul(x, w.expand(3, 32), backend="cpu"))
+    xg = x.clone().requires_grad_()
+    fq.rms_norm(xg, w).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+@needs_cpu_ext
+def test_cpu_layer_op_kernels_pass_opcheck_and_check_their_inputs():
+    x, w, r = (
+        torch.randn(3, 16, dtype=torch.bfloat16),
+        torch.randn(16),
+        torch.randn(3, 16, dtype=torch.bfloat16),
+    )
+    torch.library.opcheck(torch.ops.flashquant.rms_norm_rows.default, (x, w, r, 1e-5))
+    torch.library.opcheck(torch.ops.flashquant.rms_norm_rows.default, (x, w, None, 1e-5))
+    q, k, pos = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.arange(2)[None]
+    torch.library.opcheck(torch.ops.flashquant.rotary_qk.default, (q, k, pos, torch.rand(4)))
+    torch.library.opcheck(torch.ops.flashquant.silu_mul_rows.default, (x, r))
+    with pytest.raises(RuntimeError, match="residual must have x's shape"):
+        torch.ops.flashquant.rms_norm_rows(x, w, r[:2], 1e-5)
+    with pytest.raises(RuntimeError, match="unit stride along a row"):
+        torch.ops.flashquant.silu_mul_rows(x.t(), r.t())
+    with pytest.raises(RuntimeError, match="inv_freq must be"):
+        torch.ops.flashquant.rotary_qk(q, k, pos, torch.rand(5))
+    with pytest.raises(RuntimeError, match="must be fp32, fp16 or bf16"):
+        torch.ops.flashquant.silu_mul_rows(x.double(), r.double())
 
 
 # ---- custom ops -------------------------------------------------------------------------------------------

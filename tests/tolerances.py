@@ -28,7 +28,8 @@
   (exp2 by a polynomial of relative error ~2e-7) and rounds the output once: in fp16/bf16 at most one ulp of the
   output per element (assert_one_rounding), in fp32 ATOL; its lse (fp32) within 1e-5 of the reference's.
 * Layer ops (rms_norm, rotary_embedding, silu_mul): a kernel and the fp32 reference compute the same fp32 value
-  up to a few fp32 ulps (summation order, the GPU's sin/cos/exp vs the CPU's, FMA contraction) and round it
+  up to a few fp32 ulps (summation order, the GPU's sin/cos/exp vs the CPU's, the C++ ops' polynomial exp, FMA
+  contraction) and round it
   once, so they may round to neighbouring values: at most one ulp of the output dtype per element
   (assert_one_rounding; + 1e-4 x max|expected| near zero, where fp32 cancellation in the rotation dominates).
   The "torch" backend (Hugging Face's forms) rounds up to three times in the dtype, and the rotation's two

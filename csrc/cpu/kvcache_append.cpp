@@ -56,13 +56,13 @@ void kvcache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, co
   const int32_t* table_ptr = block_table ? table.data_ptr<int32_t>() : nullptr;
   // Every slot is checked before anything is written, so a bad call leaves the caches as they were.
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(len_ptr[b] >= 0 && len_ptr[b] + snew <= capacity, "kvcache_append_cpu: cache_seqlens[", b, "] + Snew = ",
-                len_ptr[b], " + ", snew, " must lie in [0, capacity=", capacity, "]");
+    TORCH_CHECK_VALUE(len_ptr[b] >= 0 && len_ptr[b] + snew <= capacity, "kvcache_append_cpu: cache_seqlens[", b,
+                      "] + Snew = ", len_ptr[b], " + ", snew, " must lie in [0, capacity=", capacity, "]");
     if (!table_ptr) continue;
     for (int64_t j = len_ptr[b] / block_size; j <= (len_ptr[b] + snew - 1) / block_size; ++j) {
       const int32_t blk = table_ptr[b * table.size(1) + j];
       TORCH_CHECK_VALUE(blk >= 0 && blk < k_cache.size(0), "kvcache_append_cpu: block_table[", b, ", ", j, "] = ", blk,
-                  " is outside [0, num_blocks=", k_cache.size(0), ")");
+                        " is outside [0, num_blocks=", k_cache.size(0), ")");
     }
   }
 

@@ -137,53 +137,7 @@ struct QRows {
 // AVX2 + FMA + F16C: 8 fp32 lanes; fp16 converted by F16C, bf16 by a shift (bf16 is the top half of an fp32).
 FLASHQUANT_TARGET_PUSH("avx2,fma,f16c")
 namespace avx2 {
-struct V {
-  using fvec = __m256;
-  static constexpr int kLanes = 8, kRegisters = 16;
-  static constexpr bool kBf16Dot = false;
-  static inline fvec zero() { return _mm256_setzero_ps(); }
-  static inline fvec set1(float f) { return _mm256_set1_ps(f); }
-  static inline fvec loadf(const float* p) { return _mm256_loadu_ps(p); }
-  static inline fvec load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline fvec load(const at::Half* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static inline fvec load(const at::BFloat16* p) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-  static inline void store(float* p, fvec v) { _mm256_storeu_ps(p, v); }
-  static inline fvec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static inline fvec add(fvec a, fvec b) { return _mm256_add_ps(a, b); }
-  static inline fvec sub(fvec a, fvec b) { return _mm256_sub_ps(a, b); }
-  static inline fvec mul(fvec a, fvec b) { return _mm256_mul_ps(a, b); }
-  static inline fvec max(fvec a, fvec b) { return _mm256_max_ps(a, b); }
-  static inline fvec fmadd(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline fvec round(fvec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static inline fvec pow2(fvec n) {
-    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
-  }
-  static inline fvec keep_ge(fvec y, fvec x, fvec t) { return _mm256_and_ps(y, _mm256_cmp_ps(x, t, _CMP_GE_OQ)); }
-  static inline float hmax(fvec v) {
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-  }
-  static inline float hsum(fvec v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-  }
-  // The eight sums at once: a horizontal-add tree, then the two 128-bit halves.
-  static constexpr int kSumGroup = 8;
-  static inline void hsum_group(const fvec* acc, float* out) {
-    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-  }
-};
+#include "cpu/vec_avx2.inc"
 #include "cpu/kvcache_attention_tile.inc"
 }  // namespace avx2
 FLASHQUANT_TARGET_POP

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/kvcache_attention.h"
+#include "cpu/layer_ops.h"
 #include "cpu/mse_clip.h"
 #include "cpu/quant_gemv.h"
 
@@ -36,6 +37,11 @@ TORCH_LIBRARY(flashquant, m) {
   m.def(
       "kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor k, Tensor v, "
       "Tensor? block_table) -> ()");
+  // The layer ops of flashquant.rms_norm / rotary_embedding / silu_mul, in fp32 rounded once; CPU only (the GPU's
+  // are Triton kernels). csrc/cpu/layer_ops.h has the shapes.
+  m.def("rms_norm_rows(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor)");
+  m.def("rotary_qk(Tensor q, Tensor k, Tensor positions, Tensor inv_freq) -> (Tensor, Tensor)");
+  m.def("silu_mul_rows(Tensor gate, Tensor up) -> Tensor");
   // Per group of w (N, K), the ratio of `ratios` whose clipped quantization is closest to w: fp32 (N, K // group_size).
   // reference.quant.mse_clip_ratios is the definition; CPU only (elsewhere the reference runs).
   m.def("mse_clip_search(Tensor w, int bits, int group_size, bool symmetric, float[] ratios) -> Tensor");
@@ -48,6 +54,9 @@ TORCH_LIBRARY_IMPL(flashquant, CPU, m) {
   m.impl("dequant_matmul_packed", &flashquant::cpu::dequant_matmul_cpu);
   m.impl("kvcache_attention", &flashquant::cpu::kvcache_attention_cpu);
   m.impl("kvcache_append", &flashquant::cpu::kvcache_append_cpu);
+  m.impl("rms_norm_rows", &flashquant::cpu::rms_norm_rows_cpu);
+  m.impl("rotary_qk", &flashquant::cpu::rotary_qk_cpu);
+  m.impl("silu_mul_rows", &flashquant::cpu::silu_mul_rows_cpu);
   m.impl("mse_clip_search", &flashquant::cpu::mse_clip_search_cpu);
 }
 

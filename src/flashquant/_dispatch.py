@@ -27,9 +27,9 @@ OPS: dict[str, tuple[str, ...]] = {
     "attention_with_kvcache": ("reference", "torch", "triton", "cuda", "cpu"),
     "quant_matmul": ("reference", "torch", "triton", "cuda", "cpu"),
     # "reference": fp32, one rounding; "torch": the PyTorch ops a user would write (layer_ops.py).
-    "rms_norm": ("reference", "torch", "triton"),
-    "rotary_embedding": ("reference", "torch", "triton"),
-    "silu_mul": ("reference", "torch", "triton"),
+    "rms_norm": ("reference", "torch", "triton", "cpu"),
+    "rotary_embedding": ("reference", "torch", "triton", "cpu"),
+    "silu_mul": ("reference", "torch", "triton", "cpu"),
     # KV-cache writes: PyTorch indexing, one Triton kernel, a C++ row copy
     "append_kv": ("torch", "triton", "cpu"),
 }

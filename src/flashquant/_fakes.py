@@ -47,6 +47,21 @@ def _kvcache_append_fake(k_cache, v_cache, cache_seqlens, k, v, block_table):
     return None
 
 
+@torch.library.register_fake("flashquant::rms_norm_rows")
+def _rms_norm_rows_fake(x, weight, residual, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
+
+
+@torch.library.register_fake("flashquant::rotary_qk")
+def _rotary_qk_fake(q, k, positions, inv_freq):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.register_fake("flashquant::silu_mul_rows")
+def _silu_mul_rows_fake(gate, up):
+    return gate.new_empty(gate.shape)
+
+
 @torch.library.register_fake("flashquant::mse_clip_search")
 def _mse_clip_search_fake(w, bits, group_size, symmetric, ratios):
     groups = 1 if group_size == -1 else w.shape[1] // group_size

@@ -5,8 +5,11 @@ At decode sizes these ops move a few KB each, so their cost is the number of ker
 one decoder layer's norms, rotary and gating take ~30 launches; fused, 4. Backends: "triton" (CUDA, or the
 interpreter) and "reference" compute in fp32 and round once to the input dtype; "torch" is the PyTorch a user
 would write (Hugging Face Llama's forms: the weight multiply, the rotation and the gating in the input dtype,
-so up to three roundings), the baseline the fused kernels replace. "auto" takes Triton for CUDA tensors and
-PyTorch on the CPU.
+so up to three roundings), the baseline the fused kernels replace. "cpu" is one C++ pass per op
+(csrc/cpu/layer_ops.cpp, AVX2 where the CPU has it), in fp32 rounded once like "triton": ~10x fewer microseconds a
+call than the ~10-15 ATen ops of "torch" at decode sizes. "auto" takes Triton for CUDA tensors and the C++ ops for
+CPU tensors (PyTorch where the extension is not built, or when the inputs require grad: the kernels are
+forward-only).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
-    return ("triton", "torch") if device.type == "cuda" else ("torch",)
+    return ("triton", "torch") if device.type == "cuda" else ("cpu", "torch")
 
 
 def _check_interpreter_dtype(backend: str, t: torch.Tensor) -> None:
@@ -84,6 +87,8 @@ def _rms_norm_impl(
         from .kernels.rms_norm import rms_norm_triton
 
         out, h = rms_norm_triton(x, weight, eps, residual)
+    elif backend == "cpu":
+        return torch.ops.flashquant.rms_norm_rows(x, weight, residual, eps)
     elif backend == "torch":  # Hugging Face's LlamaRMSNorm, after the residual add
         h = x + residual if residual is not None else None
         hf = (h if h is not None else x).float()
@@ -152,6 +157,8 @@ def _rotary_impl(
         from .kernels.rotary import rotary_triton
 
         return rotary_triton(q, k, positions, inv_freq)
+    if backend == "cpu":
+        return torch.ops.flashquant.rotary_qk(q, k, positions, inv_freq)
     if (
         backend == "torch"
     ):  # Hugging Face's apply_rotary_pos_emb: cos/sin once for q and k, rotation in the dtype
@@ -210,6 +217,8 @@ def _silu_mul_impl(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.
         from .kernels.silu_mul import silu_mul_triton
 
         return silu_mul_triton(gate, up)
+    if backend == "cpu":
+        return torch.ops.flashquant.silu_mul_rows(gate, up)
     if backend == "torch":
         return F.silu(gate) * up
     return ref.silu_mul_ref(gate, up)
