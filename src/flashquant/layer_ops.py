@@ -6,8 +6,9 @@ one decoder layer's norms, rotary and gating take ~30 launches; fused, 4. Backen
 interpreter) and "reference" compute in fp32 and round once to the input dtype; "torch" is the PyTorch a user
 would write (Hugging Face Llama's forms: the weight multiply, the rotation and the gating in the input dtype,
 so up to three roundings), the baseline the fused kernels replace. "cpu" is one C++ pass per op
-(csrc/cpu/layer_ops.cpp, AVX2 where the CPU has it), in fp32 rounded once like "triton": ~10x fewer microseconds a
-call than the ~10-15 ATen ops of "torch" at decode sizes. "auto" takes Triton for CUDA tensors and the C++ ops for
+(csrc/cpu/layer_ops.cpp, AVX2 where the CPU has it), in fp32 rounded once like "triton": at decode sizes a public
+call takes 2x (rms_norm) to 5x (rotary) less time than the ~10-15 ATen ops of "torch" (silu_mul, two ops there,
+~1.1x; bench/NOTES.md, "Session 27"). "auto" takes Triton for CUDA tensors and the C++ ops for
 CPU tensors (PyTorch where the extension is not built, or when the inputs require grad: the kernels are
 forward-only).
 """
