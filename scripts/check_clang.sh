@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Portability check: build the C++ CPU extension with clang (as on macOS or a clang-built Linux) and run the CPU
-# kernel tests against that build. The product build uses the system compiler (gcc here); clang differs in what
-# it accepts (target pragmas, __builtin_cpu_supports feature names), which once broke the build for clang users
+# kernel tests (GEMV, attention and append, layer ops) against that build. The product build uses the system
+# compiler (gcc here); clang differs in what it accepts (target pragmas, __builtin_cpu_supports feature names),
+# which once broke the build for clang users
 # unnoticed. Installs clang + libomp from Debian's packages when they are missing and apt-get can run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,6 @@ import flashquant, torch
 assert flashquant.__file__.startswith("$work"), flashquant.__file__
 print("check_clang: clang-built extension loaded, SIMD:", torch.ops.flashquant.cpu_simd_level())
 EOF
-PYTHONPATH="$work" .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_cpu_attention.py
+PYTHONPATH="$work" .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_cpu_attention.py \
+  tests/test_layer_ops.py
 echo "check_clang: OK"
