@@ -66,12 +66,11 @@ void kvcache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, co
     }
   }
 
-  const int64_t row_bytes = D * static_cast<int64_t>(k.element_size());
   auto* k_dst = static_cast<char*>(k_cache.data_ptr());
   auto* v_dst = static_cast<char*>(v_cache.data_ptr());
   const auto* k_src = static_cast<const char*>(kc.data_ptr());
   const auto* v_src = static_cast<const char*>(vc.data_ptr());
-  const int64_t es = k.element_size();
+  const int64_t es = k.element_size(), row_bytes = D * es;
   // A (sequence, token) row of Hkv heads is ~2 KB for Llama 3: small work, so large grains (one thread for a
   // decode step; chunked prefills split).
   at::parallel_for(0, B * snew, 256, [&](int64_t r0, int64_t r1) {
