@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flashquant import backends
 from flashquant.models.llama import KVCache, Llama, config_from_preset, generate, rope_inv_freq, sample
 from tolerances import sqnr_db
 
@@ -290,3 +291,145 @@ def test_flashquant_decode_step_launch_budget_per_layer():
     assert not {"aten::to", "aten::contiguous", "aten::copy_", "aten::clone"} & set(ours["per_layer"])
     baseline = decode_launches(llama_builder(False, None, device=device), torch.float16, device)
     assert baseline["per_layer_total"] >= 50 and baseline["per_layer"]["aten::linear"] == 7
+
+
+# ---- CPUDecoder: the decode step with the C++ ops called directly --------------------------------------------
+needs_cpu_ext = pytest.mark.skipif(not backends()["cpu"].available, reason="C++ extension not built")
+
+
+def _prefilled(model, dtype, paged, lens=(9, 4)):
+    """A cache holding right-padded prompts of `lens` tokens (prefill through the eager model), and the next
+    tokens."""
+    cache = KVCache(model.cfg, len(lens), 32, dtype, "cpu", paged=paged, block_size=16, shuffle_blocks=paged)
+    prompt = torch.randint(0, model.cfg.vocab_size, (len(lens), max(lens)))
+    logits = model(prompt, cache=cache, logits_at=torch.tensor(lens) - 1)
+    cache.advance(list(lens))
+    return cache, logits[:, -1].argmax(-1, keepdim=True)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("quant", [None, (8, -1), (4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_decoder_steps_equal_the_eager_model_bit_for_bit(dtype, quant, fused, paged):
+    """CPUDecoder calls the kernels the eager model's ops pick on CPU tensors, with the same arguments: the
+    logits and both caches must be identical, not just close, step after step (sequences of different lengths,
+    contiguous and paged caches, fused and separate projections, float and quantized linears)."""
+    from flashquant.models.llama import CPUDecoder
+
+    cfg = config_from_preset("tiny", num_layers=2)
+    model = Llama.random(cfg, seed=3, dtype=dtype)
+    if quant:
+        model.quantize(*quant, skip=())
+    if fused:
+        model.fuse_projections()
+    cache, tok = _prefilled(model, dtype, paged)
+    decoder = CPUDecoder(model, cache)
+    for _ in range(3):
+        saved = cache.k.clone(), cache.v.clone()
+        eager = model(tok, cache=cache)
+        eager_k, eager_v = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(saved[0]), cache.v.copy_(saved[1])
+        direct = decoder(tok)
+        assert direct.shape == eager.shape == (2, 1, cfg.vocab_size) and direct.dtype == torch.float32
+        assert torch.equal(direct, eager)
+        assert torch.equal(cache.k, eager_k) and torch.equal(cache.v, eager_v)
+        cache.advance([1, 1])
+        tok = direct[:, -1].argmax(-1, keepdim=True)
+
+
+@needs_cpu_ext
+def test_cpu_decoder_runs_quantized_linears_with_bias_and_input_perm():
+    """QuantLinear's bias and act-order input permutation (GPTQ checkpoints) take the same path as its forward."""
+    from flashquant.models.llama import CPUDecoder
+    from flashquant.nn import QuantLinear
+
+    cfg = config_from_preset("tiny", num_layers=1)
+    model = Llama.random(cfg, seed=4).quantize(4, 32, skip=())
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.bias = torch.nn.Parameter(torch.randn(m.out_features, generator=g) * 0.1)
+            m.input_perm = torch.randperm(m.in_features, generator=g)
+    cache, tok = _prefilled(model, torch.float32, False)
+    saved = cache.k.clone(), cache.v.clone()
+    eager = model(tok, cache=cache)
+    cache.k.copy_(saved[0]), cache.v.copy_(saved[1])
+    assert torch.equal(CPUDecoder(model, cache)(tok), eager)
+
+
+@needs_cpu_ext
+def test_generate_decodes_through_the_cpu_decoder(monkeypatch):
+    """generate() on CPU tensors runs its decode steps through CPUDecoder, and its tokens are those of a greedy
+    loop over the eager model."""
+    from flashquant.models import llama
+
+    model = Llama.random(CFG, seed=5).quantize(4, 32)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    steps = []
+    real = llama.CPUDecoder._step
+    monkeypatch.setattr(llama.CPUDecoder, "_step", lambda self, t: steps.append(1) or real(self, t))
+    new = generate(model, prompts, 5)
+    assert len(steps) == 4  # the first token comes from the prefill's logits
+    cache = KVCache(CFG, 2, 16, torch.float32, "cpu")
+    tokens = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]])
+    tok = model(tokens, cache=cache, logits_at=torch.tensor([4, 1]))[:, -1].argmax(-1, keepdim=True)
+    cache.advance([5, 2])
+    eager = [tok]
+    for _ in range(4):
+        tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        cache.advance([1, 1])
+        eager.append(tok)
+    assert new == torch.cat(eager, 1).tolist()
+
+
+def test_cpu_decoder_refuses_what_it_would_not_run_as_the_model_does(monkeypatch):
+    """Each case names its reason; generate() then decodes eagerly (without the C++ extension too)."""
+    import dataclasses
+
+    from flashquant import _dispatch
+    from flashquant.models.llama import CPUDecoder
+
+    model = Llama.random(CFG, seed=6)
+    cache = KVCache(CFG, 1, 16, torch.float32, "cpu")
+    baseline = Llama.random(CFG, seed=6, attn_backend="torch")
+    assert "attn_backend='torch'" in CPUDecoder.unsupported(baseline, cache)
+    with pytest.raises(ValueError, match="attn_backend='torch'"):
+        CPUDecoder(baseline, cache)
+    assert "holds torch.bfloat16" in CPUDecoder.unsupported(model, KVCache(CFG, 1, 16, torch.bfloat16, "cpu"))
+    handle = model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    assert "layers.0.mlp" in CPUDecoder.unsupported(model, cache) and "hooks" in CPUDecoder.unsupported(
+        model, cache
+    )
+    handle.remove()
+    quantized = Llama.random(CFG, seed=6).quantize(4, 32, backend="torch")
+    assert "backend='torch'" in CPUDecoder.unsupported(quantized, cache)
+    info = dict(_dispatch.backends())
+    info["cpu"] = dataclasses.replace(info["cpu"], available=False, reason="flashquant._C failed to import")
+    monkeypatch.setattr(_dispatch, "_availability", lambda: info)
+    assert "_C failed to import" in CPUDecoder.unsupported(model, cache)
+    steps = []
+    monkeypatch.setattr(CPUDecoder, "_step", lambda *a: steps.append(1))
+    assert len(generate(model, [[1, 2, 3]], 3)[0]) == 3  # (the eager ops warn once that they fall back)
+    assert not steps
+
+
+@needs_cpu_ext
+def test_cpu_decoder_input_errors_name_the_argument_and_leave_the_cache_alone():
+    from flashquant.models.llama import CPUDecoder
+
+    model = Llama.random(CFG, seed=7)
+    cache, tok = _prefilled(model, torch.float32, False, lens=(4,))
+    decoder = CPUDecoder(model, cache)
+    with pytest.raises(
+        ValueError, match=r"tokens must be an integer tensor of shape \(B=1, 1\), got \(1, 2\)"
+    ):
+        decoder(torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="tokens must be an integer tensor"):
+        decoder(tok.float())
+    cache.advance([cache.capacity - 4])  # full: one more token does not fit
+    saved = cache.k.clone(), cache.v.clone()
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        decoder(tok)
+    assert torch.equal(cache.k, saved[0]) and torch.equal(cache.v, saved[1])

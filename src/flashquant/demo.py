@@ -13,24 +13,29 @@ import time
 
 import torch
 
-from flashquant.models.llama import CUDAGraphDecoder, KVCache, Llama, config_from_preset
+from flashquant.models.llama import CPUDecoder, CUDAGraphDecoder, KVCache, Llama, config_from_preset
 from flashquant.quant import QUANTIZE_METHODS
 
 
+def _on_cuda(device) -> bool:
+    return str(device).startswith("cuda")  # "cuda", "cuda:1", ...
+
+
 def _sync(device):
-    if device == "cuda":
+    if _on_cuda(device):
         torch.cuda.synchronize()
 
 
 @torch.inference_mode()
 def measure(
-    model: Llama, prompt: torch.Tensor, new_tokens: int, device: str, progress: bool, graph: bool = False
+    model: Llama, prompt: torch.Tensor, new_tokens: int, device: str, progress: bool, fast: bool = False
 ) -> dict:
-    """Greedy generation with timing: prefill (one forward over the prompt), then decode steps (eager, or
-    replaying a CUDA graph of the step when `graph`)."""
+    """Greedy generation with timing: prefill (one forward over the prompt), then decode steps: eager, or with
+    `fast` the step without per-op Python (on CUDA a CUDA graph of it replayed, on CPUs models.llama.CPUDecoder
+    where it supports the model; the result's "decode_path" says which ran)."""
     B, S = prompt.shape
     dtype = model.embed_tokens.weight.dtype
-    if device == "cuda":
+    if _on_cuda(device):
         torch.cuda.reset_peak_memory_stats()
     cache = KVCache(model.cfg, B, S + new_tokens, dtype, device)
     _sync(device)
@@ -39,7 +44,11 @@ def measure(
     _sync(device)
     prefill_s = time.perf_counter() - t0
     cache.advance([S] * B)
-    step_fn = CUDAGraphDecoder(model, cache) if graph else (lambda t: model(t, cache=cache))
+    step_fn, path = (lambda t: model(t, cache=cache)), "eager"
+    if fast and _on_cuda(device):
+        step_fn, path = CUDAGraphDecoder(model, cache), "CUDA graph"
+    elif fast and CPUDecoder.unsupported(model, cache) is None:
+        step_fn, path = CPUDecoder(model, cache), "CPUDecoder"
     first_logits = logits[:, -1].clone()
     tokens = [logits[:, -1].argmax(-1)]
     steps = range(new_tokens - 1)
@@ -66,7 +75,8 @@ def measure(
         "ms_per_token": 1e3 * step,
         "weight_gb": model.weight_bytes / 1e9,
         "kv_cache_gb": cache.nbytes / 1e9,
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if _on_cuda(device) else None,
+        "decode_path": path,
         "tokens": torch.stack(tokens, 1).tolist(),
         "first_logits": first_logits,
     }
@@ -77,15 +87,19 @@ def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.double().pow(2).sum() / noise)) if noise > 0 else float("inf")
 
 
+# The decode without per-op Python, next to the eager one: its result key and its column's name.
+FAST_DECODE = {"decode_tok_s_graph": "graphed", "decode_tok_s_direct": "direct"}
+
+
 def markdown(run: dict) -> str:
     """The results table of a `--json` run, as markdown (for the README)."""
     n = run["args"]["new_tokens"]
-    graphed = any("decode_tok_s_graph" in r for r in run["results"])
-    head = "| variant | prefill tok/s | decode tok/s |" + (" graphed tok/s |" if graphed else "")
+    fast = next((k for k in FAST_DECODE if any(k in r for r in run["results"])), None)
+    head = "| variant | prefill tok/s | decode tok/s |" + (f" {FAST_DECODE[fast]} tok/s |" if fast else "")
     head += " ms/token | weights GB | logit SQNR dB vs fp32 | greedy tokens = fp32 |"
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for r in run["results"]:
-        g = f" {r['decode_tok_s_graph']:.2f} |" if "decode_tok_s_graph" in r else (" - |" if graphed else "")
+        g = f" {r[fast]:.2f} |" if fast in r else (" - |" if fast else "")
         lines.append(
             f"| {r['name']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |{g} {r['ms_per_token']:.2f} | "
             f"{r['weight_gb']:.3f} | {r['sqnr_db']:.1f} | {r['same_tokens']}/{n} |"
@@ -122,7 +136,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="with --quant-method gptq: quantize each matrix's columns by decreasing input energy",
     )
-    ap.add_argument("--no-graph", action="store_true", help="on CUDA, skip the CUDA-graph decode measurement")
+    ap.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="skip the second decode measurement of the flashquant variants (CUDA: a CUDA graph of the step; "
+        "CPU: models.llama.CPUDecoder)",
+    )
     ap.add_argument(
         "--markdown", metavar="RUN.json", help="print the results table of a --json run as markdown"
     )
@@ -217,11 +236,13 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
     # timed prefill (on the H100 the first variants then showed ~1.8k prefill tok/s instead of ~15-30k).
     measure(model, prompt, 2, device, False)
     r = measure(model, prompt, args.new_tokens, device, progress=True)
-    # On CUDA, the same decode replayed from a CUDA graph too: no launch overhead.
-    if device == "cuda" and not args.no_graph:
-        r["decode_tok_s_graph"] = measure(model, prompt, args.new_tokens, device, False, graph=True)[
-            "decode_tok_s"
-        ]
+    # The same decode again without per-op Python: on CUDA replayed from a CUDA graph (no launch overhead), on CPUs
+    # through CPUDecoder (the same C++ kernels called directly, so the same tokens: recorded, not assumed).
+    if not args.no_graph and (device == "cuda" or backend != "torch"):  # (graphs: PyTorch's variants too)
+        fast = measure(model, prompt, args.new_tokens, device, False, fast=True)
+        if fast["decode_path"] != "eager":
+            r["decode_tok_s_graph" if device == "cuda" else "decode_tok_s_direct"] = fast["decode_tok_s"]
+            r["fast_decode_same_tokens"] = fast["tokens"] == r["tokens"]
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -244,14 +265,15 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
 
 def _print_table(rows, new_tokens) -> None:
     width = max([36] + [len(r["name"]) for r in rows])
+    fast = next((k for k in FAST_DECODE if any(k in r for r in rows)), "decode_tok_s_graph")
     print(
-        f"\n{'variant':{width}s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'graphed':>8s} {'ms/token':>9s} "
+        f"\n{'variant':{width}s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {FAST_DECODE[fast]:>8s} {'ms/token':>9s} "
         f"{'weights GB':>10s} "
         f"{'peak GB':>8s} {'logit SQNR dB':>13s} {'greedy = fp32':>13s}"
     )
     for r in rows:
         peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
-        graphed = f"{r['decode_tok_s_graph']:.2f}" if "decode_tok_s_graph" in r else "-"
+        graphed = f"{r[fast]:.2f}" if fast in r else "-"
         print(
             f"{r['name']:{width}s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {graphed:>8s} "
             f"{r['ms_per_token']:9.2f} "

@@ -50,7 +50,10 @@ def main(argv=None) -> int:
         help="quantize a float checkpoint's linears on load (group 128 for int4, per channel for int8)",
     )
     ap.add_argument(
-        "--no-graph", action="store_true", help="on CUDA, decode eagerly instead of replaying a graph"
+        "--no-graph",
+        action="store_true",
+        help="decode eagerly (the model's forward per token) instead of replaying a CUDA graph of the step (CUDA) "
+        "or running it through models.llama.CPUDecoder (CPU)",
     )
     ap.add_argument(
         "--lm-head",
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
         args.new_tokens,
         args.device,
         progress=True,
-        graph=args.device.startswith("cuda") and not args.no_graph,
+        fast=not args.no_graph,
     )
     new = run["tokens"][0]
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -112,6 +115,6 @@ def main(argv=None) -> int:
     print(f"output ({len(new)} tokens): {text}")
     print(
         f"prefill {run['prefill_tok_s']:.1f} tok/s, decode {run['decode_tok_s']:.2f} tok/s "
-        f"({run['ms_per_token']:.1f} ms/token), weights {run['weight_gb']:.2f} GB"
+        f"({run['ms_per_token']:.1f} ms/token, {run['decode_path']}), weights {run['weight_gb']:.2f} GB"
     )
     return 0

@@ -531,6 +531,153 @@ class CUDAGraphDecoder:
         return self.logits
 
 
+class CPUDecoder:
+    """One decode step (B tokens -> last-position logits) on the CPU, with flashquant's C++ ops called directly:
+    the CPU counterpart of :class:`CUDAGraphDecoder`.
+
+    ``model(tokens, cache=cache)`` runs, per layer and token, ~10 public ops (each checks its arguments and picks
+    a backend in Python) inside ~9 module calls: at decode sizes that Python costs as much as a large part of the
+    kernels' own time. Here the checks and the choices are made once, when the decoder is built, and a step is the
+    kernels `auto` picks for CPU tensors, called with the same arguments, so the logits and the cache are the eager
+    model's bit for bit (tests/test_llama.py). :func:`generate` uses it on CPUs.
+
+    Build it after the model is final (quantized, fused, moved): it keeps the model's tensors as they are then.
+    Forward hooks on the model's modules would be skipped, so models with hooks are refused. Call
+    ``cache.advance([1] * B)`` after each step, as in eager mode.
+    """
+
+    def __init__(self, model: Llama, cache: KVCache):
+        why = CPUDecoder.unsupported(model, cache)
+        if why is not None:
+            raise ValueError(f"CPUDecoder cannot run this model: {why}")
+        from flashquant.attention import _scalars
+
+        cfg = model.cfg
+        self.cache, self.batch = cache, cache.seqlens.shape[0]
+        self.heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.eps, self.intermediate = float(cfg.rms_norm_eps), cfg.intermediate_size
+        probe = torch.empty(0, cfg.head_dim)  # attention_with_kvcache's defaults, as the eager model calls it
+        self.softmax_scale, self.window_left, self.window_right, self.softcap = _scalars(
+            probe, None, (-1, -1), 0.0
+        )
+        self.inv_freq = model.inv_freq.float().contiguous()
+        self.embedding = model.embed_tokens.weight
+        dtype = self.embedding.dtype
+        self.layers = []
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+            gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight.contiguous(),
+                    tuple(_direct_linear(m, dtype) for m in qkv),
+                    cache.k[i],
+                    cache.v[i],
+                    _direct_linear(attn.o_proj, dtype),
+                    layer.post_attention_layernorm.weight.contiguous(),
+                    tuple(_direct_linear(m, dtype) for m in gate_up),
+                    _direct_linear(mlp.down_proj, dtype),
+                )
+            )
+        self.norm_weight = model.norm.weight.contiguous()
+        self.lm_head = _direct_linear(model.lm_head, dtype)
+
+    @staticmethod
+    def unsupported(model: Llama, cache: KVCache) -> str | None:
+        """Why a CPUDecoder cannot run `model` with `cache` (None: it can)."""
+        from flashquant import _dispatch
+        from flashquant.nn import QuantLinear
+
+        devices = {model.embed_tokens.weight.device.type, cache.k.device.type}
+        if devices != {"cpu"}:
+            return f"the model and the cache must be on the CPU, got {sorted(devices)}"
+        if not _dispatch._available("cpu"):
+            return f"the C++ CPU extension is unavailable ({_dispatch._availability()['cpu'].reason})"
+        if model.attn_backend not in ("auto", "cpu"):
+            return f"the model runs attn_backend={model.attn_backend!r}; the decoder runs the C++ kernels ('auto')"
+        dtype = model.embed_tokens.weight.dtype
+        if cache.k.dtype != dtype:
+            return f"the cache holds {cache.k.dtype} but the model computes in {dtype}"
+        for name, m in model.named_modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return f"module {name or 'model'!r} has forward hooks, which the decoder would skip"
+            if name.endswith("_proj") or name == "lm_head":
+                if type(m) is not nn.Linear and not isinstance(m, QuantLinear):
+                    return (
+                        f"{name} is a {type(m).__name__}; the decoder runs nn.Linear and QuantLinear layers"
+                    )
+                if isinstance(m, QuantLinear) and m.backend not in ("auto", "cpu"):
+                    return f"{name} runs backend={m.backend!r}; the decoder runs the C++ kernel ('auto')"
+        return None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) int64 -> logits (B, 1, vocab) fp32, the next token of each sequence appended to the cache
+        at its ``cache.seqlens`` position."""
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or tokens.shape != (self.batch, 1)
+            or tokens.is_floating_point()
+        ):
+            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an integer tensor of shape (B={self.batch}, 1), got {got}")
+        with torch.inference_mode():
+            return self._step(tokens)
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        ops, cache = torch.ops.flashquant, self.cache
+        B, eps, inter = self.batch, self.eps, self.intermediate
+        hq, hkv, d = self.heads
+        positions = cache.seqlens.long()[:, None]
+        seqlens_k = cache.seqlens + 1  # after the append (the cache's own count moves on in cache.advance)
+        x = torch.nn.functional.embedding(tokens.view(B), self.embedding)
+        residual = None
+        for norm1, qkv, k_cache, v_cache, o_proj, norm2, gate_up, down_proj in self.layers:
+            if residual is None:
+                normed, residual = ops.rms_norm_rows(x, norm1, None, eps)[0], x
+            else:
+                normed, residual = ops.rms_norm_rows(x, norm1, residual, eps)
+            if len(qkv) == 1:
+                y = qkv[0](normed).view(B, 1, hq + 2 * hkv, d)
+                q, k, v = y[:, :, :hq], y[:, :, hq : hq + hkv], y[:, :, hq + hkv :]
+            else:
+                q, k, v = (f(normed).view(B, 1, -1, d) for f in qkv)
+            q, k = ops.rotary_qk(q, k, positions, self.inv_freq)
+            ops.kvcache_append(k_cache, v_cache, cache.seqlens, k, v, cache.block_table)
+            out, _ = ops.kvcache_attention(
+                q, k_cache, v_cache, seqlens_k, cache.block_table, self.softmax_scale, True,
+                self.window_left, self.window_right, self.softcap, 0,
+            )  # fmt: skip
+            normed, residual = ops.rms_norm_rows(o_proj(out.view(B, hq * d)), norm2, residual, eps)
+            if len(gate_up) == 1:
+                g = gate_up[0](normed)
+                gate, up = g[:, :inter], g[:, inter:]
+            else:
+                gate, up = (f(normed) for f in gate_up)
+            x = down_proj(ops.silu_mul_rows(gate, up))
+        normed = ops.rms_norm_rows(x, self.norm_weight, residual, eps)[0]
+        return self.lm_head(normed).float().view(B, 1, -1)
+
+
+def _direct_linear(m: nn.Module, dtype: torch.dtype):
+    """x (M, in_features) in `dtype` -> m(x) on CPU tensors, without the module call or quant_matmul's checks and
+    dispatch: the C++ kernel (or dequantize + BLAS at prefill sizes) that backend "cpu" runs, same arguments."""
+    from flashquant.nn import QuantLinear
+    from flashquant.quant import quant_matmul_cpu
+
+    if isinstance(m, QuantLinear):
+        qdata, scales, zeros, bits = m.qdata, m.scales, m.zeros, m.bits
+        group, perm = m.qweight.effective_group_size, m.input_perm
+        bias = None if m.bias is None else m.bias.to(dtype)  # (QuantLinear.forward: bias.to(x.dtype))
+        if perm is None:
+            return lambda x: quant_matmul_cpu(x, qdata, scales, zeros, bits, group, bias=bias)
+        return lambda x: quant_matmul_cpu(
+            x.index_select(-1, perm), qdata, scales, zeros, bits, group, bias=bias
+        )
+    weight, bias = m.weight, m.bias
+    return lambda x: torch.nn.functional.linear(x, weight, bias)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
     """logits (B, V) -> tokens (B,). temperature 0 = greedy."""
     if temperature <= 0:
@@ -565,7 +712,8 @@ def generate(
     on_step=None,
 ) -> list[list[int]]:
     """Batched generation for prompts of different lengths. Returns the new tokens of each prompt (stopping
-    at EOS, which is included, or after max_new_tokens)."""
+    at EOS, which is included, or after max_new_tokens). On CPUs the decode steps run through
+    :class:`CPUDecoder` where it supports the model (the same kernels and tokens, less Python per step)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     device = model.embed_tokens.weight.device
@@ -579,6 +727,8 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     last = model(tokens, cache=cache, logits_at=torch.tensor(lens, device=device) - 1)[:, 0]
     cache.advance(lens)  # only the real tokens count; padding slots get overwritten
+    # On CPUs the decode steps skip the per-op Python (same kernels, same logits); elsewhere the model runs eagerly.
+    step_fn = CPUDecoder(model, cache) if CPUDecoder.unsupported(model, cache) is None else None
     out = [[] for _ in range(B)]
     done = [False] * B
     steps = range(max_new_tokens)
@@ -598,7 +748,7 @@ def generate(
                 done[b] = eos_token_id is not None and host[b] == eos_token_id
         if all(done) or step == max_new_tokens - 1:
             break
-        logits = model(nxt[:, None], cache=cache)
+        logits = step_fn(nxt[:, None]) if step_fn is not None else model(nxt[:, None], cache=cache)
         cache.advance([1] * B)
         last = logits[:, -1]
         if on_step is not None:
