@@ -120,8 +120,15 @@ def test_non_contiguous_heads_are_accepted():
             "backend must be",
         ),
         (
-            lambda: fq.attention(
-                torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), backend="cpu"
+            lambda: fq.attention_varlen(
+                torch.randn(2, 4, 8),
+                torch.randn(2, 2, 8),
+                torch.randn(2, 2, 8),
+                torch.tensor([0, 2], dtype=torch.int32),
+                torch.tensor([0, 2], dtype=torch.int32),
+                2,
+                2,
+                backend="cpu",
             ),
             ValueError,
             "does not implement",

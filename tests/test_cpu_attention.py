@@ -335,3 +335,71 @@ def test_cpu_append_op_opcheck_and_auto_dispatch():
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
     with pytest.raises(TypeError, match="v_cache must have dtype"):
         append_kv(kc, vc.half(), lens, k, v, table, backend="cpu")
+
+
+# ---- attention(backend="cpu"): the same kernel with k / v as a full cache ------------------------------------
+# (B, Sq, Sk, Hq, Hkv, D): a decode step (Llama-3 heads, GQA 4), MQA, MHA, more queries than keys (causal rows that
+# see nothing), a single key, odd sizes (head_dim 40, 7 heads per KV head), a square prefill of 16.
+DENSE_SHAPES = [
+    (2, 1, 100, 8, 2, 128),
+    (1, 3, 37, 8, 1, 64),
+    (3, 2, 19, 4, 4, 32),
+    (2, 5, 3, 4, 2, 16),
+    (1, 1, 1, 2, 1, 8),
+    (2, 4, 33, 7, 1, 40),
+    (1, 16, 16, 8, 2, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_cpu_dense_attention_matches_reference(dtype, shape):
+    """flashquant.attention on the C++ kernel: bottom-right causal alignment, windows, softcap and lse as the
+    reference defines them, within one rounding (fp16/bf16) of the fp32 reference."""
+    B, sq, sk, hq, hkv, d = shape
+    q = torch.randn(B, sq, hq, d, dtype=dtype)
+    k, v = torch.randn(B, sk, hkv, d, dtype=dtype), torch.randn(B, sk, hkv, d, dtype=dtype)
+    for causal, window, softcap in MASKS:
+        kw = dict(causal=causal, window_size=window, softcap=softcap, return_lse=True)
+        ref, ref_lse = fq.attention(q, k, v, backend="reference", **kw)
+        out, lse = fq.attention(q, k, v, backend="cpu", **kw)
+        assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, hq, sq)
+        check(out, ref, lse, ref_lse, dtype, f"{shape} {kw}")
+
+
+def test_cpu_dense_attention_takes_transformers_layouts_and_empty_inputs():
+    """k / v as transformers hands them over, (B, Hkv, Sk, D) tensors transposed to (B, Sk, Hkv, D) views; and no
+    keys or no batch rows: zeros with lse = -inf, as on the PyTorch path."""
+    q = torch.randn(2, 32, 1, 64).transpose(1, 2)
+    k, v = torch.randn(2, 8, 70, 64).transpose(1, 2), torch.randn(2, 8, 70, 64).transpose(1, 2)
+    ref = fq.attention(q, k, v, causal=True, backend="reference")
+    assert_close(fq.attention(q, k, v, causal=True, backend="cpu"), ref, torch.float32)
+    q, none = torch.randn(1, 2, 4, 16), torch.randn(1, 0, 2, 16)
+    out, lse = fq.attention(q, none, none, causal=True, return_lse=True, backend="cpu")
+    assert torch.equal(out, torch.zeros_like(q)) and torch.isinf(lse).all()
+    empty = torch.randn(0, 2, 4, 16)
+    assert fq.attention(empty, empty[..., :2, :], empty[..., :2, :], backend="cpu").shape == empty.shape
+
+
+def test_auto_runs_dense_attention_on_the_cpu_kernel_for_decode_sized_sq(monkeypatch):
+    """auto: the C++ kernel up to cpu_kvcache_max_sq query tokens (decode, e.g. a transformers model's step with
+    attn_implementation="fq"), SDPA above it; with inputs that require grad, the PyTorch path (the kernel is
+    forward-only)."""
+    attention = importlib.import_module("flashquant.attention")
+    calls = []
+    real = torch.ops.flashquant.kvcache_attention
+    monkeypatch.setattr(
+        attention.torch.ops.flashquant,
+        "kvcache_attention",
+        lambda *a: calls.append(a[0].shape[1]) or real(*a),
+    )
+    most = attention.cpu_kvcache_max_sq(torch.float32, 16)
+    k, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
+    for sq in (1, most, most + 1):
+        q = torch.randn(1, sq, 4, 16)
+        out = fq.attention(q, k, v, causal=True)
+        assert_close(out, fq.attention(q, k, v, causal=True, backend="reference"), torch.float32)
+    assert calls == [1, most]
+    q = torch.randn(1, 1, 4, 16, requires_grad=True)
+    fq.attention(q, k, v, causal=True).sum().backward()
+    assert calls == [1, most] and q.grad is not None

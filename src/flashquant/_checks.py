@@ -1,4 +1,8 @@
-"""Input validation shared by the public ops: errors name the argument, what it got and what it needs."""
+"""Input validation shared by the public ops: errors name the argument, what it got and what it needs.
+
+The checks run on every call of a public op, at decode sizes once per layer and token, between kernels that evict
+the interpreter's code and data from the caches: their passing cases take the fewest Python steps (bench/NOTES.md,
+"Session 29")."""
 
 from __future__ import annotations
 
@@ -28,13 +32,26 @@ def check_tensor(
 
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: str = "") -> None:
     """`expected` may hold None for "any size"; `what` explains the symbols, e.g. "(B, Sk, Hkv, D)"."""
-    ok = t.dim() == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected))
+    shape = t.shape
+    if shape == expected:  # no "any size" entries: one comparison (a torch.Size compares as a tuple)
+        return
+    ok = len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
     if not ok:
         want = tuple("*" if e is None else e for e in expected)
         raise ValueError(f"{name} must have shape {what or want} = {want}, got {tuple(t.shape)}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    device = None
+    for t in tensors.values():
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                break
+    else:
+        if device is not None:
+            return device
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in present.values()}
     if len(devices) > 1:

@@ -22,7 +22,7 @@ BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
 
 # Which backends implement which op.
 OPS: dict[str, tuple[str, ...]] = {
-    "attention": ("reference", "torch", "triton"),
+    "attention": ("reference", "torch", "triton", "cpu"),
     "attention_varlen": ("reference", "torch", "triton"),
     "attention_with_kvcache": ("reference", "torch", "triton", "cuda", "cpu"),
     "quant_matmul": ("reference", "torch", "triton", "cuda", "cpu"),

@@ -276,6 +276,14 @@ def _attention_impl(
         from .kernels import attention as tri
 
         return tri.attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse)
+    if backend == "cpu" and q.numel() > 0 and k.shape[1] > 0:
+        # The C++ KV-cache kernel with k / v as a full contiguous cache: Sk keys in every sequence, q the last Sq
+        # positions, which is this op's bottom-right alignment. (Nothing to attend: the PyTorch path's zeros.)
+        seqlens_k = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32)
+        out, lse = torch.ops.flashquant.kvcache_attention(
+            q, k, v, seqlens_k, None, softmax_scale, causal, window_left, window_right, softcap, 0
+        )
+        return out, _lse_out(lse, return_lse, q)
     return _dense_attention_torch(
         q, k, v, causal, window_left, window_right, softmax_scale, softcap, return_lse
     )
@@ -511,7 +519,9 @@ def attention(
         window_size: (left, right) sliding window, -1 = unbounded (flash-attn semantics).
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
         return_lse: also return the log-sum-exp of the scaled scores, (B, Hq, Sq) fp32 (-inf for empty rows).
-        backend: "auto", "reference", "torch" or "triton".
+        backend: "auto", "reference", "torch", "triton" or "cpu" (the C++ KV-cache kernel with k / v as the
+            cache, fp32 inside; auto picks it on CPUs for decode-sized Sq, the same bound as
+            :func:`attention_with_kvcache`'s, e.g. a transformers model's decode step, and SDPA above it).
     Returns:
         out (B, Sq, Hq, D) in q.dtype, or (out, lse) if return_lse.
     """
@@ -519,10 +529,11 @@ def attention(
     B, Sq, Hq, D = q.shape
     if k.shape[0] != B:
         raise ValueError(f"k must have shape (B={B}, Sk, Hkv, D={D}), got {tuple(k.shape)}")
-    check_same_device(q=q, k=k, v=v)
+    device = check_same_device(q=q, k=k, v=v)
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
     grad = _dispatch.needs_grad(q, k, v)
-    name = _dispatch.resolve("attention", backend, q.device, grad=grad)
+    order = None if device.type == "cuda" else _kvcache_auto_order(device, False, Sq, q.dtype, D)
+    name = _dispatch.resolve("attention", backend, device, order, grad=grad)
     out, lse = _dispatch.call(
         "attention",
         _attention_impl,

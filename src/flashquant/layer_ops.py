@@ -77,8 +77,9 @@ def rms_norm(
     out, h = _dispatch.call(
         "rms_norm", _rms_norm_impl, x2, weight.contiguous(), r2, float(eps), name, grad=grad
     )
-    out = out.view(x.shape)
-    return out if residual is None else (out, h.view(x.shape))
+    # view_as: a view(torch.Size) takes ~2.5x as long (torch 2.13's argument parsing), at every decode-step call
+    out = out.view_as(x)
+    return out if residual is None else (out, h.view_as(x))
 
 
 def _rms_norm_impl(
@@ -203,7 +204,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     _check_interpreter_dtype(name, gate)
     n_cols = gate.shape[-1] if gate.dim() else 1
     out = _dispatch.call("silu_mul", _silu_mul_impl, _rows(gate, n_cols), _rows(up, n_cols), name, grad=grad)
-    return out.view(gate.shape)
+    return out.view_as(gate)
 
 
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:

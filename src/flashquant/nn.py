@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._checks import FLOAT_DTYPES, check_tensor
-from .quant import QuantizedWeight, check_quantize_method, quant_matmul, quantize
+from .quant import QuantizedWeight, check_quantize_method, quant_matmul_parts, quantize
 
 __all__ = ["QuantLinear", "fuse_linears", "quantize_model"]
 log = logging.getLogger("flashquant")
@@ -206,10 +206,23 @@ class QuantLinear(nn.Module):
         return torch.empty_like(w).index_copy_(1, self.input_perm, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)
-        return quant_matmul(x, self.qweight, bias, backend=self.backend)
+        # No QuantizedWeight is built per call: this runs once per linear per token (see quant_matmul_parts).
+        bias, input_perm = self.bias, self.input_perm
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if input_perm is not None:
+            x = x.index_select(-1, input_perm)
+        return quant_matmul_parts(
+            x,
+            self.qdata,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.group_size,
+            (self.out_features, self.in_features),
+            bias,
+            self.backend,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -267,14 +267,18 @@ def mse_clip_ratios(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 _QUANTIZE_CHUNK_ELEMENTS = (1 << 20, 1 << 26)
 
 
+def _cuda_takes(m: int, k: int, effective_group_size: int, dtype: torch.dtype) -> bool:
+    return (
+        1 <= m <= 16
+        and k % 32 == 0
+        and effective_group_size % 32 == 0
+        and dtype in (torch.float16, torch.bfloat16)
+    )
+
+
 def cuda_supports(x2: torch.Tensor, qweight: QuantizedWeight) -> bool:
     """The CUDA GEMV handles decode-sized M with K and group_size multiples of 32, fp16/bf16."""
-    return (
-        1 <= x2.shape[0] <= 16
-        and qweight.in_features % 32 == 0
-        and qweight.effective_group_size % 32 == 0
-        and x2.dtype in (torch.float16, torch.bfloat16)
-    )
+    return _cuda_takes(x2.shape[0], qweight.in_features, qweight.effective_group_size, x2.dtype)
 
 
 @functools.cache
@@ -381,7 +385,11 @@ def quant_matmul_cpu(
 
 def triton_supports(qweight: QuantizedWeight) -> bool:
     """Whether the Triton kernel takes this weight's group size (see kernels.min_group_size)."""
-    return qweight.group_size == -1 or qweight.group_size % min_group_size(qweight.bits) == 0
+    return _triton_takes(qweight.bits, qweight.group_size)
+
+
+def _triton_takes(bits: int, group_size: int) -> bool:
+    return group_size == -1 or group_size % min_group_size(bits) == 0
 
 
 def _auto_order(
@@ -395,8 +403,11 @@ def _auto_order(
         # dequantizes once and calls cuBLAS (kernels/quant_matmul.py).
         order = ("cuda", "triton", "torch") if m <= 16 and cuda_ok else ("triton", "torch")
         return order if triton_ok else tuple(b for b in order if b != "triton")
-    # backend "cpu" switches to dequantize + BLAS by itself at prefill sizes (quant_matmul_cpu), so it wins at every M
-    return ("cpu", "torch")
+    return _CPU_AUTO_ORDER
+
+
+# backend "cpu" switches to dequantize + BLAS by itself at prefill sizes (quant_matmul_cpu), so it wins at every M
+_CPU_AUTO_ORDER = ("cpu", "torch")
 
 
 def quant_matmul(
@@ -422,59 +433,89 @@ def quant_matmul(
             f"qweight must be a flashquant.QuantizedWeight (from flashquant.quantize), "
             f"got {type(qweight).__name__}"
         )
+    return quant_matmul_parts(
+        x,
+        qweight.qdata,
+        qweight.scales,
+        qweight.zeros,
+        qweight.bits,
+        qweight.group_size,
+        qweight.shape,
+        bias,
+        backend,
+    )
+
+
+def quant_matmul_parts(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    shape: tuple[int, int],
+    bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`quant_matmul` on a weight given by the fields of a :class:`QuantizedWeight` (shape: its (N, K)), with
+    the same checks: QuantLinear.forward calls it, so a layer call builds no QuantizedWeight. It runs once per linear
+    per token, so it is written for few Python steps: in an eager decode step the interpreter runs between kernels
+    that evict its code and data from the caches, and each step costs several times its cold-cache time
+    (bench/NOTES.md, "Session 29")."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    N, K = qweight.shape
+    N, K = shape
     if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(
-            f"x must have shape (..., K={K}) to match qweight {tuple(qweight.shape)}, got {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must have shape (..., K={K}) to match qweight {(N, K)}, got {tuple(x.shape)}")
+    device = x.device
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
         if bias.shape[0] != N:
             raise ValueError(f"bias must have shape (N={N},), got {tuple(bias.shape)}")
-    device = x.device
-    for name, t in (("qweight", qweight.qdata), ("bias", bias)):
-        if t is not None and t.device != device:
-            raise ValueError(f"x is on {device} but {name} is on {t.device}; move them to one device")
+        if bias.device != device:
+            raise ValueError(f"x is on {device} but bias is on {bias.device}; move them to one device")
+    if qdata.device != device:
+        raise ValueError(f"x is on {device} but qweight is on {qdata.device}; move them to one device")
     grad = _dispatch.needs_grad(x, bias)
-    if grad and qweight.scales.requires_grad:  # (qdata and zeros are uint8: they cannot require grad)
+    if grad and scales.requires_grad:  # (qdata and zeros are uint8: they cannot require grad)
         raise ValueError(
             "quant_matmul has gradients for x and bias only; qweight.scales require grad here (the quantized "
             "weight is frozen: detach its scales, or train a separate adapter next to it)"
         )
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    # (per-token path on CPUs: the CUDA checks are skipped there, a few us of a decode step's ~100 calls)
-    on_cuda = device.type == "cuda"
-    cuda_ok = on_cuda and cuda_supports(x2, qweight)
-    triton_ok = not on_cuda or triton_supports(qweight)
-    name = _dispatch.resolve(
-        "quant_matmul", backend, device, _auto_order(device, x2.shape[0], cuda_ok, triton_ok), grad=grad
-    )
+    M = x2.shape[0]
+    effective_group = K if group_size == -1 else group_size
+    if device.type == "cuda":
+        cuda_ok, triton_ok = _cuda_takes(M, K, effective_group, x.dtype), _triton_takes(bits, group_size)
+        order = _auto_order(device, M, cuda_ok, triton_ok)
+    else:  # the per-token path on CPUs: the CUDA checks do not apply
+        cuda_ok, triton_ok = False, True
+        order = _CPU_AUTO_ORDER
+    name = _dispatch.resolve("quant_matmul", backend, device, order, grad=grad)
     if name == "torch" and backend == "auto" and not triton_ok:
         _dispatch.warn_once(
-            f"flashquant.quant_matmul: no kernel takes int{qweight.bits} group_size={qweight.group_size} at "
-            f"M={x2.shape[0]} on CUDA (the Triton kernel's group sizes are listed in flashquant.quant."
+            f"flashquant.quant_matmul: no kernel takes int{bits} group_size={group_size} at "
+            f"M={M} on CUDA (the Triton kernel's group sizes are listed in flashquant.quant."
             "triton_supports); using the slow dequantize + F.linear path"
         )
     if name == "cuda" and not cuda_ok:
         raise ValueError(
             f"backend='cuda' quant_matmul needs 1 <= M <= 16, K and group_size multiples of 32 and "
-            f"fp16/bf16 x; got M={x2.shape[0]}, K={K}, group_size={qweight.group_size}, {x.dtype}"
+            f"fp16/bf16 x; got M={M}, K={K}, group_size={group_size}, {x.dtype}"
         )
     out = _dispatch.call(
         "quant_matmul",
         _quant_matmul_impl,
         x2,
-        qweight.qdata,
-        qweight.scales,
-        qweight.zeros,
+        qdata,
+        scales,
+        zeros,
         bias,
-        qweight.bits,
-        qweight.effective_group_size,
+        bits,
+        effective_group,
         name,
         grad=grad,
     )
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
+    return out if x2 is x else out.view(*x.shape[:-1], N)  # (unpacked: a view(torch.Size) parses slower)
 
 
 # ---- the custom op (so torch.compile traces through it) ---------------------------------------------------
