@@ -460,8 +460,8 @@ def quant_matmul_parts(
     """:func:`quant_matmul` on a weight given by the fields of a :class:`QuantizedWeight` (shape: its (N, K)), with
     the same checks: QuantLinear.forward calls it, so a layer call builds no QuantizedWeight. It runs once per linear
     per token, so it is written for few Python steps: in an eager decode step the interpreter runs between kernels
-    that evict its code and data from the caches, and each step costs several times its cold-cache time
-    (bench/NOTES.md, "Session 29")."""
+    that evict its code and data from the caches, where each step costs several times what it costs warm
+    (bench/NOTES.md, "Session 28" and "Session 29")."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     N, K = shape
     if x.dim() == 0 or x.shape[-1] != K:
