@@ -128,7 +128,7 @@ def test_non_contiguous_heads_are_accepted():
                 torch.tensor([0, 2], dtype=torch.int32),
                 2,
                 2,
-                backend="cpu",
+                backend="cuda",
             ),
             ValueError,
             "does not implement",
@@ -177,6 +177,15 @@ def test_varlen_validation():
         fq.attention_varlen(q, k, v, cq, ck[:2], 3, 3)
     with pytest.raises(ValueError, match="max_seqlen_q"):
         fq.attention_varlen(q, k, v, cq, ck, -1, 3)
+    # a bound below a real length would make the Triton kernel drop rows: refused where it can be checked
+    with pytest.raises(
+        ValueError, match=r"max_seqlen_q=2 is below the longest sequence in cu_seqlens_q \(3\)"
+    ):
+        fq.attention_varlen(q, k, v, cq, ck, 2, 3)
+    with pytest.raises(
+        ValueError, match=r"max_seqlen_k=1 is below the longest sequence in cu_seqlens_k \(3\)"
+    ):
+        fq.attention_varlen(q, k, v, cq, ck, 3, 1)
 
 
 # ---- kv cache -------------------------------------------------------------------------------------------

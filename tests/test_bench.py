@@ -31,7 +31,7 @@ def test_bench_modules_import():
 
 def test_smoke_preset_runs_every_family_and_reports_unavailable_anchors(tmp_path):
     cases = preset("smoke", "cpu")
-    assert {c.op for c in cases} == {"quant_matmul", "prefill", "decode"}
+    assert {c.op for c in cases} == {"quant_matmul", "prefill", "decode", "varlen"}
     run = run_cases(cases, "cpu", reps=2)
     res = run["results"]
     assert len(res) == len(cases)  # nothing dropped
@@ -49,7 +49,7 @@ def test_smoke_preset_runs_every_family_and_reports_unavailable_anchors(tmp_path
     # the attention families really run here too: Triton under the interpreter (conftest sets TRITON_INTERPRET=1
     # where there is no GPU; on a GPU machine Triton does not take these CPU tensors and says so) and the SDPA
     # anchors on the CPU; CUDA-only entries say why they did not run
-    for op in ("prefill", "decode"):
+    for op in ("prefill", "decode", "varlen"):
         (triton_row,) = [r for r in res if r["op"] == op and r["impl"] == "flashquant triton"]
         assert ("median_ms" in triton_row) == _dispatch.triton_interpret(), triton_row
     assert any(r["op"] == "decode" and r["anchor"] and "median_ms" in r for r in res)
@@ -246,6 +246,22 @@ def test_decode_sdpa_anchor_computes_what_the_kernel_computes(paged, sq):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_varlen_sdpa_anchor_computes_what_the_kernel_computes():
+    """The continuous-batching anchor (SDPA once per sequence) gives attention_varlen's output on each rotated
+    input: one new token per sequence against its own ragged stretch of the packed cache."""
+    from flashquant.bench.cases import varlen_decode_cases
+
+    torch.manual_seed(0)
+    cases = varlen_decode_cases("cpu", [3], [64], hq=4, hkv=2, d=32, dtype=torch.float32)
+    (anchor,) = [c for c in cases if c.anchor]
+    assert anchor.shape["cache_total"] == 16 + 40 + 64
+    fn, inputs = anchor.make()
+    for q, k, v, cu_q, cu_k, longest in inputs[:2]:
+        want = fq.attention_varlen(q, k, v, cu_q, cu_k, 1, longest, causal=True, backend="reference")
+        got = torch.cat([o[0].transpose(0, 1) for o in fn(q, k, v, cu_q, cu_k, longest)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_plots_draw_every_family_and_one_decode_panel_per_dtype(tmp_path):
     """The PNGs a run writes: a decode run with two dtypes gets one panel per dtype (a line never joins a bf16
     point to an fp32 one)."""
@@ -295,11 +311,13 @@ def test_llama_presets_interleave_the_op_families_group_by_group():
     groups = [g for g, _ in itertools.groupby(cases, key=lambda c: c.group)]
     assert len(groups) == len({c.group for c in cases})  # every group contiguous
     ops = {c.group: c.op for c in cases}
-    assert [ops[g] for g in groups[:3]] == ["quant_matmul", "prefill", "decode"]
+    assert [ops[g] for g in groups[:4]] == ["quant_matmul", "prefill", "decode", "varlen"]
     by_op = {
-        op: [(c.group, c.impl) for c in cases if c.op == op] for op in ("quant_matmul", "prefill", "decode")
+        op: [(c.group, c.impl) for c in cases if c.op == op]
+        for op in ("quant_matmul", "prefill", "decode", "varlen")
     }
     assert len(by_op["quant_matmul"]) == 240 and len(by_op["prefill"]) == 120 and len(by_op["decode"]) == 90
+    assert len(by_op["varlen"]) == 8  # 2 batches x 2 cache lengths x (Triton, SDPA per sequence)
 
 
 def test_gpu_session_script_parses_and_names_existing_test_files():

@@ -403,3 +403,99 @@ def test_auto_runs_dense_attention_on_the_cpu_kernel_for_decode_sized_sq(monkeyp
     q = torch.randn(1, 1, 4, 16, requires_grad=True)
     fq.attention(q, k, v, causal=True).sum().backward()
     assert calls == [1, most] and q.grad is not None
+
+
+# ---- attention_varlen(backend="cpu"): the same kernel, each sequence's keys read from the packed k / v -----------
+# (query lengths, key lengths, Hq, Hkv, D): continuous batching of decode steps (Llama-3 heads, GQA 4); an empty
+# query sequence, a sequence without keys and one with more queries than keys (MQA); MHA with head_dim 40 (the
+# portable path even with AVX2); 7 heads per KV head and a sequence long enough that its keys are split (flash-decoding
+# within the call).
+VARLEN_CASES = [
+    ([1, 1, 1, 1], [100, 37, 1, 64], 8, 2, 128),
+    ([3, 0, 5, 2], [9, 4, 0, 40], 4, 1, 64),
+    ([2, 7], [33, 7], 4, 4, 40),
+    ([1, 4, 1], [5, 3, 1100], 7, 1, 16),
+]
+
+
+def _varlen_inputs(q_lens, k_lens, hq, hkv, d, dtype, extra_rows=0):
+    cu_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]) + extra_rows, hq, d, dtype=dtype)
+    k, v = (torch.randn(int(cu_k[-1]), hkv, d, dtype=dtype) for _ in range(2))
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("simd", ["1", "avx2", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", VARLEN_CASES)
+def test_cpu_varlen_attention_matches_reference(monkeypatch, simd, dtype, case):
+    """Per sequence: bottom-right causal alignment to its own keys, windows, softcap, lse (Hq, total_q); empty
+    sequences and query rows past cu_seqlens_q[-1] (zeros, lse -inf); within one rounding of the fp32 reference."""
+    monkeypatch.setenv("FLASHQUANT_CPU_SIMD", simd)
+    q_lens, k_lens, hq, hkv, d = case
+    q, k, v, cu_q, cu_k = _varlen_inputs(q_lens, k_lens, hq, hkv, d, dtype, extra_rows=2)
+    lengths = (q, k, v, cu_q, cu_k, max(q_lens), max(k_lens))
+    for causal, window, softcap in MASKS:
+        kw = dict(causal=causal, window_size=window, softcap=softcap, return_lse=True)
+        ref, ref_lse = fq.attention_varlen(*lengths, backend="reference", **kw)
+        out, lse = fq.attention_varlen(*lengths, backend="cpu", **kw)
+        assert out.dtype == dtype and out.shape == q.shape and lse.shape == (hq, q.shape[0])
+        check(out, ref, lse, ref_lse, dtype, f"{case} {kw} simd={simd}")
+        assert not out[-2:].any() and torch.isinf(lse[:, -2:]).all()
+
+
+def test_cpu_varlen_attention_strided_heads_and_explicit_splits():
+    """q / k / v as column slices of one packed qkv projection (the layout serving engines hand over: token stride
+    (Hq + 2 Hkv) * D), and the op called with a split count: the same as the reference."""
+    hq, hkv, d = 8, 2, 32
+    cu = torch.tensor([0, 5, 6, 90], dtype=torch.int32)
+    qkv = torch.randn(90, hq + 2 * hkv, d)
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+    ref, ref_lse = fq.attention_varlen(
+        q, k, v, cu, cu, 84, 84, causal=True, return_lse=True, backend="reference"
+    )
+    for splits in (1, 3, 7):
+        out, lse = torch.ops.flashquant.varlen_attention(q, k, v, cu, cu, d**-0.5, True, -1, -1, 0.0, splits)
+        check(out, ref, lse, ref_lse, torch.float32, f"splits={splits}")
+
+
+def test_cpu_varlen_op_opcheck_and_errors():
+    q, k, v, cu_q, cu_k = _varlen_inputs([1, 3], [5, 9], 4, 2, 16, torch.float32)
+    torch.library.opcheck(
+        torch.ops.flashquant.varlen_attention.default, (q, k, v, cu_q, cu_k, 0.25, True, -1, -1, 0.0, 0)
+    )
+    op = torch.ops.flashquant.varlen_attention
+    with pytest.raises(RuntimeError, match="must have q's dtype"):
+        op(q.half(), k, v, cu_q, cu_k, 0.25, True, -1, -1, 0.0, 0)
+    with pytest.raises(RuntimeError, match="past total_q"):
+        op(q, k, v, cu_q, cu_k + 1, 0.25, True, -1, -1, 0.0, 0)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        op(q, k, v, cu_q.flip(0), cu_k, 0.25, True, -1, -1, 0.0, 0)
+    # Called directly the op takes sequences that start after row 0; rows before cu_seqlens_q[0] are zeros.
+    out = op(q, k, v, torch.tensor([1, 2, 4], dtype=torch.int32), cu_k, 0.25, True, -1, -1, 0.0, 0)[0]
+    assert not out[0].any() and out[1:].abs().sum() > 0
+
+
+def test_auto_runs_varlen_attention_on_the_cpu_kernel_for_decode_sized_sequences(monkeypatch):
+    """auto: the C++ kernel when max_seqlen_q is at most cpu_kvcache_max_sq, SDPA per sequence above it, and the
+    PyTorch path when the inputs require grad."""
+    attention = importlib.import_module("flashquant.attention")
+    calls = []
+    real = torch.ops.flashquant.varlen_attention
+    monkeypatch.setattr(
+        attention.torch.ops.flashquant,
+        "varlen_attention",
+        lambda *a: calls.append(a[0].shape[0]) or real(*a),
+    )
+    most = attention.cpu_kvcache_max_sq(torch.float32, 16)
+    for sq in (1, most, most + 1):
+        q, k, v, cu_q, cu_k = _varlen_inputs([sq, 1], [40, 3], 4, 2, 16, torch.float32)
+        out = fq.attention_varlen(q, k, v, cu_q, cu_k, sq, 40, causal=True)
+        ref = fq.attention_varlen(q, k, v, cu_q, cu_k, sq, 40, causal=True, backend="reference")
+        assert_close(out, ref, torch.float32)
+    assert calls == [2, most + 1]
+    q, k, v, cu_q, cu_k = _varlen_inputs([1, 1], [40, 3], 4, 2, 16, torch.float32)
+    q.requires_grad_(True)
+    fq.attention_varlen(q, k, v, cu_q, cu_k, 1, 40, causal=True).sum().backward()
+    assert calls == [2, most + 1] and q.grad is not None

@@ -177,15 +177,21 @@ def _forward_only_calls():
     """(name, backend, call(requires_grad) -> None) for each forward-only kernel that can run here."""
     dev, dt = KERNEL_DEVICE, torch.float16
 
-    def attention(rg, backend):
-        q, k, v = _small_attention_inputs(dev, dt)
-        fq.attention(q.requires_grad_(rg), k, v, causal=True, backend=backend)
+    def attention(device):
+        def call(rg, backend):
+            q, k, v = _small_attention_inputs(device, dt)
+            fq.attention(q.requires_grad_(rg), k, v, causal=True, backend=backend)
 
-    def attention_varlen(rg, backend):
-        q, k, v = (t[0] for t in _small_attention_inputs(dev, dt))
-        cu_q = torch.tensor([0, 2, 5], dtype=torch.int32, device=dev)
-        cu_k = torch.tensor([0, 3, 7], dtype=torch.int32, device=dev)
-        fq.attention_varlen(q, k.requires_grad_(rg), v, cu_q, cu_k, 3, 4, backend=backend)
+        return call
+
+    def attention_varlen(device):
+        def call(rg, backend):
+            q, k, v = (t[0] for t in _small_attention_inputs(device, dt))
+            cu_q = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+            cu_k = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+            fq.attention_varlen(q, k.requires_grad_(rg), v, cu_q, cu_k, 3, 4, backend=backend)
+
+        return call
 
     def kvcache(device):
         def call(rg, backend):
@@ -209,12 +215,16 @@ def _forward_only_calls():
         gate = torch.randn(3, 32, device=dev, dtype=dt)
         fq.silu_mul(gate, gate.clone().requires_grad_(rg), backend=backend)
 
-    calls = [("attention_with_kvcache", "cpu", kvcache("cpu"))]
+    calls = [
+        ("attention", "cpu", attention("cpu")),
+        ("attention_varlen", "cpu", attention_varlen("cpu")),
+        ("attention_with_kvcache", "cpu", kvcache("cpu")),
+    ]
     calls += [
         (name, "triton", f)
         for name, f in (
-            ("attention", attention),
-            ("attention_varlen", attention_varlen),
+            ("attention", attention(dev)),
+            ("attention_varlen", attention_varlen(dev)),
             ("attention_with_kvcache", kvcache(dev)),
             ("rms_norm", rms_norm),
             ("rotary_embedding", rotary),

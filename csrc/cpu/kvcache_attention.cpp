@@ -53,8 +53,13 @@ constexpr int64_t key_block(int64_t row_bytes) {
 }
 
 struct Problem {
-  int64_t B, Sq, Hq, Hkv, D, G, R;  // R = Sq * G rows per task; row r is token r / G, query head h * G + r % G
-  const float* q;                   // (B, Sq, Hq, D) fp32, contiguous
+  int64_t B, Sq, Hq, Hkv, D, G, R;  // Sq: the most tokens of a sequence; R = Sq * G: the most rows of a task
+  int64_t rows;                     // query tokens in all: B * Sq, or cu_q[B]
+  const float* q;                   // (rows, Hq, D) fp32, contiguous
+  const int32_t* cu_q;              // (B + 1,) packed (varlen) queries: sequence b is tokens [cu_q[b], cu_q[b+1]);
+                                    // nullptr: b * Sq + [0, Sq)
+  const int32_t* cu_k;              // (B + 1,) packed keys: key j of sequence b is token cu_k[b] + j of a cache with
+                                    // one batch row; nullptr: position j of batch row b (or of its blocks)
   float q_scale;                    // softmax_scale * log2(e), or softmax_scale alone when softcap > 0
   float softcap;                    // > 0: score -> softcap * tanh(score / softcap) * log2(e)
   const void* k;
@@ -65,13 +70,13 @@ struct Problem {
   int64_t table_stride, block_size;
   int64_t left, right;  // window; right = 0 when causal, -1 = unbounded
   int64_t splits, head_chunks, heads_per_task;
-  float* part_out;  // (splits, B, Sq, Hq, D): each split's normalized output
-  float* part_lse;  // (splits, B, Sq, Hq): each split's log2-sum-exp2 (-inf: saw no key)
+  float* part_out;  // (splits, rows, Hq, D): each split's normalized output
+  float* part_lse;  // (splits, rows, Hq): each split's log2-sum-exp2 (-inf: saw no key)
 };
 
-// Keys [lo, hi) that query token s of a sequence with len visible keys may see (bottom-right aligned).
-inline void row_bounds(const Problem& p, int64_t len, int64_t s, int64_t& lo, int64_t& hi) {
-  const int64_t pos = len - p.Sq + s;
+// Keys [lo, hi) that query token s of a sequence with sq tokens and len visible keys may see (bottom-right aligned).
+inline void row_bounds(const Problem& p, int64_t len, int64_t sq, int64_t s, int64_t& lo, int64_t& hi) {
+  const int64_t pos = len - sq + s;
   lo = p.left >= 0 ? std::max<int64_t>(0, pos - p.left) : 0;
   hi = p.right >= 0 ? std::min(len, pos + p.right + 1) : len;
   hi = std::max(hi, lo);
@@ -91,7 +96,7 @@ inline const T* key_row(const Problem& p, const void* base, const int64_t* strid
     const int64_t blk = p.table[b * p.table_stride + j / p.block_size];
     off = blk * stride[0] + (j % p.block_size) * stride[1];
   } else {
-    off = b * stride[0] + j * stride[1];
+    off = p.cu_k ? (p.cu_k[b] + j) * stride[1] : b * stride[0] + j * stride[1];
   }
   return static_cast<const T*>(base) + off + h * stride[2];
 }
@@ -231,10 +236,11 @@ struct Scratch {
   std::vector<int64_t> tile_lo, tile_hi;
 };
 
-// What a task covers: KV heads [h0, h0 + nh) of sequence b (len visible keys), keys [start, end) (this split's
-// share of the keys any row sees, in whole blocks of block_keys). Fills w.lo / w.hi: each token's keys.
+// What a task covers: KV heads [h0, h0 + nh) of sequence b (len visible keys; query tokens q0 .. q0 + sq - 1, R =
+// sq * G rows per KV head), keys [start, end) (this split's share of the keys any row sees, in whole blocks of
+// block_keys). Fills w.lo / w.hi: each token's keys.
 struct Task {
-  int64_t b, split, h0, nh, len, start, end;
+  int64_t b, split, h0, nh, len, q0, sq, R, start, end;
 };
 
 inline Task task_keys(const Problem& p, int64_t task, int64_t block_keys, Scratch& w) {
@@ -244,10 +250,13 @@ inline Task task_keys(const Problem& p, int64_t task, int64_t block_keys, Scratc
   t.b = task / (p.head_chunks * p.splits);
   t.h0 = hc * p.heads_per_task, t.nh = std::min(p.Hkv, t.h0 + p.heads_per_task) - t.h0;
   t.len = p.seqlens[t.b];
-  w.lo.resize(p.Sq), w.hi.resize(p.Sq);
+  t.q0 = p.cu_q ? p.cu_q[t.b] : t.b * p.Sq;
+  t.sq = p.cu_q ? p.cu_q[t.b + 1] - t.q0 : p.Sq;
+  t.R = t.sq * p.G;
+  w.lo.resize(t.sq), w.hi.resize(t.sq);
   int64_t k_lo = t.len, k_hi = 0;
-  for (int64_t s = 0; s < p.Sq; ++s) {
-    row_bounds(p, t.len, s, w.lo[s], w.hi[s]);
+  for (int64_t s = 0; s < t.sq; ++s) {
+    row_bounds(p, t.len, t.sq, s, w.lo[s], w.hi[s]);
     if (w.hi[s] > w.lo[s]) k_lo = std::min(k_lo, w.lo[s]), k_hi = std::max(k_hi, w.hi[s]);
   }
   t.start = t.end = k_hi;
@@ -262,7 +271,7 @@ inline Task task_keys(const Problem& p, int64_t task, int64_t block_keys, Scratc
 
 // The task's query row r of KV head h0 + hl: token r / G, query head (h0 + hl) * G + r % G; its fp32 values.
 inline const float* q_row(const Problem& p, const Task& t, int64_t hl, int64_t r) {
-  return p.q + ((t.b * p.Sq + r / p.G) * p.Hq + (t.h0 + hl) * p.G + r % p.G) * p.D;
+  return p.q + ((t.q0 + r / p.G) * p.Hq + (t.h0 + hl) * p.G + r % p.G) * p.D;
 }
 
 // Normalizes the task's rows and writes them, with their log2-sum-exp2, to this split's partial results. Row r of
@@ -271,9 +280,9 @@ void write_task(const Problem& p, const Task& t, int64_t row_stride, const float
                 const float* l) {
   const int64_t D = p.D, G = p.G;
   for (int64_t hl = 0; hl < t.nh; ++hl)
-    for (int64_t r = 0; r < p.R; ++r) {
+    for (int64_t r = 0; r < t.R; ++r) {
       const int64_t i = hl * row_stride + r;
-      const int64_t out_row = ((t.split * p.B + t.b) * p.Sq + r / G) * p.Hq + (t.h0 + hl) * G + r % G;
+      const int64_t out_row = (t.split * p.rows + t.q0 + r / G) * p.Hq + (t.h0 + hl) * G + r % G;
       const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
       for (int64_t d = 0; d < D; ++d) p.part_out[out_row * D + d] = acc[i * D + d] * inv;
       p.part_lse[out_row] = l[i] > 0.f ? m[i] + std::log2(l[i]) : kNegInf;
@@ -284,7 +293,7 @@ template <typename T, typename Steps>
 void run_task(const Problem& p, int64_t task, Scratch& w) {
   const int64_t block_keys = key_block(p.D * static_cast<int64_t>(sizeof(T)));
   const Task t = task_keys(p, task, block_keys, w);
-  const int64_t R = p.R, D = p.D, G = p.G, nh = t.nh, b = t.b, h0 = t.h0, len = t.len, start = t.start,
+  const int64_t R = t.R, D = p.D, G = p.G, nh = t.nh, b = t.b, h0 = t.h0, len = t.len, start = t.start,
                 end = t.end;
   // Rows hl * R + r: KV head h0 + hl, token r / G, query head (h0 + hl) * G + r % G.
   w.q.resize(nh * R * D), w.acc.assign(nh * R * D, 0.f), w.m.assign(nh * R, kNegInf), w.l.assign(nh * R, 0.f);
@@ -535,7 +544,7 @@ FLASHQUANT_AMX_TARGET inline void pv(const uint32_t* pack, const uint32_t* vpack
 // padding (they see no key).
 FLASHQUANT_AMX_TARGET void run_task_amx(const Problem& p, int64_t task, Scratch& w) {
   const Task t = task_keys(p, task, kKeys, w);
-  const int64_t R = p.R, D = p.D, nh = t.nh, tiles = (R + kRows - 1) / kRows, Rp = tiles * kRows, chunks = D / 32;
+  const int64_t R = t.R, D = p.D, nh = t.nh, tiles = (R + kRows - 1) / kRows, Rp = tiles * kRows, chunks = D / 32;
   w.acc.assign(nh * Rp * D, 0.f), w.m.assign(nh * Rp, kNegInf), w.l.assign(nh * Rp, 0.f);
   // q as bf16 pairs: [hl][tile][chunk of 32 columns][16 column pairs][16 rows]
   w.qpack.assign(nh * tiles * chunks * 256, 0u);
@@ -625,6 +634,108 @@ void run_tasks(const Problem& p) {
 
 }  // namespace
 
+namespace {
+
+// The work both ops share once their inputs are checked. q3 (rows, Hq, D), any float dtype; k_cache / v_cache 4-D
+// as in kvcache_attention_cpu (packed keys: one batch row); lens int32 (B,) contiguous, each <= its capacity, the
+// largest max_len; cu_q / cu_k int32 (B + 1,) contiguous and checked, or undefined; table int32 contiguous and
+// checked, or undefined. Returns out (rows, Hq, D) in q's dtype and lse (B, Hq, Sq) or, with cu_q, (Hq, rows).
+std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q3, int64_t B, int64_t Sq, const at::Tensor& k_cache,
+                                          const at::Tensor& v_cache, const at::Tensor& lens, int64_t max_len,
+                                          const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& table,
+                                          double softmax_scale, bool causal, int64_t window_left,
+                                          int64_t window_right, double softcap, int64_t num_splits) {
+  const int64_t rows = q3.size(0), Hq = q3.size(1), D = q3.size(2), Hkv = k_cache.size(2);
+  // Two tasks per thread where the work allows: split the keys (at least 512 per split: 256 KB of K and V for
+  // 8 bf16 heads of 128), then, for short caches, the KV heads.
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = num_splits;
+  if (splits <= 0)
+    splits = B >= 2 * threads ? 1 : std::min((2 * threads + B - 1) / std::max<int64_t>(B, 1), std::max<int64_t>(1, max_len / 512));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1024));
+  int64_t heads_per_task = Hkv;
+  if (B * splits < 2 * threads) {
+    const int64_t chunks = std::min(Hkv, (2 * threads + B * splits - 1) / std::max<int64_t>(B * splits, 1));
+    heads_per_task = (Hkv + chunks - 1) / chunks;
+  }
+
+  const at::Tensor qf = q3.to(at::kFloat).contiguous();
+  at::Tensor part_out = at::empty({splits, rows, Hq, D}, q3.options().dtype(at::kFloat));
+  at::Tensor part_lse = at::empty({splits, rows, Hq}, q3.options().dtype(at::kFloat));
+  const bool varlen = cu_q.defined();
+  at::Tensor lse = varlen ? at::empty({Hq, rows}, q3.options().dtype(at::kFloat))
+                          : at::empty({B, Hq, Sq}, q3.options().dtype(at::kFloat));
+  if (q3.numel() == 0) return {at::zeros_like(q3), lse.fill_(kNegInf)};
+
+  Problem p{};
+  p.B = B, p.Sq = Sq, p.Hq = Hq, p.Hkv = Hkv, p.D = D, p.G = Hq / Hkv, p.R = Sq * p.G, p.rows = rows;
+  p.q = qf.data_ptr<float>();
+  p.cu_q = varlen ? cu_q.data_ptr<int32_t>() : nullptr;
+  p.cu_k = cu_k.defined() ? cu_k.data_ptr<int32_t>() : nullptr;
+  p.softcap = static_cast<float>(softcap);
+  p.q_scale = static_cast<float>(softcap > 0 ? softmax_scale : softmax_scale * kLog2e);
+  p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
+  for (int i = 0; i < 3; ++i) p.k_stride[i] = k_cache.stride(i), p.v_stride[i] = v_cache.stride(i);
+  p.seqlens = lens.data_ptr<int32_t>();
+  p.table = table.defined() ? table.data_ptr<int32_t>() : nullptr;
+  p.table_stride = table.defined() ? table.size(1) : 0;
+  p.block_size = k_cache.size(1);
+  p.left = window_left;
+  p.right = causal ? 0 : window_right;
+  p.splits = splits;
+  p.heads_per_task = heads_per_task;
+  p.head_chunks = (Hkv + heads_per_task - 1) / heads_per_task;
+  p.part_out = part_out.data_ptr<float>(), p.part_lse = part_lse.data_ptr<float>();
+  if (varlen) {  // query tokens outside every sequence (before cu_q[0], from cu_q[B]): zeros, as the PyTorch path
+    for (int64_t sp = 0; sp < splits; ++sp)
+      for (const auto& [r0, r1] : {std::pair<int64_t, int64_t>{0, p.cu_q[0]}, {p.cu_q[B], rows}}) {
+        std::fill(p.part_out + (sp * rows + r0) * Hq * D, p.part_out + (sp * rows + r1) * Hq * D, 0.f);
+        std::fill(p.part_lse + (sp * rows + r0) * Hq, p.part_lse + (sp * rows + r1) * Hq, kNegInf);
+      }
+  }
+  switch (q3.scalar_type()) {
+    case at::kFloat: run_tasks<float>(p); break;
+    case at::kHalf: run_tasks<at::Half>(p); break;
+    case at::kBFloat16: run_tasks<at::BFloat16>(p); break;
+    default: TORCH_CHECK(false, "flashquant CPU attention: q must be fp32, fp16 or bf16, got ", q3.scalar_type());
+  }
+
+  // Merge the splits (a no-op copy of the log-sum-exp for one split) and convert lse to the natural log.
+  at::Tensor out = splits == 1 ? part_out[0] : at::empty({rows, Hq, D}, q3.options().dtype(at::kFloat));
+  const int64_t n = rows * Hq;
+  float* out_ptr = out.data_ptr<float>();
+  float* lse_ptr = lse.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t hq = i % Hq, row = i / Hq;
+      float& lse_i = varlen ? lse_ptr[hq * rows + row] : lse_ptr[(row / Sq * Hq + hq) * Sq + row % Sq];
+      float mx = kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, p.part_lse[sp * n + i]);
+      if (splits == 1) {
+        lse_i = mx * kLn2;  // -inf stays -inf
+        continue;
+      }
+      lse_i = kNegInf;
+      float* o = out_ptr + i * D;
+      std::fill(o, o + D, 0.f);
+      if (mx == kNegInf) continue;
+      float total = 0.f;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const float w = std::exp2(p.part_lse[sp * n + i] - mx);
+        if (w == 0.f) continue;
+        total += w;
+        const float* src = p.part_out + (sp * n + i) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= total;
+      lse_i = (mx + std::log2(total)) * kLn2;
+    }
+  });
+  return {out.to(q3.scalar_type()), lse};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                          const at::Tensor& v_cache, const at::Tensor& seqlens_k,
                                                          const std::optional<at::Tensor>& block_table,
@@ -673,80 +784,53 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
                 k_cache.size(0), "), got [", *lo, ", ", *hi, "]");
   }
 
-  // Two tasks per thread where the work allows: split the keys (at least 512 per split: 256 KB of K and V for
-  // 8 bf16 heads of 128), then, for short caches, the KV heads.
-  const int64_t threads = at::get_num_threads();
-  int64_t splits = num_splits;
-  if (splits <= 0)
-    splits = B >= 2 * threads ? 1 : std::min((2 * threads + B - 1) / std::max<int64_t>(B, 1), std::max<int64_t>(1, max_len / 512));
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1024));
-  int64_t heads_per_task = Hkv;
-  if (B * splits < 2 * threads) {
-    const int64_t chunks = std::min(Hkv, (2 * threads + B * splits - 1) / std::max<int64_t>(B * splits, 1));
-    heads_per_task = (Hkv + chunks - 1) / chunks;
+  const auto [out, lse] = attend(q.reshape({B * Sq, Hq, D}), B, Sq, k_cache, v_cache, lens, max_len, at::Tensor(),
+                                 at::Tensor(), table, softmax_scale, causal, window_left,
+                                 window_right, softcap, num_splits);
+  return {out.view({B, Sq, Hq, D}), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                        double softmax_scale, bool causal, int64_t window_left,
+                                                        int64_t window_right, double softcap, int64_t num_splits) {
+  TORCH_CHECK(q.dim() == 3, "varlen_attention_cpu: q must be (total_q, Hq, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(),
+              "varlen_attention_cpu: k and v must both be (total_k, Hkv, D) of one shape, got ", k.sizes(), " and ",
+              v.sizes());
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  TORCH_CHECK(k.size(2) == D && Hkv > 0 && Hq % Hkv == 0, "varlen_attention_cpu: k/v ", k.sizes(),
+              " do not match q ", q.sizes(), " (head_dim D, Hq a multiple of Hkv)");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "varlen_attention_cpu: k/v must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "varlen_attention_cpu: k/v need unit stride in head_dim");
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1 && cu_seqlens_k.sizes() == cu_seqlens_q.sizes(),
+              "varlen_attention_cpu: cu_seqlens_q and cu_seqlens_k must both be (B + 1,), got ", cu_seqlens_q.sizes(),
+              " and ", cu_seqlens_k.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && cu_seqlens_q.device().is_cpu() &&
+                  cu_seqlens_k.device().is_cpu(),
+              "varlen_attention_cpu: all tensors must be on the CPU");
+  const at::Tensor cu_q = cu_seqlens_q.to(at::kInt).contiguous(), cu_k = cu_seqlens_k.to(at::kInt).contiguous();
+  const int64_t B = cu_q.size(0) - 1;
+  const int32_t* cq = cu_q.data_ptr<int32_t>();
+  const int32_t* ck = cu_k.data_ptr<int32_t>();
+  at::Tensor lens = at::empty({B}, cu_k.options());
+  int32_t* len_ptr = lens.data_ptr<int32_t>();
+  int64_t max_q = 0, max_len = 0;
+  TORCH_CHECK(cq[0] >= 0 && ck[0] >= 0, "varlen_attention_cpu: cu_seqlens must start at 0 or later, got ", cq[0],
+              " and ", ck[0]);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], "varlen_attention_cpu: cu_seqlens must be non-decreasing",
+                " (sequence ", b, ")");
+    len_ptr[b] = ck[b + 1] - ck[b];
+    max_q = std::max<int64_t>(max_q, cq[b + 1] - cq[b]);
+    max_len = std::max<int64_t>(max_len, len_ptr[b]);
   }
-
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor part_out = at::empty({splits, B, Sq, Hq, D}, q.options().dtype(at::kFloat));
-  at::Tensor part_lse = at::empty({splits, B, Sq, Hq}, q.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {at::zeros_like(q), lse.fill_(kNegInf)};
-
-  Problem p{};
-  p.B = B, p.Sq = Sq, p.Hq = Hq, p.Hkv = Hkv, p.D = D, p.G = Hq / Hkv, p.R = Sq * p.G;
-  p.q = qf.data_ptr<float>();
-  p.softcap = static_cast<float>(softcap);
-  p.q_scale = static_cast<float>(softcap > 0 ? softmax_scale : softmax_scale * kLog2e);
-  p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
-  for (int i = 0; i < 3; ++i) p.k_stride[i] = k_cache.stride(i), p.v_stride[i] = v_cache.stride(i);
-  p.seqlens = len_ptr;
-  p.table = block_table ? table.data_ptr<int32_t>() : nullptr;
-  p.table_stride = block_table ? table.size(1) : 0;
-  p.block_size = k_cache.size(1);
-  p.left = window_left;
-  p.right = causal ? 0 : window_right;
-  p.splits = splits;
-  p.heads_per_task = heads_per_task;
-  p.head_chunks = (Hkv + heads_per_task - 1) / heads_per_task;
-  p.part_out = part_out.data_ptr<float>(), p.part_lse = part_lse.data_ptr<float>();
-  switch (q.scalar_type()) {
-    case at::kFloat: run_tasks<float>(p); break;
-    case at::kHalf: run_tasks<at::Half>(p); break;
-    case at::kBFloat16: run_tasks<at::BFloat16>(p); break;
-    default: TORCH_CHECK(false, "kvcache_attention_cpu: q must be fp32, fp16 or bf16, got ", q.scalar_type());
-  }
-
-  // Merge the splits (a no-op copy of the log-sum-exp for one split) and convert lse to the natural log.
-  at::Tensor out = splits == 1 ? part_out[0] : at::empty({B, Sq, Hq, D}, q.options().dtype(at::kFloat));
-  const int64_t rows = B * Sq * Hq;
-  float* out_ptr = out.data_ptr<float>();
-  float* lse_ptr = lse.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t hq = i % Hq, s = (i / Hq) % Sq, b = i / (Hq * Sq);
-      float mx = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, p.part_lse[sp * rows + i]);
-      if (splits == 1) {
-        lse_ptr[(b * Hq + hq) * Sq + s] = mx * kLn2;  // -inf stays -inf
-        continue;
-      }
-      lse_ptr[(b * Hq + hq) * Sq + s] = kNegInf;
-      float* o = out_ptr + i * D;
-      std::fill(o, o + D, 0.f);
-      if (mx == kNegInf) continue;
-      float total = 0.f;
-      for (int64_t sp = 0; sp < splits; ++sp) {
-        const float w = std::exp2(p.part_lse[sp * rows + i] - mx);
-        if (w == 0.f) continue;
-        total += w;
-        const float* src = p.part_out + (sp * rows + i) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
-      }
-      for (int64_t d = 0; d < D; ++d) o[d] /= total;
-      lse_ptr[(b * Hq + hq) * Sq + s] = (mx + std::log2(total)) * kLn2;
-    }
-  });
-  return {out.to(q.scalar_type()), lse};
+  TORCH_CHECK(cq[B] <= q.size(0) && ck[B] <= k.size(0), "varlen_attention_cpu: cu_seqlens end at ", cq[B], " and ",
+              ck[B], ", past total_q=", q.size(0), " / total_k=", k.size(0));
+  // Keys as a cache with one batch row that every sequence reads from cu_k[b] on.
+  return attend(q, B, max_q, k.unsqueeze(0), v.unsqueeze(0), lens, max_len, cu_q, cu_k, at::Tensor(), softmax_scale,
+                causal, window_left, window_right, softcap, num_splits);
 }
 
 }  // namespace flashquant::cpu

@@ -22,6 +22,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
                                                          double softmax_scale, bool causal, int64_t window_left,
                                                          int64_t window_right, double softcap, int64_t num_splits);
 
+// The same attention over a packed batch of variable-length sequences (flashquant.attention_varlen): q
+// (total_q, Hq, D), k / v (total_k, Hkv, D) with unit stride in D; cu_seqlens_q / cu_seqlens_k (B + 1,) int32 or
+// int64, non-decreasing: sequence b is query tokens [cu_seqlens_q[b], cu_seqlens_q[b+1]) and keys
+// [cu_seqlens_k[b], cu_seqlens_k[b+1]), its queries bottom-right aligned to its keys as above. Query tokens outside
+// every sequence get zeros. Returns out (total_q, Hq, D) in q's dtype and lse (Hq, total_q) fp32.
+std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                        double softmax_scale, bool causal, int64_t window_left,
+                                                        int64_t window_right, double softcap, int64_t num_splits);
+
 // Writes the new tokens k / v (B, Snew, Hkv, D) into the caches (laid out as above) at positions
 // cache_seqlens[b] + t, in place; cache_seqlens int32 (B,) is not changed. Raises, writing nothing, when a position
 // lies past a sequence's capacity or a needed block_table entry outside the pool.

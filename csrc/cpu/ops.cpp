@@ -32,6 +32,10 @@ TORCH_LIBRARY(flashquant, m) {
       "kvcache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
       "float softmax_scale, bool causal, int window_left, int window_right, float softcap, int num_splits) "
       "-> (Tensor, Tensor)");
+  // attention_varlen's packed batch of variable-length sequences, with the same kernel; CPU only.
+  m.def(
+      "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float softmax_scale, "
+      "bool causal, int window_left, int window_right, float softcap, int num_splits) -> (Tensor, Tensor)");
   // New tokens written into a contiguous or paged KV cache in place (flashquant.append_kv); CPU only (the GPU's
   // is a Triton kernel).
   m.def(
@@ -53,6 +57,7 @@ TORCH_LIBRARY_IMPL(flashquant, CPU, m) {
   m.impl("dequantize_packed", &flashquant::cpu::dequantize_cpu);
   m.impl("dequant_matmul_packed", &flashquant::cpu::dequant_matmul_cpu);
   m.impl("kvcache_attention", &flashquant::cpu::kvcache_attention_cpu);
+  m.impl("varlen_attention", &flashquant::cpu::varlen_attention_cpu);
   m.impl("kvcache_append", &flashquant::cpu::kvcache_append_cpu);
   m.impl("rms_norm_rows", &flashquant::cpu::rms_norm_rows_cpu);
   m.impl("rotary_qk", &flashquant::cpu::rotary_qk_cpu);

@@ -23,7 +23,7 @@ BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
 # Which backends implement which op.
 OPS: dict[str, tuple[str, ...]] = {
     "attention": ("reference", "torch", "triton", "cpu"),
-    "attention_varlen": ("reference", "torch", "triton"),
+    "attention_varlen": ("reference", "torch", "triton", "cpu"),
     "attention_with_kvcache": ("reference", "torch", "triton", "cuda", "cpu"),
     "quant_matmul": ("reference", "torch", "triton", "cuda", "cpu"),
     # "reference": fp32, one rounding; "torch": the PyTorch ops a user would write (layer_ops.py).

@@ -42,6 +42,23 @@ def _kvcache_attention_fake(
     return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
 
+@torch.library.register_fake("flashquant::varlen_attention")
+def _varlen_attention_fake(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    num_splits,
+):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
 @torch.library.register_fake("flashquant::kvcache_append")
 def _kvcache_append_fake(k_cache, v_cache, cache_seqlens, k, v, block_table):
     return None

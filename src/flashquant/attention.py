@@ -67,14 +67,22 @@ def _scalars(q, softmax_scale, window_size, softcap):
     return float(softmax_scale), left, right, float(softcap)
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: int | None, total: int) -> None:
+def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: int | None, total: int, max_seqlen: int) -> None:
     check_tensor(name, cu, ndim=1, dtypes=INDEX_DTYPES)
     if cu.shape[0] < 1 or (batch is not None and cu.shape[0] != batch + 1):
         raise ValueError(f"{name} must have shape (batch + 1,), got {tuple(cu.shape)}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen_{name[-1]} must be an int >= 0, got {max_seqlen!r}")
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():  # device tensors would need a host sync
         c = cu.tolist()
         if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > total:
             raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {total}, got {c}")
+        # The Triton kernel sizes its grid from the bound: a longer sequence would lose rows.
+        longest = max((b - a for a, b in zip(c, c[1:])), default=0)
+        if longest > max_seqlen:
+            raise ValueError(
+                f"max_seqlen_{name[-1]}={max_seqlen} is below the longest sequence in {name} ({longest})"
+            )
 
 
 # ---- PyTorch backend ------------------------------------------------------------------------------------
@@ -341,6 +349,12 @@ def _attention_varlen_impl(
             softcap,
             return_lse,
         )
+    if backend == "cpu":
+        # The C++ KV-cache kernel reading each sequence's keys from the packed k / v (csrc/cpu/kvcache_attention.h).
+        out, lse = torch.ops.flashquant.varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, softcap, 0
+        )
+        return out, _lse_out(lse, return_lse, q)
     # PyTorch path: one dense call per sequence (reads cu_seqlens on the host).
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
@@ -571,19 +585,27 @@ def attention_varlen(
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D). cu_seqlens_q / cu_seqlens_k: int32 (batch + 1,) cumulative
     lengths starting at 0 (sequence b is rows cu[b]:cu[b+1]; empty sequences are allowed). max_seqlen_q/k:
-    upper bounds on the lengths (used to size the launch). Masking as in :func:`attention`, per sequence.
+    upper bounds on the lengths (used to size the launch; checked against cu_seqlens on CPU tensors, not on CUDA,
+    where that would need a host sync; on CPUs max_seqlen_q also picks the backend). Masking as
+    in :func:`attention`, per sequence. Query rows outside every sequence (from cu_seqlens_q[-1] on) get zeros.
+    backend: "auto", "reference", "torch" (SDPA once per sequence), "triton" or "cpu" (the C++ KV-cache kernel,
+    every sequence in one call; auto picks it on CPUs when max_seqlen_q is decode-sized, the bound of
+    :func:`attention_with_kvcache`, e.g. continuous batching of decode steps, and the PyTorch path above it).
     Returns out (total_q, Hq, D) or (out, lse (Hq, total_q) fp32).
     """
     _check_qkv(q, k, v, 3, "(total_k, Hkv, D)")
     check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0])
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0] - 1, k.shape[0])
-    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(val, int) or val < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {val!r}")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], max_seqlen_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0] - 1, k.shape[0], max_seqlen_k)
     scale, left, right, softcap = _scalars(q, softmax_scale, window_size, softcap)
     grad = _dispatch.needs_grad(q, k, v)
-    name = _dispatch.resolve("attention_varlen", backend, q.device, grad=grad)
+    device = q.device
+    order = (
+        None
+        if device.type == "cuda"
+        else _kvcache_auto_order(device, False, max_seqlen_q, q.dtype, q.shape[2])
+    )
+    name = _dispatch.resolve("attention_varlen", backend, device, order, grad=grad)
     out, lse = _dispatch.call(
         "attention_varlen",
         _attention_varlen_impl,

@@ -36,7 +36,9 @@ def main(argv=None) -> int:
     g.add_argument(
         "--preset", dest="preset", choices=["smoke", "quick", "llama3-8b", "llama3-70b", "crossover"]
     )
-    ap.add_argument("--ops", nargs="+", choices=["quant_matmul", "prefill", "decode"], help="only these ops")
+    ap.add_argument(
+        "--ops", nargs="+", choices=["quant_matmul", "prefill", "decode", "varlen"], help="only these ops"
+    )
     ap.add_argument("--impl", help="only implementations whose name contains this (anchors are always kept)")
     ap.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"

@@ -20,7 +20,7 @@ from .harness import cache_bytes, copies_for
 
 @dataclasses.dataclass
 class Case:
-    op: str  # "quant_matmul" | "prefill" | "decode"
+    op: str  # "quant_matmul" | "prefill" | "decode" | "varlen"
     group: str  # cases in one group are compared with each other (same shape)
     impl: str
     anchor: bool  # True for the baselines users would otherwise use
@@ -552,6 +552,80 @@ def decode_cases(
     return out
 
 
+def varlen_decode_cases(
+    device: str, batches, cache_lens, hq=32, hkv=8, d=128, dtype=torch.bfloat16
+) -> list[Case]:
+    """attention_varlen as a server's continuous batching runs a decode step: b sequences, one new token each, their
+    caches packed back to back with ragged lengths (evenly from s / 4 up to s). Next to SDPA once per sequence,
+    what a PyTorch user without a varlen kernel runs (and flashquant's "torch" path)."""
+    out = []
+    for b in batches:
+        for s in cache_lens:
+            lens = [s // 4 + (s - s // 4) * i // max(b - 1, 1) for i in range(b)]
+            total = sum(lens)
+            kv_bytes = 2 * total * hkv * d * dtype.itemsize
+            group = f"varlen decode B={b} cache<={s}"
+            if (hq, hkv) != (32, 8):
+                group += f" Hq/Hkv={hq}/{hkv}"
+            if dtype != torch.bfloat16:
+                group += f" {_dt(dtype)}"
+            shape = {"B": b, "Sq": 1, "cache": s, "cache_total": total, "Hq": hq, "Hkv": hkv, "D": d}
+            flops = 4 * hq * total * d
+
+            def make_one(
+                b=b, lens=lens, total=total
+            ):  # (q, k, v, cu_seqlens_q, cu_seqlens_k, longest key run)
+                cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)
+                cu_k = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+                q = torch.randn(b, hq, d, device=device, dtype=dtype)
+                k = torch.randn(total, hkv, d, device=device, dtype=dtype)
+                return q, k, torch.randn_like(k), cu_q, cu_k, max(lens)
+
+            for be in ("triton", "cpu") if device == "cpu" else ("triton",):
+
+                def fq_make(be=be, make_one=make_one, kv_bytes=kv_bytes):
+                    def fn(q, k, v, cu_q, cu_k, longest):
+                        return fq.attention_varlen(q, k, v, cu_q, cu_k, 1, longest, causal=True, backend=be)
+
+                    return fn, _rotated(device, make_one, kv_bytes)
+
+                c = Case(
+                    "varlen", group, f"flashquant {be}", False, shape, _dt(dtype), kv_bytes, flops, fq_make
+                )
+                c.unavailable = _why_not(be, device)
+                out.append(c)
+
+            def sdpa_make(make_one=make_one, kv_bytes=kv_bytes):
+                def fn(q, k, v, cu_q, cu_k, longest):
+                    ck = cu_k.tolist()
+                    return [
+                        F.scaled_dot_product_attention(
+                            q[i : i + 1, :, None],
+                            k[None, ck[i] : ck[i + 1]].transpose(1, 2),
+                            v[None, ck[i] : ck[i + 1]].transpose(1, 2),
+                            enable_gqa=True,
+                        )
+                        for i in range(len(ck) - 1)
+                    ]
+
+                return fn, _rotated(device, make_one, kv_bytes)
+
+            out.append(
+                Case(
+                    "varlen",
+                    group,
+                    "SDPA per sequence (enable_gqa)",
+                    True,
+                    shape,
+                    _dt(dtype),
+                    kv_bytes,
+                    flops,
+                    sdpa_make,
+                )
+            )
+    return out
+
+
 # ---- presets --------------------------------------------------------------------------------------------------
 LLAMA3_8B_LINEARS = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N out, K in)
 LLAMA3_70B_LINEARS = [(8192, 8192), (28672, 8192), (8192, 28672)]
@@ -571,6 +645,7 @@ def preset(name: str, device: str) -> list[Case]:
             quant_matmul_cases(device, [(64, 256)], [1])
             + prefill_cases(device, [128], [64], (True,), hq=4, hkv=2, tokens=128, dtype=torch.float16)
             + decode_cases(device, [1], [256], (False,), hq=4, hkv=2, d=64, dtype=torch.float16)
+            + varlen_decode_cases(device, [3], [256], hq=4, hkv=2, d=64, dtype=torch.float16)
         )
     if name == "crossover":
         return dispatch_crossover_cases(device)
@@ -583,16 +658,23 @@ def preset(name: str, device: str) -> list[Case]:
             + decode_cases("cpu", batches, lens, dtype=torch.float32)
             # speculative verification: a few new tokens per sequence (bf16: the AMX tile path where present)
             + [c for sq in (4, 16) for c in decode_cases("cpu", batches, lens, dtype=torch.bfloat16, sq=sq)]
+            # continuous batching: one decode token for each of several sequences with ragged caches
+            + varlen_decode_cases(
+                "cpu", [8] if name == "quick" else [4, 16], [4096] if name == "quick" else [1024, 4096]
+            )
+            + varlen_decode_cases("cpu", [8], [4096], dtype=torch.float32)
         )
     if name == "quick":
         return (
             quant_matmul_cases(device, [(4096, 4096), (14336, 4096)], [1, 16, 4096])
             + prefill_cases(device, [1024, 4096], [128])
             + decode_cases(device, [1, 16], [8192])
+            + varlen_decode_cases(device, [16], [8192])
         )
     linears = LLAMA3_8B_LINEARS if name == "llama3-8b" else LLAMA3_70B_LINEARS
     return interleave_groups(
         quant_matmul_cases(device, linears, GPU_MS),
         prefill_cases(device, [512, 1024, 2048, 4096, 8192, 16384], [64, 128]),
         decode_cases(device, [1, 8, 32, 64], [1024, 8192, 32768, 131072]),
+        varlen_decode_cases(device, [8, 64], [1024, 8192]),
     )
