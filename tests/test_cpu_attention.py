@@ -499,3 +499,22 @@ def test_auto_runs_varlen_attention_on_the_cpu_kernel_for_decode_sized_sequences
     q.requires_grad_(True)
     fq.attention_varlen(q, k, v, cu_q, cu_k, 1, 40, causal=True).sum().backward()
     assert calls == [2, most + 1] and q.grad is not None
+
+
+def test_cpu_attention_splits_long_sequences_of_a_ragged_batch():
+    """Default splits are per sequence (a long cache in pieces, short ones whole, empty ones none): the pieces of
+    one sequence and the unused split slots of the others merge to the reference, for KV caches and packed
+    varlen batches alike."""
+    lens = [3000, 5, 0, 700, 1]
+    kc, vc, cache_lens, _ = make_cache(5, 2, 64, lens, False, capacity=3008, dtype=torch.float16)
+    q = torch.randn(5, 2, 8, 64, dtype=torch.float16)
+    kw = dict(causal=True, return_lse=True)
+    ref, ref_lse = fq.attention_with_kvcache(q, kc, vc, cache_lens, backend="reference", **kw)
+    out, lse = fq.attention_with_kvcache(q, kc, vc, cache_lens, backend="cpu", **kw)
+    check(out, ref, lse, ref_lse, torch.float16, "kvcache, ragged")
+    k = torch.cat([kc[b, :n] for b, n in enumerate(lens)])
+    v = torch.cat([vc[b, :n] for b, n in enumerate(lens)])
+    cu_k = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    cu_q = torch.arange(0, 12, 2, dtype=torch.int32)
+    out, lse = fq.attention_varlen(q.flatten(0, 1), k, v, cu_q, cu_k, 2, 3000, backend="cpu", **kw)
+    check(out, ref.flatten(0, 1), lse, ref_lse.permute(1, 0, 2).flatten(1), torch.float16, "varlen, ragged")

@@ -1,5 +1,5 @@
 // Attention of a few new query tokens (decode, speculative verification) against a contiguous or paged KV cache,
-// on the CPU: backend="cpu" of flashquant.attention_with_kvcache.
+// on the CPU: backend="cpu" of flashquant.attention_with_kvcache, and of attention / attention_varlen.
 //
 // Work split: one task per (sequence b, range of keys, range of KV heads); by default a task takes every KV head,
 // so it reads the cache's (key, head, dim) rows in memory order and the hardware prefetchers see one stream
@@ -8,8 +8,11 @@
 // never once per query head (K/V are not repeated for GQA). Keys go in blocks (key_block: 8 KB of a head's K):
 // the scores of every row (QK^T), an online softmax in base 2, then P @ V into fp32 row accumulators; rows are
 // taken kRowTile at a time inside the block, so the block's K and V stay in L1 while every row tile uses them.
-// With fewer sequences than threads (batch 1), the keys are split and the splits' partial outputs are merged with
-// their log-sum-exp at the end (flash-decoding); heads are split only when a cache is too short to split its keys.
+// Long sequences have their keys split into pieces of about 1 / (2 x threads) of all the keys of the batch, at least
+// 512 (batch 1: four pieces on two threads), and the pieces' partial outputs are merged with their log-sum-exp at the end
+// (flash-decoding); heads are split only when the caches are too short to split their keys. Threads take tasks
+// costliest first as they finish one, so a batch of ragged lengths (a server's) keeps them equally busy.
+// attention_varlen's packed batches run the same tasks, each sequence's queries and keys found from cu_seqlens.
 //
 // Everything is computed in fp32; K and V are converted as they are loaded (bf16: a shift, fp16: F16C), except
 // that bf16 scores on CPUs with AVX512-BF16 multiply q and K as bf16 pairs (vdpbf16ps: each product is exact in
@@ -26,7 +29,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -69,7 +74,9 @@ struct Problem {
   const int32_t* table;              // (B, table_stride) paged block indices, or nullptr: contiguous cache
   int64_t table_stride, block_size;
   int64_t left, right;  // window; right = 0 when causal, -1 = unbounded
-  int64_t splits, head_chunks, heads_per_task;
+  int64_t splits, head_chunks, heads_per_task;  // splits: the most of any sequence (tasks: B x splits x head_chunks)
+  const int32_t* seq_splits;                    // (B,): how many pieces sequence b's keys are split into
+  const int64_t* task_order;                    // every task, the costliest first (the order threads take them in)
   float* part_out;  // (splits, rows, Hq, D): each split's normalized output
   float* part_lse;  // (splits, rows, Hq): each split's log2-sum-exp2 (-inf: saw no key)
 };
@@ -262,7 +269,8 @@ inline Task task_keys(const Problem& p, int64_t task, int64_t block_keys, Scratc
   t.start = t.end = k_hi;
   if (k_hi > k_lo) {
     const int64_t blocks = (k_hi - k_lo + block_keys - 1) / block_keys;
-    const int64_t per = (blocks + p.splits - 1) / p.splits * block_keys;
+    const int64_t splits = p.seq_splits[t.b];  // a split past them gets no keys: lse -inf, merged as nothing
+    const int64_t per = (blocks + splits - 1) / splits * block_keys;
     t.start = std::min(k_hi, k_lo + t.split * per);
     t.end = std::min(k_hi, t.start + per);
   }
@@ -608,10 +616,15 @@ bool takes(const Problem& p) {
 
 template <typename T>
 void run_tasks(const Problem& p) {
+  // Each thread takes the next task of p.task_order (costliest first) as it finishes one: sequences of different
+  // lengths (a server's batch) give tasks of different sizes, which fixed contiguous ranges of tasks per thread
+  // left unbalanced.
+  const int64_t tasks = p.B * p.splits * p.head_chunks;
+  std::atomic<int64_t> next{0};
   const auto run = [&](auto run_one) {
-    at::parallel_for(0, p.B * p.splits * p.head_chunks, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       Scratch w;
-      for (int64_t t = t0; t < t1; ++t) run_one(p, t, w);
+      for (int64_t i = next.fetch_add(1); i < tasks; i = next.fetch_add(1)) run_one(p, p.task_order[i], w);
     });
   };
 #ifdef FLASHQUANT_AMX
@@ -637,27 +650,45 @@ void run_tasks(const Problem& p) {
 namespace {
 
 // The work both ops share once their inputs are checked. q3 (rows, Hq, D), any float dtype; k_cache / v_cache 4-D
-// as in kvcache_attention_cpu (packed keys: one batch row); lens int32 (B,) contiguous, each <= its capacity, the
-// largest max_len; cu_q / cu_k int32 (B + 1,) contiguous and checked, or undefined; table int32 contiguous and
+// as in kvcache_attention_cpu (packed keys: one batch row); lens int32 (B,) contiguous, each <= its capacity;
+// cu_q / cu_k int32 (B + 1,) contiguous and checked, or undefined; table int32 contiguous and
 // checked, or undefined. Returns out (rows, Hq, D) in q's dtype and lse (B, Hq, Sq) or, with cu_q, (Hq, rows).
 std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q3, int64_t B, int64_t Sq, const at::Tensor& k_cache,
-                                          const at::Tensor& v_cache, const at::Tensor& lens, int64_t max_len,
+                                          const at::Tensor& v_cache, const at::Tensor& lens,
                                           const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& table,
                                           double softmax_scale, bool causal, int64_t window_left,
                                           int64_t window_right, double softcap, int64_t num_splits) {
   const int64_t rows = q3.size(0), Hq = q3.size(1), D = q3.size(2), Hkv = k_cache.size(2);
-  // Two tasks per thread where the work allows: split the keys (at least 512 per split: 256 KB of K and V for
-  // 8 bf16 heads of 128), then, for short caches, the KV heads.
+  // Two tasks per thread where the work allows: split the keys into pieces of about 1 / (2 x threads) of all keys,
+  // at least 512 (256 KB of K and V for 8 bf16 heads of 128); a sequence shorter than that is one piece. Then, when
+  // that leaves fewer tasks than that (short caches), split the KV heads. num_splits > 0: that many for every sequence.
   const int64_t threads = at::get_num_threads();
-  int64_t splits = num_splits;
-  if (splits <= 0)
-    splits = B >= 2 * threads ? 1 : std::min((2 * threads + B - 1) / std::max<int64_t>(B, 1), std::max<int64_t>(1, max_len / 512));
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1024));
+  const int32_t* len_ptr = lens.data_ptr<int32_t>();
+  const int64_t total_keys = std::accumulate(len_ptr, len_ptr + B, int64_t{0});
+  const int64_t piece = std::max<int64_t>(512, (total_keys + 2 * threads - 1) / (2 * threads));
+  std::vector<int32_t> seq_splits(B);
+  int64_t splits = 1, pieces = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = num_splits > 0 ? num_splits : (len_ptr[b] + piece - 1) / piece;
+    seq_splits[b] = static_cast<int32_t>(std::clamp<int64_t>(n, 1, 1024));
+    splits = std::max<int64_t>(splits, seq_splits[b]);
+    pieces += seq_splits[b];
+  }
   int64_t heads_per_task = Hkv;
-  if (B * splits < 2 * threads) {
-    const int64_t chunks = std::min(Hkv, (2 * threads + B * splits - 1) / std::max<int64_t>(B * splits, 1));
+  if (pieces < 2 * threads) {
+    const int64_t chunks = std::min(Hkv, (2 * threads + pieces - 1) / std::max<int64_t>(pieces, 1));
     heads_per_task = (Hkv + chunks - 1) / chunks;
   }
+  const int64_t head_chunks = (Hkv + heads_per_task - 1) / heads_per_task;
+  // Task t = (b * splits + split) * head_chunks + head chunk; its cost ~ its keys x (its row tiles + 1).
+  std::vector<int64_t> order(B * splits * head_chunks), cost(order.size());
+  for (int64_t t = 0; t < static_cast<int64_t>(order.size()); ++t) {
+    const int64_t b = t / (splits * head_chunks), split = t / head_chunks % splits;
+    const int64_t sq = cu_q.defined() ? cu_q.data_ptr<int32_t>()[b + 1] - cu_q.data_ptr<int32_t>()[b] : Sq;
+    const int64_t keys = split < seq_splits[b] ? (len_ptr[b] + seq_splits[b] - 1) / seq_splits[b] : 0;
+    order[t] = t, cost[t] = keys * ((sq * (Hq / Hkv) + kRowTile - 1) / kRowTile + 1);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
 
   const at::Tensor qf = q3.to(at::kFloat).contiguous();
   at::Tensor part_out = at::empty({splits, rows, Hq, D}, q3.options().dtype(at::kFloat));
@@ -683,8 +714,10 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q3, int64_t B, int64
   p.left = window_left;
   p.right = causal ? 0 : window_right;
   p.splits = splits;
+  p.seq_splits = seq_splits.data();
+  p.task_order = order.data();
   p.heads_per_task = heads_per_task;
-  p.head_chunks = (Hkv + heads_per_task - 1) / heads_per_task;
+  p.head_chunks = head_chunks;
   p.part_out = part_out.data_ptr<float>(), p.part_lse = part_lse.data_ptr<float>();
   if (varlen) {  // query tokens outside every sequence (before cu_q[0], from cu_q[B]): zeros, as the PyTorch path
     for (int64_t sp = 0; sp < splits; ++sp)
@@ -770,12 +803,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
                 ", S_max, Hkv, D), got ", k_cache.sizes());
   }
   const int32_t* len_ptr = lens.data_ptr<int32_t>();
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(len_ptr[b] >= 0 && len_ptr[b] <= capacity, "kvcache_attention_cpu: seqlens_k[", b, "] = ",
                 len_ptr[b], " is outside [0, capacity=", capacity, "]");
-    max_len = std::max<int64_t>(max_len, len_ptr[b]);
-  }
   if (block_table && table.numel() > 0) {
     // A plain loop, not two ATen reductions: this runs on every decode step, after the Python API's own check.
     const int32_t* t = table.data_ptr<int32_t>();
@@ -784,7 +814,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
                 k_cache.size(0), "), got [", *lo, ", ", *hi, "]");
   }
 
-  const auto [out, lse] = attend(q.reshape({B * Sq, Hq, D}), B, Sq, k_cache, v_cache, lens, max_len, at::Tensor(),
+  const auto [out, lse] = attend(q.reshape({B * Sq, Hq, D}), B, Sq, k_cache, v_cache, lens, at::Tensor(),
                                  at::Tensor(), table, softmax_scale, causal, window_left,
                                  window_right, softcap, num_splits);
   return {out.view({B, Sq, Hq, D}), lse};
@@ -816,7 +846,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
   const int32_t* ck = cu_k.data_ptr<int32_t>();
   at::Tensor lens = at::empty({B}, cu_k.options());
   int32_t* len_ptr = lens.data_ptr<int32_t>();
-  int64_t max_q = 0, max_len = 0;
+  int64_t max_q = 0;
   TORCH_CHECK(cq[0] >= 0 && ck[0] >= 0, "varlen_attention_cpu: cu_seqlens must start at 0 or later, got ", cq[0],
               " and ", ck[0]);
   for (int64_t b = 0; b < B; ++b) {
@@ -824,12 +854,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
                 " (sequence ", b, ")");
     len_ptr[b] = ck[b + 1] - ck[b];
     max_q = std::max<int64_t>(max_q, cq[b + 1] - cq[b]);
-    max_len = std::max<int64_t>(max_len, len_ptr[b]);
   }
   TORCH_CHECK(cq[B] <= q.size(0) && ck[B] <= k.size(0), "varlen_attention_cpu: cu_seqlens end at ", cq[B], " and ",
               ck[B], ", past total_q=", q.size(0), " / total_k=", k.size(0));
   // Keys as a cache with one batch row that every sequence reads from cu_k[b] on.
-  return attend(q, B, max_q, k.unsqueeze(0), v.unsqueeze(0), lens, max_len, cu_q, cu_k, at::Tensor(), softmax_scale,
+  return attend(q, B, max_q, k.unsqueeze(0), v.unsqueeze(0), lens, cu_q, cu_k, at::Tensor(), softmax_scale,
                 causal, window_left, window_right, softcap, num_splits);
 }
 
