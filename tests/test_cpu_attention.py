@@ -518,3 +518,27 @@ def test_cpu_attention_splits_long_sequences_of_a_ragged_batch():
     cu_q = torch.arange(0, 12, 2, dtype=torch.int32)
     out, lse = fq.attention_varlen(q.flatten(0, 1), k, v, cu_q, cu_k, 2, 3000, backend="cpu", **kw)
     check(out, ref.flatten(0, 1), lse, ref_lse.permute(1, 0, 2).flatten(1), torch.float16, "varlen, ragged")
+
+
+def test_cpu_kvcache_seqstart_reads_each_sequence_past_its_left_padding():
+    """seqstart_k (the op's, used for transformers' left-padded batches): sequence b's keys are cache positions
+    seqstart_k[b] .. + seqlens_k[b], aligned bottom-right as if the padding were not there; beyond the capacity, or
+    with a paged cache, it raises."""
+    kc, vc = torch.randn(3, 40, 2, 32), torch.randn(3, 40, 2, 32)
+    start, lens = torch.tensor([0, 7, 39], dtype=torch.int32), torch.tensor([40, 33, 1], dtype=torch.int32)
+    q = torch.randn(3, 2, 8, 32)
+    op = torch.ops.flashquant.kvcache_attention
+    for causal, window, softcap in MASKS:
+        out, lse = op(q, kc, vc, lens, None, 32**-0.5, causal, *window, softcap, 0, start)
+        for b in range(3):
+            keys = slice(int(start[b]), int(start[b] + lens[b]))
+            ref, ref_lse = fq.attention(
+                q[b : b + 1], kc[b : b + 1, keys], vc[b : b + 1, keys], causal, None, window, softcap, True,
+                backend="reference",
+            )  # fmt: skip
+            check(out[b : b + 1], ref, lse[b : b + 1], ref_lse, torch.float32, f"b={b} {causal} {window}")
+    with pytest.raises(RuntimeError, match="outside"):
+        op(q, kc, vc, lens, None, 0.25, True, -1, -1, 0.0, 0, start + 1)
+    kp, vp, plens, table = make_cache(3, 2, 32, [5, 9, 1], True, capacity=32)
+    with pytest.raises(RuntimeError, match="seqstart_k needs a contiguous cache"):
+        op(q, kp, vp, plens, table, 0.25, True, -1, -1, 0.0, 0, start)

@@ -49,6 +49,61 @@ def test_padding_mask_is_honoured(models):
     assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1, 4:], b[1, 4:], atol=1e-4)
 
 
+def test_left_padded_batch_decodes_on_the_cpu_kernel_and_matches_eager(models, monkeypatch):
+    """Batched generation with left padding: the masks are recognised as padding + causal and run the C++ kernel
+    with each sequence's keys starting past its padding (the 9-token prefill too: within the kernel's fp32 bound);
+    greedy tokens equal the eager model's, as do the logits of a decode step."""
+    if not fq.backends()["cpu"].available:
+        pytest.skip("C++ extension not built")
+    eager, fq_model = models
+    starts = []
+    real = torch.ops.flashquant.kvcache_attention
+    monkeypatch.setattr(
+        torch.ops.flashquant, "kvcache_attention", lambda *a: starts.append(a[-1].tolist()) or real(*a)
+    )
+    ids = torch.randint(1, 256, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(eager.generate(ids, **kw), fq_model.generate(ids, **kw))
+    assert len(starts) == 6 * 2 and all(s == [0, 4, 2] for s in starts)  # prefill + 5 decode steps, 2 layers
+    with torch.no_grad():
+        a, b = (m(ids, attention_mask=mask, use_cache=True) for m in (eager, fq_model))
+        step = torch.randint(1, 256, (3, 1))
+        mask1 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+        a = eager(step, attention_mask=mask1, past_key_values=a.past_key_values).logits
+        b = fq_model(step, attention_mask=mask1, past_key_values=b.past_key_values).logits
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_left_padding_is_recognised_only_where_the_kernel_applies():
+    """Right padding, a custom pattern, a non-causal padding mask with causal attention, or Sq above the kernel's
+    bound: None (SDPA with the mask). Left padding, causal or not: the padding lengths."""
+    q, k = torch.randn(2, 3, 4, 16), torch.randn(2, 10, 2, 16)
+    keys, rows = torch.arange(10), torch.arange(7, 10)[:, None]
+    pad = torch.tensor([0, 3])
+    left = (keys >= pad[:, None, None]) & (keys <= rows)
+    assert fqt._left_padding(left[:, None], q, k, True).tolist() == [0, 3]
+    plain = (keys >= pad[:, None, None]).expand(2, 3, 10)
+    assert fqt._left_padding(plain[:, None], q, k, False).tolist() == [0, 3]
+    assert fqt._left_padding(plain[:, None], q, k, True) is None
+    right = (keys < 10 - pad[:, None, None]) & (keys <= rows)
+    assert fqt._left_padding(right[:, None], q, k, True) is None
+    custom = left.clone()
+    custom[0, 0, 5] = False
+    assert fqt._left_padding(custom[:, None], q, k, True) is None
+    most = fqt.cpu_kvcache_max_sq(torch.float32, 16)
+    long_q, long_k, long_keys = (
+        torch.randn(2, most + 1, 4, 16),
+        torch.randn(2, most + 1, 2, 16),
+        torch.arange(most + 1),
+    )
+    square = (long_keys >= pad[:, None, None]) & (long_keys <= long_keys[:, None])
+    assert fqt._left_padding(square[:, None], long_q, long_k, True) is None
+    assert fqt._left_padding(square[:, None, 1:], long_q[:, 1:], long_k, True).tolist() == [0, 3]
+
+
 def test_generation_with_kv_cache_matches_eager(models):
     eager, fq_model = models
     ids = torch.randint(0, 256, (1, 7))

@@ -63,8 +63,9 @@ struct Problem {
   const float* q;                   // (rows, Hq, D) fp32, contiguous
   const int32_t* cu_q;              // (B + 1,) packed (varlen) queries: sequence b is tokens [cu_q[b], cu_q[b+1]);
                                     // nullptr: b * Sq + [0, Sq)
-  const int32_t* cu_k;              // (B + 1,) packed keys: key j of sequence b is token cu_k[b] + j of a cache with
-                                    // one batch row; nullptr: position j of batch row b (or of its blocks)
+  const int32_t* k_first;           // (B,) contiguous caches: key j of sequence b is position k_first[b] + j of batch
+                                    // row b (varlen: cu_k on a cache with batch stride 0; left padding: its length);
+                                    // nullptr: position j (of batch row b, or of its blocks)
   float q_scale;                    // softmax_scale * log2(e), or softmax_scale alone when softcap > 0
   float softcap;                    // > 0: score -> softcap * tanh(score / softcap) * log2(e)
   const void* k;
@@ -103,7 +104,7 @@ inline const T* key_row(const Problem& p, const void* base, const int64_t* strid
     const int64_t blk = p.table[b * p.table_stride + j / p.block_size];
     off = blk * stride[0] + (j % p.block_size) * stride[1];
   } else {
-    off = p.cu_k ? (p.cu_k[b] + j) * stride[1] : b * stride[0] + j * stride[1];
+    off = b * stride[0] + (p.k_first ? p.k_first[b] + j : j) * stride[1];
   }
   return static_cast<const T*>(base) + off + h * stride[2];
 }
@@ -650,12 +651,11 @@ void run_tasks(const Problem& p) {
 namespace {
 
 // The work both ops share once their inputs are checked. q3 (rows, Hq, D), any float dtype; k_cache / v_cache 4-D
-// as in kvcache_attention_cpu (packed keys: one batch row); lens int32 (B,) contiguous, each <= its capacity;
-// cu_q / cu_k int32 (B + 1,) contiguous and checked, or undefined; table int32 contiguous and
-// checked, or undefined. Returns out (rows, Hq, D) in q's dtype and lse (B, Hq, Sq) or, with cu_q, (Hq, rows).
+// as in kvcache_attention_cpu; lens int32 (B,) contiguous, each within its capacity; cu_q int32 (B + 1,), k_first int32
+// (B,) (Problem::k_first) and table int32, each contiguous and checked, or undefined. Returns out (rows, Hq, D) in q's dtype and lse (B, Hq, Sq) or, with cu_q, (Hq, rows).
 std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q3, int64_t B, int64_t Sq, const at::Tensor& k_cache,
                                           const at::Tensor& v_cache, const at::Tensor& lens,
-                                          const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& table,
+                                          const at::Tensor& cu_q, const at::Tensor& k_first, const at::Tensor& table,
                                           double softmax_scale, bool causal, int64_t window_left,
                                           int64_t window_right, double softcap, int64_t num_splits) {
   const int64_t rows = q3.size(0), Hq = q3.size(1), D = q3.size(2), Hkv = k_cache.size(2);
@@ -702,7 +702,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q3, int64_t B, int64
   p.B = B, p.Sq = Sq, p.Hq = Hq, p.Hkv = Hkv, p.D = D, p.G = Hq / Hkv, p.R = Sq * p.G, p.rows = rows;
   p.q = qf.data_ptr<float>();
   p.cu_q = varlen ? cu_q.data_ptr<int32_t>() : nullptr;
-  p.cu_k = cu_k.defined() ? cu_k.data_ptr<int32_t>() : nullptr;
+  p.k_first = k_first.defined() ? k_first.data_ptr<int32_t>() : nullptr;
   p.softcap = static_cast<float>(softcap);
   p.q_scale = static_cast<float>(softcap > 0 ? softmax_scale : softmax_scale * kLog2e);
   p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
@@ -773,7 +773,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
                                                          const at::Tensor& v_cache, const at::Tensor& seqlens_k,
                                                          const std::optional<at::Tensor>& block_table,
                                                          double softmax_scale, bool causal, int64_t window_left,
-                                                         int64_t window_right, double softcap, int64_t num_splits) {
+                                                         int64_t window_right, double softcap, int64_t num_splits,
+                                                         const std::optional<at::Tensor>& seqstart_k) {
   TORCH_CHECK(q.dim() == 4, "kvcache_attention_cpu: q must be (B, Sq, Hq, D), got ", q.sizes());
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "kvcache_attention_cpu: k_cache and v_cache must both be 4-D of one shape, got ", k_cache.sizes(),
@@ -802,10 +803,22 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
     TORCH_CHECK(k_cache.size(0) == B, "kvcache_attention_cpu: a contiguous k_cache must be (B=", B,
                 ", S_max, Hkv, D), got ", k_cache.sizes());
   }
+  at::Tensor first;
+  if (seqstart_k) {
+    TORCH_CHECK(!block_table, "kvcache_attention_cpu: seqstart_k needs a contiguous cache, not a paged one");
+    TORCH_CHECK(seqstart_k->dim() == 1 && seqstart_k->size(0) == B, "kvcache_attention_cpu: seqstart_k must be (B=", B,
+                ",), got ", seqstart_k->sizes());
+    TORCH_CHECK(seqstart_k->device().is_cpu(), "kvcache_attention_cpu: all tensors must be on the CPU");
+    first = seqstart_k->to(at::kInt).contiguous();
+  }
   const int32_t* len_ptr = lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(len_ptr[b] >= 0 && len_ptr[b] <= capacity, "kvcache_attention_cpu: seqlens_k[", b, "] = ",
-                len_ptr[b], " is outside [0, capacity=", capacity, "]");
+  const int32_t* first_ptr = first.defined() ? first.data_ptr<int32_t>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t start = first_ptr ? first_ptr[b] : 0;
+    TORCH_CHECK(start >= 0 && len_ptr[b] >= 0 && start + len_ptr[b] <= capacity, "kvcache_attention_cpu: keys [",
+                start, ", ", start + len_ptr[b], ") of sequence ", b, " (seqstart_k, seqlens_k) are outside [0, capacity=",
+                capacity, "]");
+  }
   if (block_table && table.numel() > 0) {
     // A plain loop, not two ATen reductions: this runs on every decode step, after the Python API's own check.
     const int32_t* t = table.data_ptr<int32_t>();
@@ -814,8 +827,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, co
                 k_cache.size(0), "), got [", *lo, ", ", *hi, "]");
   }
 
-  const auto [out, lse] = attend(q.reshape({B * Sq, Hq, D}), B, Sq, k_cache, v_cache, lens, at::Tensor(),
-                                 at::Tensor(), table, softmax_scale, causal, window_left,
+  const auto [out, lse] = attend(q.reshape({B * Sq, Hq, D}), B, Sq, k_cache, v_cache, lens, at::Tensor(), first,
+                                 table, softmax_scale, causal, window_left,
                                  window_right, softcap, num_splits);
   return {out.view({B, Sq, Hq, D}), lse};
 }
@@ -857,8 +870,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
   }
   TORCH_CHECK(cq[B] <= q.size(0) && ck[B] <= k.size(0), "varlen_attention_cpu: cu_seqlens end at ", cq[B], " and ",
               ck[B], ", past total_q=", q.size(0), " / total_k=", k.size(0));
-  // Keys as a cache with one batch row that every sequence reads from cu_k[b] on.
-  return attend(q, B, max_q, k.unsqueeze(0), v.unsqueeze(0), lens, cu_q, cu_k, at::Tensor(), softmax_scale,
+  // Keys as a cache whose B batch rows are all the packed k / v (batch stride 0), sequence b's from cu_k[b] on.
+  const auto rows = [B](const at::Tensor& t) { return t.unsqueeze(0).expand({B, t.size(0), t.size(1), t.size(2)}); };
+  return attend(q, B, max_q, rows(k), rows(v), lens, cu_q, cu_k, at::Tensor(), softmax_scale,
                 causal, window_left, window_right, softcap, num_splits);
 }
 

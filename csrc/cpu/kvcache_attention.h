@@ -14,13 +14,16 @@ namespace flashquant::cpu {
 // when j < seqlens_k[b], j <= pos + window_right (causal: window_right = 0) if window_right >= 0, and
 // j >= pos - window_left if window_left >= 0. softcap > 0 applies softcap * tanh(s / softcap) to the scaled
 // scores. num_splits: how many pieces each (sequence, KV head) splits its keys into (0 = choose from the
-// thread count). Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 (natural log; -inf and
-// zero output for rows that see no key).
+// thread count). seqstart_k int (B,) or nullopt, contiguous caches only: sequence b's keys are cache positions
+// seqstart_k[b] .. seqstart_k[b] + seqlens_k[b] - 1 (a left-padded batch: the padding's length), key j above being
+// position seqstart_k[b] + j. Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 (natural log; -inf
+// and zero output for rows that see no key).
 std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                          const at::Tensor& v_cache, const at::Tensor& seqlens_k,
                                                          const std::optional<at::Tensor>& block_table,
                                                          double softmax_scale, bool causal, int64_t window_left,
-                                                         int64_t window_right, double softcap, int64_t num_splits);
+                                                         int64_t window_right, double softcap, int64_t num_splits,
+                                                         const std::optional<at::Tensor>& seqstart_k);
 
 // The same attention over a packed batch of variable-length sequences (flashquant.attention_varlen): q
 // (total_q, Hq, D), k / v (total_k, Hkv, D) with unit stride in D; cu_seqlens_q / cu_seqlens_k (B + 1,) int32 or

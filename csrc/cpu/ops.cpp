@@ -30,8 +30,8 @@ TORCH_LIBRARY(flashquant, m) {
   // (csrc/cpu/kvcache_attention.h has the semantics).
   m.def(
       "kvcache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
-      "float softmax_scale, bool causal, int window_left, int window_right, float softcap, int num_splits) "
-      "-> (Tensor, Tensor)");
+      "float softmax_scale, bool causal, int window_left, int window_right, float softcap, int num_splits, "
+      "Tensor? seqstart_k=None) -> (Tensor, Tensor)");
   // attention_varlen's packed batch of variable-length sequences, with the same kernel; CPU only.
   m.def(
       "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float softmax_scale, "

@@ -37,6 +37,7 @@ def _kvcache_attention_fake(
     window_right,
     softcap,
     num_splits,
+    seqstart_k=None,
 ):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)

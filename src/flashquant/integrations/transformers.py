@@ -9,9 +9,11 @@
 
 The attention function receives transformers' (B, H, S, D) tensors and calls flashquant.attention with
 bottom-right-aligned causal masking. The mask function registered with it is transformers' SDPA one: it
-returns None when the mask is plain causal (the fused kernel applies it) and a boolean mask otherwise (padding,
-custom patterns), which the fused kernels cannot take, so those calls go through PyTorch SDPA with the mask
-(logged once) rather than silently dropping it.
+returns None when the mask is plain causal (the fused kernel applies it) and a boolean mask otherwise. On CPUs a
+left-padded batch's mask (batched generation: each sequence's keys start after its padding, causal after that)
+is recognised for decode-sized steps and runs the C++ KV-cache kernel with each sequence's keys starting past
+its padding. Any other mask (custom patterns, prefill of a padded batch, GPUs) goes through PyTorch SDPA with the
+mask (logged once) rather than being silently dropped.
 
 Why "fq" and not "flashquant": transformers (5.x) treats every attn_implementation whose name contains "flash"
 as a flash-attn kernel to import from its hub (`is_flash_attention_requested`), so a name with "flash" in it
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import flashquant as fq
+from flashquant import _dispatch
+from flashquant.attention import cpu_kvcache_max_sq
 from flashquant.checkpoints import load_quantized_state_dict, read_quantization_config, read_safetensors
 from flashquant.nn import fuse_linears, quantize_model
 
@@ -41,21 +45,57 @@ def _log_masked_fallback():
     log.info("flashquant attention: explicit attention mask (padding or custom pattern) -> PyTorch SDPA path")
 
 
+def _left_padding(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor | None:
+    """The padding lengths (B,) int32 when transformers' boolean mask (B, 1, Sq, Sk), True = attend, is exactly that
+    of a left-padded batch (sequence b's keys from pad[b] on, bottom-right causal if `causal`) and the C++ kernel
+    takes the call (CPU tensors without grad, a decode-sized Sq); else None (the caller runs SDPA with the mask)."""
+    sq, sk = q.shape[1], k.shape[1]
+    if (
+        q.device.type != "cpu"
+        or mask.dtype != torch.bool
+        or mask.shape != (q.shape[0], 1, sq, sk)
+        or sq > cpu_kvcache_max_sq(q.dtype, q.shape[-1])
+        or _dispatch.needs_grad(q, k)
+        or not _dispatch._available("cpu")
+    ):
+        return None
+    pad = sk - mask[:, 0, -1].sum(-1)  # the last query row sees every key past the padding
+    keys = torch.arange(sk)
+    want = (keys >= pad[:, None, None]).expand(-1, sq, -1)
+    if causal:
+        want = want & (keys <= torch.arange(sk - sq, sk)[:, None])
+    return pad.to(torch.int32) if torch.equal(mask[:, 0], want) else None
+
+
 def flashquant_attention_forward(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs
 ):
     """transformers attention interface: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) -> ((B, Sq, Hq, D), None)."""
     if dropout:
         raise ValueError("flashquant attention is inference-only: dropout must be 0")
-    if attention_mask is not None:
-        _log_masked_fallback()
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-        )
-        return out.transpose(1, 2).contiguous(), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = getattr(module, "sliding_window", None)
+    softcap = float(getattr(module, "attn_logit_softcapping", None) or 0.0)
+    if attention_mask is not None and not window:
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        pad = _left_padding(attention_mask, q, k, bool(causal))
+        if pad is not None:  # the KV-cache kernel over each sequence's keys past its padding
+            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            out, _ = torch.ops.flashquant.kvcache_attention(
+                q, k, v, k.shape[1] - pad, None, scale, bool(causal), -1, -1, softcap, 0, pad
+            )
+            return out, None
+    if attention_mask is not None:
+        _log_masked_fallback()
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        return out.transpose(1, 2).contiguous(), None
     out = fq.attention(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -63,7 +103,7 @@ def flashquant_attention_forward(
         causal=bool(causal),
         softmax_scale=scaling,
         window_size=(window - 1, 0) if window else (-1, -1),
-        softcap=float(getattr(module, "attn_logit_softcapping", None) or 0.0),
+        softcap=softcap,
     )
     return out, None
 
