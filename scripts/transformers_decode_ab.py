@@ -2,7 +2,11 @@
 it on the CPU, with and without flashquant, the variants alternated round by round in one process (single runs on a
 shared host differ by +-10-20%; alternated rounds do not).
 
-    .venv/bin/python scripts/transformers_decode_ab.py [--layers 4] [--prompt 128] [--rounds 8] [--json PATH]
+    .venv/bin/python scripts/transformers_decode_ab.py [--layers 4] [--prompt 128] [--batch 1] [--rounds 8]
+        [--json PATH]
+
+--batch B > 1: B prompts left-padded as batched generation pads them (sequence b's first b * prompt / (2B) tokens are
+padding, marked in the attention_mask that every step passes, extended by one column a step).
 
 Variants (one model each, the same random weights, bf16, batch 1, eager; greedy steps against the model's own
 DynamicCache after a prompt of --prompt tokens):
@@ -61,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", help="write the results and the environment to this path")
@@ -69,13 +74,18 @@ def main() -> None:
     base = base_model(args.layers)
     models = {variant: build(variant, base) for variant in VARIANTS}
     del base
-    prompt = torch.randint(0, 128256, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    caches, tokens, first = {}, {}, {}
+    prompt = torch.randint(0, 128256, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    mask0 = torch.ones(args.batch, args.prompt, dtype=torch.long)
+    for b in range(args.batch):
+        mask0[b, : b * args.prompt // (2 * args.batch)] = 0
+    padded = args.batch > 1
+    caches, tokens, first, masks = {}, {}, {}, {}
     with torch.inference_mode():
         for variant, model in models.items():
-            out = model(prompt, use_cache=True)
+            out = model(prompt, use_cache=True, **({"attention_mask": mask0} if padded else {}))
             caches[variant], tokens[variant] = out.cache, out.logits[:, -1:].argmax(-1)
-            first[variant] = int(tokens[variant])
+            first[variant] = tokens[variant].flatten().tolist()
+            masks[variant] = mask0
         times = {v: [] for v in VARIANTS}
         for r in range(args.rounds + 1):  # round 0 warms up
             order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
@@ -83,7 +93,11 @@ def main() -> None:
                 model, step_times = models[variant], []
                 for _ in range(args.steps):
                     t0 = time.perf_counter()
-                    out = model(tokens[variant], cache=caches[variant], use_cache=True)
+                    kw = {}
+                    if padded:
+                        masks[variant] = torch.cat([masks[variant], mask0.new_ones(args.batch, 1)], 1)
+                        kw["attention_mask"] = masks[variant]
+                    out = model(tokens[variant], cache=caches[variant], use_cache=True, **kw)
                     step_times.append(time.perf_counter() - t0)
                     tokens[variant] = out.logits[:, -1:].argmax(-1)
                 if r > 0:
@@ -91,8 +105,9 @@ def main() -> None:
     anchor = statistics.median(times[VARIANTS[0]])
     rows = []
     print(
-        f"transformers LlamaForCausalLM, {args.layers} layers of Llama-3.2-1B's shapes, bf16, batch 1, prompt "
-        f"{args.prompt}, {torch.get_num_threads()} threads; median decode step over {args.rounds} rounds:"
+        f"transformers LlamaForCausalLM, {args.layers} layers of Llama-3.2-1B's shapes, bf16, batch {args.batch}"
+        f"{' (left-padded)' if padded else ''}, prompt {args.prompt}, {torch.get_num_threads()} threads; "
+        f"median decode step over {args.rounds} rounds:"
     )
     for variant in VARIANTS:
         ms = statistics.median(times[variant]) * 1e3
