@@ -682,9 +682,10 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q3, int64_t B, int64
   const int64_t head_chunks = (Hkv + heads_per_task - 1) / heads_per_task;
   // Task t = (b * splits + split) * head_chunks + head chunk; its cost ~ its keys x (its row tiles + 1).
   std::vector<int64_t> order(B * splits * head_chunks), cost(order.size());
+  const int32_t* cq = cu_q.defined() ? cu_q.data_ptr<int32_t>() : nullptr;
   for (int64_t t = 0; t < static_cast<int64_t>(order.size()); ++t) {
     const int64_t b = t / (splits * head_chunks), split = t / head_chunks % splits;
-    const int64_t sq = cu_q.defined() ? cu_q.data_ptr<int32_t>()[b + 1] - cu_q.data_ptr<int32_t>()[b] : Sq;
+    const int64_t sq = cq ? cq[b + 1] - cq[b] : Sq;
     const int64_t keys = split < seq_splits[b] ? (len_ptr[b] + seq_splits[b] - 1) / seq_splits[b] : 0;
     order[t] = t, cost[t] = keys * ((sq * (Hq / Hkv) + kRowTile - 1) / kRowTile + 1);
   }
