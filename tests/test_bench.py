@@ -50,8 +50,9 @@ def test_smoke_preset_runs_every_family_and_reports_unavailable_anchors(tmp_path
     # where there is no GPU; on a GPU machine Triton does not take these CPU tensors and says so) and the SDPA
     # anchors on the CPU; CUDA-only entries say why they did not run
     for op in ("prefill", "decode", "varlen"):
-        (triton_row,) = [r for r in res if r["op"] == op and r["impl"] == "flashquant triton"]
-        assert ("median_ms" in triton_row) == _dispatch.triton_interpret(), triton_row
+        triton_rows = [r for r in res if r["op"] == op and r["impl"] == "flashquant triton"]
+        assert triton_rows and all(("median_ms" in r) == _dispatch.triton_interpret() for r in triton_rows)
+    assert any(r["impl"] == "flashquant auto" and "prefill_chunk" in r["shape"] and "median_ms" in r for r in res)
     assert any(r["op"] == "decode" and r["anchor"] and "median_ms" in r for r in res)
     text = table(run)
     assert "unavailable: " in text
@@ -246,20 +247,32 @@ def test_decode_sdpa_anchor_computes_what_the_kernel_computes(paged, sq):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_varlen_sdpa_anchor_computes_what_the_kernel_computes():
+@pytest.mark.parametrize("prefill_chunk", [0, 24])
+def test_varlen_sdpa_anchor_computes_what_the_kernel_computes(prefill_chunk):
     """The continuous-batching anchor (SDPA once per sequence) gives attention_varlen's output on each rotated
-    input: one new token per sequence against its own ragged stretch of the packed cache."""
+    input: one new token per sequence against its own ragged stretch of the packed cache, and with a prompt chunk
+    first, that chunk causal over its own keys; flashquant's cases (auto too, for the chunked batch) compute it."""
     from flashquant.bench.cases import varlen_decode_cases
 
     torch.manual_seed(0)
-    cases = varlen_decode_cases("cpu", [3], [64], hq=4, hkv=2, d=32, dtype=torch.float32)
+    cases = varlen_decode_cases(
+        "cpu", [3], [64], hq=4, hkv=2, d=32, dtype=torch.float32, prefill_chunk=prefill_chunk
+    )
     (anchor,) = [c for c in cases if c.anchor]
-    assert anchor.shape["cache_total"] == 16 + 40 + 64
+    assert anchor.shape["cache_total"] == prefill_chunk + 16 + 40 + 64
+    impls = {c.impl: c for c in cases if not c.anchor}
+    assert sorted(impls) == ["flashquant auto", "flashquant cpu", "flashquant triton"][(not prefill_chunk) :]
     fn, inputs = anchor.make()
-    for q, k, v, cu_q, cu_k, longest in inputs[:2]:
-        want = fq.attention_varlen(q, k, v, cu_q, cu_k, 1, longest, causal=True, backend="reference")
-        got = torch.cat([o[0].transpose(0, 1) for o in fn(q, k, v, cu_q, cu_k, longest)])
+    for q, k, v, cu_q, cu_k, max_q, max_k in inputs[:2]:
+        assert q.shape[0] == prefill_chunk + 3 and max_q == max(prefill_chunk, 1)
+        want = fq.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, backend="reference")
+        got = torch.cat([o[0].transpose(0, 1) for o in fn(q, k, v, cu_q, cu_k, max_q, max_k)])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for name in ("flashquant cpu", "flashquant auto")[: len(impls) - 1]:
+            kernel_fn, _ = impls[name].make()
+            torch.testing.assert_close(
+                kernel_fn(q, k, v, cu_q, cu_k, max_q, max_k), want, rtol=1e-5, atol=1e-5
+            )
 
 
 def test_plots_draw_every_family_and_one_decode_panel_per_dtype(tmp_path):
@@ -317,7 +330,8 @@ def test_llama_presets_interleave_the_op_families_group_by_group():
         for op in ("quant_matmul", "prefill", "decode", "varlen")
     }
     assert len(by_op["quant_matmul"]) == 240 and len(by_op["prefill"]) == 120 and len(by_op["decode"]) == 90
-    assert len(by_op["varlen"]) == 8  # 2 batches x 2 cache lengths x (Triton, SDPA per sequence)
+    # (2 batches x 2 cache lengths + 1 chunked-prefill batch) x (Triton, SDPA per sequence)
+    assert len(by_op["varlen"]) == 10
 
 
 def test_gpu_session_script_parses_and_names_existing_test_files():

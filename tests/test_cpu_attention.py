@@ -478,8 +478,9 @@ def test_cpu_varlen_op_opcheck_and_errors():
 
 
 def test_auto_runs_varlen_attention_on_the_cpu_kernel_for_decode_sized_sequences(monkeypatch):
-    """auto: the C++ kernel when max_seqlen_q is at most cpu_kvcache_max_sq, SDPA per sequence above it, and the
-    PyTorch path when the inputs require grad."""
+    """auto: the C++ kernel when max_seqlen_q is at most cpu_kvcache_max_sq; above it the kernel for the
+    decode-sized sequences only (here the second), SDPA for the longer; the PyTorch path when the inputs require
+    grad."""
     attention = importlib.import_module("flashquant.attention")
     calls = []
     real = torch.ops.flashquant.varlen_attention
@@ -494,11 +495,50 @@ def test_auto_runs_varlen_attention_on_the_cpu_kernel_for_decode_sized_sequences
         out = fq.attention_varlen(q, k, v, cu_q, cu_k, sq, 40, causal=True)
         ref = fq.attention_varlen(q, k, v, cu_q, cu_k, sq, 40, causal=True, backend="reference")
         assert_close(out, ref, torch.float32)
-    assert calls == [2, most + 1]
+    assert calls == [2, most + 1, 1]
     q, k, v, cu_q, cu_k = _varlen_inputs([1, 1], [40, 3], 4, 2, 16, torch.float32)
     q.requires_grad_(True)
     fq.attention_varlen(q, k, v, cu_q, cu_k, 1, 40, causal=True).sum().backward()
-    assert calls == [2, most + 1] and q.grad is not None
+    assert calls == [2, most + 1, 1] and q.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_splits_a_varlen_batch_mixing_prompt_chunks_and_decode_steps(monkeypatch, dtype):
+    """A batch with query sequences past cpu_kvcache_max_sq among decode-sized ones (chunked prefill beside decode
+    steps): auto runs each run of decode-sized sequences (empty ones included) in one kernel call and the longer
+    ones with SDPA; outputs and lse land in their rows, rows past cu_seqlens_q[-1] stay zero, and every mask option
+    agrees with the reference. A batch with only long (or empty) sequences makes no kernel call."""
+    attention = importlib.import_module("flashquant.attention")
+    calls = []
+    real = torch.ops.flashquant.varlen_attention
+    monkeypatch.setattr(
+        attention.torch.ops.flashquant, "varlen_attention", lambda *a: calls.append(a[3].tolist()) or real(*a)
+    )
+    most = attention.cpu_kvcache_max_sq(dtype, 32)
+    q_lens = [1, most + 5, 0, 2, 1, most + 1, 3]
+    k_lens = [50, most + 9, 7, 2, 0, most + 1, 600]
+    q, k, v, cu_q, cu_k = _varlen_inputs(q_lens, k_lens, 8, 2, 32, dtype, extra_rows=2)
+    lengths = (q, k, v, cu_q, cu_k, max(q_lens), max(k_lens))
+    for causal, window, softcap in MASKS:
+        kw = dict(causal=causal, window_size=window, softcap=softcap, return_lse=True)
+        calls.clear()
+        ref, ref_lse = fq.attention_varlen(*lengths, backend="reference", **kw)
+        out, lse = fq.attention_varlen(*lengths, **kw)
+        assert calls == [[0, 1], [0, 0, 2, 3], [0, 3]], calls  # runs {0}, {2, 3, 4} and {6}
+        check(out, ref, lse, ref_lse, dtype, f"mixed batch {kw}")
+        assert not out[-2:].any() and torch.isinf(lse[:, -2:]).all()
+    # without lse the same outputs; a batch of long and empty sequences never reaches the kernel
+    ref = fq.attention_varlen(*lengths, causal=True, backend="reference")
+    assert_close(fq.attention_varlen(*lengths, causal=True), ref, dtype)
+    calls.clear()
+    q, k, v, cu_q, cu_k = _varlen_inputs([most + 2, 0], [most + 2, 4], 8, 2, 32, dtype)
+    out = fq.attention_varlen(q, k, v, cu_q, cu_k, most + 2, most + 2, causal=True)
+    assert_close(
+        out,
+        fq.attention_varlen(q, k, v, cu_q, cu_k, most + 2, most + 2, causal=True, backend="reference"),
+        dtype,
+    )
+    assert calls == []
 
 
 def test_cpu_attention_splits_long_sequences_of_a_ragged_batch():

@@ -590,7 +590,8 @@ def attention_varlen(
     in :func:`attention`, per sequence. Query rows outside every sequence (from cu_seqlens_q[-1] on) get zeros.
     backend: "auto", "reference", "torch" (SDPA once per sequence), "triton" or "cpu" (the C++ KV-cache kernel,
     every sequence in one call; auto picks it on CPUs when max_seqlen_q is decode-sized, the bound of
-    :func:`attention_with_kvcache`, e.g. continuous batching of decode steps, and the PyTorch path above it).
+    :func:`attention_with_kvcache`, e.g. continuous batching of decode steps; above it auto runs the decode-sized
+    sequences on the kernel and the longer ones, e.g. a chunk of a prompt, with SDPA, in eager mode).
     Returns out (total_q, Hq, D) or (out, lse (Hq, total_q) fp32).
     """
     _check_qkv(q, k, v, 3, "(total_k, Hkv, D)")
@@ -606,6 +607,19 @@ def attention_varlen(
         else _kvcache_auto_order(device, False, max_seqlen_q, q.dtype, q.shape[2])
     )
     name = _dispatch.resolve("attention_varlen", backend, device, order, grad=grad)
+    if (
+        name == "torch"
+        and backend == "auto"
+        and device.type == "cpu"
+        and not grad
+        and _dispatch._available("cpu")
+    ):
+        # max_seqlen_q is past the kernel's bound, but the batch may mix a prefill chunk with decode steps
+        mixed = _varlen_cpu_by_length(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, left, right, softcap, bool(return_lse)
+        )
+        if mixed is not None:
+            return mixed if return_lse else mixed[0]
     out, lse = _dispatch.call(
         "attention_varlen",
         _attention_varlen_impl,
@@ -626,6 +640,55 @@ def attention_varlen(
         grad=grad,
     )
     return (out, lse) if return_lse else out
+
+
+def _varlen_cpu_by_length(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, left, right, softcap, return_lse
+):
+    """`auto` on CPUs for a packed batch whose longest query sequence is past cpu_kvcache_max_sq, e.g. a server's
+    step that mixes a chunk of a prompt with other sequences' decode tokens: each run of consecutive decode-sized
+    sequences is one call of the C++ kernel, each run of longer ones SDPA per sequence (the "torch" path), outputs
+    written into one (total_q, Hq, D) tensor. Without it every decode token of such a batch would take its own SDPA
+    call (bench/NOTES.md, "Session 31"). Returns None, leaving the batch to the PyTorch path, when no sequence is
+    decode-sized or under torch.compile (the runs depend on cu_seqlens_q's values)."""
+    if torch.compiler.is_compiling():
+        return None
+    most = cpu_kvcache_max_sq(q.dtype, q.shape[2])
+    cq = cu_seqlens_q.tolist()
+    short = [cq[b + 1] - cq[b] <= most for b in range(len(cq) - 1)]  # empty sequences count as short: no work
+    if not any(s and cq[b + 1] > cq[b] for b, s in enumerate(short)):
+        return None
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    b0 = 0
+    while b0 < len(short):
+        b1 = b0 + 1
+        while b1 < len(short) and short[b1] == short[b0]:
+            b1 += 1
+        q0, q1 = cq[b0], cq[b1]
+        if q1 > q0:
+            # rows q0:q1 of q, the run's keys still read from the whole packed k / v at cu_seqlens_k's offsets
+            o, lse_run = _attention_varlen_impl(
+                q[q0:q1],
+                k,
+                v,
+                cu_seqlens_q[b0 : b1 + 1] - q0,
+                cu_seqlens_k[b0 : b1 + 1],
+                max(cq[b + 1] - cq[b] for b in range(b0, b1)),
+                k.shape[0],
+                causal,
+                scale,
+                left,
+                right,
+                softcap,
+                return_lse,
+                "cpu" if short[b0] else "torch",
+            )
+            out[q0:q1] = o
+            if return_lse:
+                lse[:, q0:q1] = lse_run
+        b0 = b1
+    return out, _lse_out(lse, return_lse, q)
 
 
 # Up to this many new tokens per sequence, `auto` runs attention_with_kvcache on CPUs with the C++ kernel; above it

@@ -553,56 +553,66 @@ def decode_cases(
 
 
 def varlen_decode_cases(
-    device: str, batches, cache_lens, hq=32, hkv=8, d=128, dtype=torch.bfloat16
+    device: str, batches, cache_lens, hq=32, hkv=8, d=128, dtype=torch.bfloat16, prefill_chunk=0
 ) -> list[Case]:
     """attention_varlen as a server's continuous batching runs a decode step: b sequences, one new token each, their
-    caches packed back to back with ragged lengths (evenly from s / 4 up to s). Next to SDPA once per sequence,
-    what a PyTorch user without a varlen kernel runs (and flashquant's "torch" path)."""
+    caches packed back to back with ragged lengths (evenly from s / 4 up to s). With `prefill_chunk`, the batch
+    starts with one more sequence: a prompt's first chunk of that many tokens, causal over its own keys (a
+    chunked-prefill step). Next to SDPA once per sequence, what a PyTorch user without a varlen kernel runs (and
+    flashquant's "torch" path)."""
     out = []
     for b in batches:
         for s in cache_lens:
             lens = [s // 4 + (s - s // 4) * i // max(b - 1, 1) for i in range(b)]
+            q_lens = [1] * b
+            if prefill_chunk:
+                lens, q_lens = [prefill_chunk] + lens, [prefill_chunk] + q_lens
             total = sum(lens)
             kv_bytes = 2 * total * hkv * d * dtype.itemsize
             group = f"varlen decode B={b} cache<={s}"
+            if prefill_chunk:
+                group = f"varlen prefill chunk {prefill_chunk} + decode B={b} cache<={s}"
             if (hq, hkv) != (32, 8):
                 group += f" Hq/Hkv={hq}/{hkv}"
             if dtype != torch.bfloat16:
                 group += f" {_dt(dtype)}"
             shape = {"B": b, "Sq": 1, "cache": s, "cache_total": total, "Hq": hq, "Hkv": hkv, "D": d}
-            flops = 4 * hq * total * d
+            if prefill_chunk:
+                shape["prefill_chunk"] = prefill_chunk
+            flops = 4 * hq * (total - prefill_chunk) * d + 2 * hq * prefill_chunk * prefill_chunk * d
 
-            def make_one(
-                b=b, lens=lens, total=total
-            ):  # (q, k, v, cu_seqlens_q, cu_seqlens_k, longest key run)
-                cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)
+            def make_one(b=b, lens=lens, q_lens=q_lens, total=total):  # (q, k, v, cu_q, cu_k, max_q, max_k)
+                cu_q = torch.tensor([0] + q_lens, device=device).cumsum(0).to(torch.int32)
                 cu_k = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
-                q = torch.randn(b, hq, d, device=device, dtype=dtype)
+                q = torch.randn(sum(q_lens), hq, d, device=device, dtype=dtype)
                 k = torch.randn(total, hkv, d, device=device, dtype=dtype)
-                return q, k, torch.randn_like(k), cu_q, cu_k, max(lens)
+                return q, k, torch.randn_like(k), cu_q, cu_k, max(q_lens), max(lens)
 
-            for be in ("triton", "cpu") if device == "cpu" else ("triton",):
+            # auto on CPUs: a mixed batch is split by length (the kernel for the decode steps, SDPA for the chunk)
+            backends = ("triton", "cpu", "auto") if prefill_chunk else ("triton", "cpu")
+            for be in backends if device == "cpu" else ("triton",):
 
                 def fq_make(be=be, make_one=make_one, kv_bytes=kv_bytes):
-                    def fn(q, k, v, cu_q, cu_k, longest):
-                        return fq.attention_varlen(q, k, v, cu_q, cu_k, 1, longest, causal=True, backend=be)
+                    def fn(q, k, v, cu_q, cu_k, max_q, max_k):
+                        return fq.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, backend=be)
 
                     return fn, _rotated(device, make_one, kv_bytes)
 
                 c = Case(
                     "varlen", group, f"flashquant {be}", False, shape, _dt(dtype), kv_bytes, flops, fq_make
                 )
-                c.unavailable = _why_not(be, device)
+                c.unavailable = None if be == "auto" else _why_not(be, device)
                 out.append(c)
 
             def sdpa_make(make_one=make_one, kv_bytes=kv_bytes):
-                def fn(q, k, v, cu_q, cu_k, longest):
-                    ck = cu_k.tolist()
+                def fn(q, k, v, cu_q, cu_k, max_q, max_k):
+                    cq, ck = cu_q.tolist(), cu_k.tolist()
                     return [
                         F.scaled_dot_product_attention(
-                            q[i : i + 1, :, None],
+                            q[None, cq[i] : cq[i + 1]].transpose(1, 2),
                             k[None, ck[i] : ck[i + 1]].transpose(1, 2),
                             v[None, ck[i] : ck[i + 1]].transpose(1, 2),
+                            is_causal=cq[i + 1] - cq[i] > 1,  # the prompt chunk: as many queries as keys
                             enable_gqa=True,
                         )
                         for i in range(len(ck) - 1)
@@ -646,6 +656,7 @@ def preset(name: str, device: str) -> list[Case]:
             + prefill_cases(device, [128], [64], (True,), hq=4, hkv=2, tokens=128, dtype=torch.float16)
             + decode_cases(device, [1], [256], (False,), hq=4, hkv=2, d=64, dtype=torch.float16)
             + varlen_decode_cases(device, [3], [256], hq=4, hkv=2, d=64, dtype=torch.float16)
+            + varlen_decode_cases(device, [2], [64], hq=4, hkv=2, d=64, dtype=torch.float16, prefill_chunk=40)
         )
     if name == "crossover":
         return dispatch_crossover_cases(device)
@@ -663,6 +674,8 @@ def preset(name: str, device: str) -> list[Case]:
                 "cpu", [8] if name == "quick" else [4, 16], [4096] if name == "quick" else [1024, 4096]
             )
             + varlen_decode_cases("cpu", [8], [4096], dtype=torch.float32)
+            # chunked prefill: a prompt's 512-token chunk in the same batch as the decode steps
+            + varlen_decode_cases("cpu", [8] if name == "quick" else [4, 16], [4096], prefill_chunk=512)
         )
     if name == "quick":
         return (
@@ -677,4 +690,5 @@ def preset(name: str, device: str) -> list[Case]:
         prefill_cases(device, [512, 1024, 2048, 4096, 8192, 16384], [64, 128]),
         decode_cases(device, [1, 8, 32, 64], [1024, 8192, 32768, 131072]),
         varlen_decode_cases(device, [8, 64], [1024, 8192]),
+        varlen_decode_cases(device, [16], [8192], prefill_chunk=2048),
     )
