@@ -52,7 +52,9 @@ def test_smoke_preset_runs_every_family_and_reports_unavailable_anchors(tmp_path
     for op in ("prefill", "decode", "varlen"):
         triton_rows = [r for r in res if r["op"] == op and r["impl"] == "flashquant triton"]
         assert triton_rows and all(("median_ms" in r) == _dispatch.triton_interpret() for r in triton_rows)
-    assert any(r["impl"] == "flashquant auto" and "prefill_chunk" in r["shape"] and "median_ms" in r for r in res)
+    assert any(
+        r["impl"] == "flashquant auto" and "prefill_chunk" in r["shape"] and "median_ms" in r for r in res
+    )
     assert any(r["op"] == "decode" and r["anchor"] and "median_ms" in r for r in res)
     text = table(run)
     assert "unavailable: " in text

@@ -105,6 +105,42 @@ def test_varlen_with_empty_sequence(dtype, causal, heads):
     check_against_reference(out, lse, ref, ref_lse, dtype, "varlen")
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+@pytest.mark.parametrize("heads", [(8, 2), (6, 1)])
+def test_varlen_decode_batch_split_kv(num_splits, heads):
+    """Continuous batching of decode steps (1-3 queries per sequence): each sequence's keys in num_splits pieces
+    merged by LSE (0: the launcher's choice, which splits here: 4 sequences fill few programs), with a window,
+    softcap, an empty sequence and one without keys; rows past cu_seqlens_q[-1] stay zero; a max_seqlen_k below the
+    longest sequence (the caller's contract on CUDA, unchecked there) still attends to every key."""
+    from flashquant.kernels import attention as tri
+
+    dtype = DTYPES[0]
+    hq, hkv = heads
+    lens_q, lens_k = [1, 0, 3, 1, 2], [150, 9, 67, 0, 5]
+    cq = torch.tensor([0, 1, 1, 4, 5, 7], dtype=torch.int32, device=DEVICE)
+    ck = torch.tensor([0, 150, 159, 226, 226, 231], dtype=torch.int32, device=DEVICE)
+    q = rand(sum(lens_q) + 2, hq, 32, dtype=dtype)
+    k, v = rand(sum(lens_k), hkv, 32, dtype=dtype), rand(sum(lens_k), hkv, 32, dtype=dtype)
+    for causal, window, softcap, max_k in [
+        (True, (-1, -1), 0.0, 150),
+        (False, (40, 0), 2.0, 150),
+        (True, (-1, -1), 0.0, 70),
+    ]:
+        ref, ref_lse = fq.attention_varlen(
+            q, k, v, cq, ck, 3, 150, causal=causal, window_size=window, softcap=softcap, return_lse=True,
+            backend="reference",
+        )  # fmt: skip
+        right = 0 if causal else window[1]
+        out, lse = tri.attention_varlen(q, k, v, cq, ck, 3, max_k, causal, 32**-0.5, (window[0], right), softcap,
+                                        True, num_splits)  # fmt: skip
+        what = f"splits={num_splits} causal={causal} window={window} softcap={softcap} max_seqlen_k={max_k}"
+        check_against_reference(out, lse, ref, ref_lse, dtype, what)
+        assert not out[-2:].any() and torch.isneginf(lse[:, -2:]).all(), what
+        out_only, _ = tri.attention_varlen(q, k, v, cq, ck, 3, max_k, causal, 32**-0.5, (window[0], right), softcap,
+                                           False, num_splits)  # fmt: skip
+        assert torch.equal(out_only, out), what
+
+
 def make_cache(B, hkv, d, lens, paged, dtype, block_size=16, capacity=96):
     if paged:
         per_seq = capacity // block_size

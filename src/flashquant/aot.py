@@ -140,7 +140,16 @@ def _cases(dtype: torch.dtype) -> dict[str, tuple[str | None, Callable]]:
     qv, kv, cu = t(4096, HQ, 128), t(4096, HKV, 128), i32(5)
     cases["varlen 4x1024 causal d128"] = (
         "attention.prefill.d128",
-        lambda cfg: tri.attention_varlen(qv, kv, kv, cu, cu, 1024, True, 0.088, (-1, -1), 0.0, False, cfg),
+        lambda cfg: tri.attention_varlen(
+            qv, kv, kv, cu, cu, 1024, 1024, True, 0.088, (-1, -1), 0.0, False, 0, cfg
+        ),
+    )
+    qv1, kv, cu = t(8, HQ, 128), t(8 * 8192, HKV, 128), i32(9)
+    cases["varlen decode 8x1 cache=8192 split-KV d128"] = (
+        "attention.decode.d128",
+        lambda cfg: tri.attention_varlen(
+            qv1, kv, kv, cu, cu, 1, 8192, True, 0.088, (-1, -1), 0.0, True, 4, cfg
+        ),
     )
     q1, pages, table = t(8, 1, HQ, 128), t(8 * 512, 16, HKV, 128), i32(8, 512)
     cases["decode paged page=16 B=8 cache=8192 d128"] = (

@@ -343,6 +343,7 @@ def _attention_varlen_impl(
             cu_seqlens_q,
             cu_seqlens_k,
             max_seqlen_q,
+            max_seqlen_k,
             causal,
             softmax_scale,
             window,
@@ -585,8 +586,10 @@ def attention_varlen(
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D). cu_seqlens_q / cu_seqlens_k: int32 (batch + 1,) cumulative
     lengths starting at 0 (sequence b is rows cu[b]:cu[b+1]; empty sequences are allowed). max_seqlen_q/k:
-    upper bounds on the lengths (used to size the launch; checked against cu_seqlens on CPU tensors, not on CUDA,
-    where that would need a host sync; on CPUs max_seqlen_q also picks the backend). Masking as
+    upper bounds on the lengths (max_seqlen_q sizes the Triton launch, max_seqlen_k its split of each sequence's
+    keys for decode-sized batches; checked against cu_seqlens on CPU tensors, not on CUDA, where that would need a
+    host sync: there a max_seqlen_q below the longest query sequence drops rows, as in flash-attn, while a low
+    max_seqlen_k only costs speed; on CPUs max_seqlen_q also picks the backend). Masking as
     in :func:`attention`, per sequence. Query rows outside every sequence (from cu_seqlens_q[-1] on) get zeros.
     backend: "auto", "reference", "torch" (SDPA once per sequence), "triton" or "cpu" (the C++ KV-cache kernel,
     every sequence in one call; auto picks it on CPUs when max_seqlen_q is decode-sized, the bound of

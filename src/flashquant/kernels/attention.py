@@ -155,6 +155,7 @@ def _attn_fwd_kernel(
     window_left,
     window_right,
     split_size,
+    varlen_rows,  # MODE 1: total_q, the rows of the partial outputs' (num_splits, Hq, total_q) layout
     GROUP: tl.constexpr,
     MODE: tl.constexpr,  # 0: dense, 1: varlen (cu_seqlens), 2: kv cache (per-batch seqlens_k)
     PAGED: tl.constexpr,
@@ -234,7 +235,10 @@ def _attn_fwd_kernel(
         n_lo = tl.maximum(0, first_pos + sk - sq - window_left)
     if SPLIT:
         n_lo = tl.maximum(n_lo, pid_s * split_size)
-        n_hi = tl.minimum(n_hi, (pid_s + 1) * split_size)
+        # The last split takes every key from its start on: varlen sizes the splits from max_seqlen_k, which on
+        # CUDA is the caller's unchecked bound (checking needs a host sync); a low one must not drop keys.
+        if pid_s < tl.num_programs(0) // (num_m * num_bh) - 1:
+            n_hi = tl.minimum(n_hi, (pid_s + 1) * split_size)
     if first_pos >= sq:  # tile past the end of this (varlen) sequence
         n_hi = n_lo
     # Interior blocks, visible to every row of the tile, skip the mask arithmetic: [full_lo, full_hi).
@@ -307,8 +311,12 @@ def _attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     if SPLIT:
-        # partials: (num_splits, B, Hq, Sq, D) fp32 and (num_splits, B, Hq, Sq)
-        prow = ((pid_s * batch + b).to(tl.int64) * num_heads + head) * seqlen_q + q_pos
+        # partials: (num_splits, B, Hq, Sq, D) fp32 and (num_splits, B, Hq, Sq); varlen (num_splits, Hq, total_q, D)
+        # and (num_splits, Hq, total_q), the (Hq, total_q) order of its lse
+        if MODE == 1:
+            prow = (pid_s.to(tl.int64) * num_heads + head) * varlen_rows + q_start + q_pos
+        else:
+            prow = ((pid_s * batch + b).to(tl.int64) * num_heads + head) * seqlen_q + q_pos
         tl.store(
             OutPart + prow[:, None] * head_dim + offs_d[None, :],
             out,
@@ -343,16 +351,23 @@ def _combine_kernel(
     seqlen_q,
     num_splits,
     head_dim,
+    VarlenEnd,  # varlen: &cu_seqlens_q[-1]; rows from there on belong to no sequence: zeros, lse -inf
+    VARLEN: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # over (B, Hq, Sq)
+    row = tl.program_id(0).to(tl.int64)  # over (B, Hq, Sq); varlen: (1, Hq, total_q)
     b = row // (num_heads * seqlen_q)
     h = (row // seqlen_q) % num_heads
     s = row % seqlen_q
+    valid_splits = num_splits
+    if (
+        VARLEN
+    ):  # a row past the last sequence has no partials (never written): merged as none, i.e. 0 and -inf
+        valid_splits = tl.where(s < tl.load(VarlenEnd), num_splits, 0)
     splits = tl.arange(0, SPLITS_P2)
-    split_valid = splits < num_splits
+    split_valid = splits < valid_splits
     lse_s = tl.load(LsePart + splits.to(tl.int64) * num_rows + row, mask=split_valid, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -442,7 +457,8 @@ def _forward(
     config=None,
 ):
     """Validate, allocate, pick the launch config and launch (plus the LSE merge when splitting the keys).
-    mode 0: dense (B, S, H, D); 1: varlen (total, H, D) with cu_seqlens; 2: KV cache with seqlens_k."""
+    mode 0: dense (B, S, H, D); 1: varlen (total, H, D) with cu_seqlens; 2: KV cache with seqlens_k.
+    capacity: the most keys a sequence has (mode 2: the cache's; mode 1: max_seqlen_k), which sizes the splits."""
     block_d = _block_d(q)
     out = torch.zeros_like(q) if mode == 1 else torch.empty_like(q)
     lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
@@ -455,7 +471,7 @@ def _forward(
     block_m, block_n, warps, stages = _config(q.device, block_d, seqlen_q * group, config)
     grid_m = triton.cdiv(seqlen_q * group, block_m)
     split_size = 0
-    if mode == 2:
+    if mode != 0:
         if num_splits == 0:
             num_splits = choose_num_splits(q.device, grid_m * batch * hkv, capacity, block_n)
         num_splits = max(1, min(num_splits, triton.cdiv(capacity, block_n)))
@@ -465,9 +481,11 @@ def _forward(
     if causal:
         right = 0
     split = num_splits > 1
+    # Partial rows per split: (B, Hq, Sq), or varlen's (1, Hq, total_q)
+    part_b, part_s = (1, q.shape[0]) if mode == 1 else (batch, seqlen_q)
     if split:
-        out_part = torch.empty(num_splits, batch, hq, seqlen_q, d, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(num_splits, batch, hq, seqlen_q, dtype=torch.float32, device=q.device)
+        out_part = torch.empty(num_splits, part_b, hq, part_s, d, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_splits, part_b, hq, part_s, dtype=torch.float32, device=q.device)
     else:
         out_part = lse_part = out  # unused
     # Strides (batch, token, head); varlen tensors have no batch dimension (offsets come from cu_seqlens).
@@ -480,7 +498,7 @@ def _forward(
         seqlens_k if seqlens_k is not None else dummy, block_table if block_table is not None else dummy,
         *q_s, *k_s, *v_s, *o_s, *l_s, block_table.stride(0) if block_table is not None else 0,
         seqlen_q, seqlen_k, batch, hkv, d,
-        softmax_scale, softcap if softcap > 0 else 1.0, left, right, split_size,
+        softmax_scale, softcap if softcap > 0 else 1.0, left, right, split_size, q.shape[0] if mode == 1 else 0,
         GROUP=group, MODE=mode, PAGED=block_table is not None,
         PAGE_SIZE=k.shape[1] if block_table is not None else 1,
         USE_SOFTCAP=softcap > 0, SPLIT=split, WRITE_LSE=lse is not None and not split,
@@ -488,12 +506,12 @@ def _forward(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split:
-        rows = batch * hq * seqlen_q
+        rows = part_b * hq * part_s
         _combine_kernel[(rows,)](
             out, lse if lse is not None else dummy, out_part, lse_part,
-            *o_s, rows, hq, seqlen_q, num_splits, d,
-            WRITE_LSE=lse is not None, SPLITS_P2=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
-            num_warps=4,
+            *o_s, rows, hq, part_s, num_splits, d, cu_q[-1:] if mode == 1 else dummy,
+            VARLEN=mode == 1, WRITE_LSE=lse is not None, SPLITS_P2=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out, lse if lse is not None else empty_lse
 
@@ -507,13 +525,16 @@ def attention_dense(q, k, v, causal, softmax_scale, window, softcap, return_lse,
                     lse_shape=(B, Hq, Sq), config=config)  # fmt: skip
 
 
-def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, causal, softmax_scale, window, softcap, return_lse,
-                     config=None):  # fmt: skip
-    """q (total_q, Hq, D), k/v (total_k, Hkv, D) -> (out, lse (Hq, total_q) or empty)."""
+def attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window, softcap,
+                     return_lse, num_splits=0, config=None):  # fmt: skip
+    """q (total_q, Hq, D), k/v (total_k, Hkv, D) -> (out, lse (Hq, total_q) or empty). num_splits: split-KV factor
+    (each sequence's keys in that many pieces of ~max_seqlen_k / num_splits, merged by their LSE), 0 = chosen from
+    the work and max_seqlen_k: decode-sized batches of a few sequences split, prefill-sized ones do not."""
     total_q, Hq, _ = q.shape
     return _forward(q, k, v, mode=1, seqlen_q=max_seqlen_q, seqlen_k=0, batch=cu_q.shape[0] - 1, causal=causal,
                     softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
-                    lse_shape=(Hq, total_q), cu_q=cu_q, cu_k=cu_k, config=config)  # fmt: skip
+                    lse_shape=(Hq, total_q), cu_q=cu_q, cu_k=cu_k, capacity=max_seqlen_k, num_splits=num_splits,
+                    config=config)  # fmt: skip
 
 
 def attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window, softcap,
