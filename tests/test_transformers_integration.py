@@ -72,9 +72,17 @@ def test_left_padded_batch_decodes_on_the_cpu_kernel_and_matches_eager(models, m
         a, b = (m(ids, attention_mask=mask, use_cache=True) for m in (eager, fq_model))
         step = torch.randint(1, 256, (3, 1))
         mask1 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
-        a = eager(step, attention_mask=mask1, past_key_values=a.past_key_values).logits
-        b = fq_model(step, attention_mask=mask1, past_key_values=b.past_key_values).logits
+        a = eager(step, attention_mask=mask1, **_cache_of(a)).logits
+        b = fq_model(step, attention_mask=mask1, **_cache_of(b)).logits
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def _cache_of(output) -> dict:
+    """The keyword that passes a forward's KV cache to the next step: transformers 5.2x renamed past_key_values to
+    cache (the old name deprecated there); older versions know only past_key_values."""
+    if "cache" in getattr(type(output), "__dataclass_fields__", {}):
+        return {"cache": output.cache}
+    return {"past_key_values": output.past_key_values}
 
 
 def test_left_padding_is_recognised_only_where_the_kernel_applies():
