@@ -71,6 +71,20 @@ def test_fp32_forward_matches_straightforward_reference(model):
     assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
+def test_logits_at_selects_positions_of_the_full_forward(model):
+    """logits_at (B,): one position per sequence -> (B, 1, vocab); (B, P): P positions each -> (B, P, vocab); the
+    rows the full forward computes."""
+    tokens = torch.randint(0, CFG.vocab_size, (2, 7))
+    with torch.no_grad():
+        full = model(tokens)
+        one = model(tokens, logits_at=torch.tensor([6, 3]))
+        several = model(tokens, logits_at=torch.tensor([[0, 4, 6], [1, 2, 5]]))
+    torch.testing.assert_close(one, torch.stack([full[0, 6:7], full[1, 3:4]]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        several, torch.stack([full[0, [0, 4, 6]], full[1, [1, 2, 5]]]), rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_triton_model_matches_straightforward_reference_prefill_and_decode(fused):
     """Every op through a Triton kernel (attention, rms_norm with the fused residual add, rotary, silu_mul; the
@@ -180,6 +194,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "pytorch fp32 (SDPA)" in text and "flashquant int4" in text and out.exists()
+    import json
+
+    rows = json.loads(out.read_text())["results"]
+    # teacher-forced top-1 over the 4 generated positions of every variant; the fp32 reference's cache-free forward
+    # predicts exactly the tokens its cached decode generated
+    assert all(r["forced_total"] == 4 and 0 <= r["forced_same"] <= 4 for r in rows)
+    assert rows[0]["forced_same"] == 4 and "top-1 = fp32" in text
 
 
 def test_demo_stopped_from_outside_keeps_the_variants_it_finished(tmp_path, monkeypatch, capsys):

@@ -91,18 +91,23 @@ def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
 FAST_DECODE = {"decode_tok_s_graph": "graphed", "decode_tok_s_direct": "direct"}
 
 
+def _forced(r: dict) -> str:
+    """The teacher-forced top-1 agreement of a result row, "same/total" ("-" in runs recorded before it existed)."""
+    return f"{r['forced_same']}/{r['forced_total']}" if "forced_same" in r else "-"
+
+
 def markdown(run: dict) -> str:
     """The results table of a `--json` run, as markdown (for the README)."""
     n = run["args"]["new_tokens"]
     fast = next((k for k in FAST_DECODE if any(k in r for r in run["results"])), None)
     head = "| variant | prefill tok/s | decode tok/s |" + (f" {FAST_DECODE[fast]} tok/s |" if fast else "")
-    head += " ms/token | weights GB | logit SQNR dB vs fp32 | greedy tokens = fp32 |"
+    head += " ms/token | weights GB | logit SQNR dB vs fp32 | greedy tokens = fp32 | top-1 = fp32 (forced) |"
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for r in run["results"]:
         g = f" {r[fast]:.2f} |" if fast in r else (" - |" if fast else "")
         lines.append(
             f"| {r['name']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |{g} {r['ms_per_token']:.2f} | "
-            f"{r['weight_gb']:.3f} | {r['sqnr_db']:.1f} | {r['same_tokens']}/{n} |"
+            f"{r['weight_gb']:.3f} | {r['sqnr_db']:.1f} | {r['same_tokens']}/{n} | {_forced(r)} |"
         )
     return "\n".join(lines)
 
@@ -243,6 +248,16 @@ def _run_variant(variant, cfg, prompt, args, device, ref: dict | None) -> dict:
         if fast["decode_path"] != "eager":
             r["decode_tok_s_graph" if device == "cuda" else "decode_tok_s_direct"] = fast["decode_tok_s"]
             r["fast_decode_same_tokens"] = fast["tokens"] == r["tokens"]
+    # Teacher-forced: each generated position's next token given the fp32 reference's tokens so far (one forward
+    # over them, no cache). Greedy runs part ways at the first near-tie (random weights have many), after which
+    # their tokens are not comparable; every forced position is. For the reference itself this checks the cached
+    # decode against a cache-free forward.
+    ref_tokens = torch.tensor((ref or r)["tokens"], device=device)  # (B, new_tokens)
+    seq = torch.cat([prompt, ref_tokens[:, :-1]], 1)
+    at = torch.arange(prompt.shape[1] - 1, seq.shape[1], device=device).expand(seq.shape[0], -1)
+    with torch.inference_mode():
+        forced = model(seq, logits_at=at).argmax(-1)
+    r["forced_same"], r["forced_total"] = int((forced == ref_tokens).sum()), ref_tokens.numel()
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -269,7 +284,7 @@ def _print_table(rows, new_tokens) -> None:
     print(
         f"\n{'variant':{width}s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {FAST_DECODE[fast]:>8s} {'ms/token':>9s} "
         f"{'weights GB':>10s} "
-        f"{'peak GB':>8s} {'logit SQNR dB':>13s} {'greedy = fp32':>13s}"
+        f"{'peak GB':>8s} {'logit SQNR dB':>13s} {'greedy = fp32':>13s} {'top-1 = fp32':>12s}"
     )
     for r in rows:
         peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
@@ -277,13 +292,16 @@ def _print_table(rows, new_tokens) -> None:
         print(
             f"{r['name']:{width}s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {graphed:>8s} "
             f"{r['ms_per_token']:9.2f} "
-            f"{r['weight_gb']:10.3f} {peak:>8s} {r['sqnr_db']:13.1f} {r['same_tokens']:>6d}/{new_tokens}"
+            f"{r['weight_gb']:10.3f} {peak:>8s} {r['sqnr_db']:13.1f} {r['same_tokens']:>6d}/{new_tokens:<6d} "
+            f"{_forced(r):>12s}"
         )
     print(
         "\nlogit SQNR: first generated position vs the fp32 reference; 'greedy = fp32': leading greedy tokens that"
-        " match the fp32 model's.\nQuantized variants quantize every linear incl. lm_head (round-to-nearest, no"
-        " calibration; --quant-method mse searches each group's clip range); random Gaussian weights are a hard"
-        " case for int4, so expect low int4 SQNR here.\nThe"
-        " flashquant variants fuse q/k/v and gate/up into one projection each; the PyTorch variants keep Hugging"
-        " Face's separate linears."
+        " match the fp32 model's; 'top-1 = fp32': generated positions whose next token, given the fp32 model's"
+        " tokens so far (teacher-forced), is the fp32 model's.\n"
+        "Quantized variants quantize every linear incl. lm_head (round-to-nearest, no calibration; --quant-method"
+        " mse searches each group's clip range); random Gaussian weights are a hard case for int4, so expect low"
+        " int4 SQNR here.\n"
+        "The flashquant variants fuse q/k/v and gate/up into one projection each; the PyTorch variants keep"
+        " Hugging Face's separate linears."
     )

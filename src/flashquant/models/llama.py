@@ -474,7 +474,8 @@ class Llama(nn.Module):
     ):
         """tokens (B, S) int64 -> logits (B, S, vocab) fp32; positions default to 0..S-1 after the cached tokens.
         logits_at (B,) int64: only compute the logits of that position of each sequence -> (B, 1, vocab)
-        (generation needs just the last one; the lm_head is the largest matmul of small models)."""
+        (generation needs just the last one; the lm_head is the largest matmul of small models); (B, P): those P
+        positions of each sequence -> (B, P, vocab)."""
         B, S = tokens.shape
         if positions is None:
             start = cache.seqlens.long()[:, None] if cache is not None else 0
@@ -484,9 +485,9 @@ class Llama(nn.Module):
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.inv_freq, cache, self.attn_backend)
         if logits_at is not None:
-            rows = torch.arange(B, device=x.device)
-            x = x[rows, logits_at][:, None]
-            residual = residual[rows, logits_at][:, None] if residual is not None else None
+            rows, cols = torch.arange(B, device=x.device)[:, None], logits_at.reshape(B, -1)
+            x = x[rows, cols]
+            residual = residual[rows, cols] if residual is not None else None
         ops = layer_ops_backend(self.attn_backend)
         x = self.norm(x, backend=ops) if residual is None else self.norm(x, residual=residual, backend=ops)[0]
         return self.lm_head(x).float()
