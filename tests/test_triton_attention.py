@@ -141,6 +141,20 @@ def test_varlen_decode_batch_split_kv(num_splits, heads):
         assert torch.equal(out_only, out), what
 
 
+def test_no_keys_anywhere_gives_zeros():
+    """max_seqlen_k = 0 (every sequence keyless) and a zero-capacity KV cache: zeros and lse -inf, not a division by
+    zero while sizing the key splits, nor an empty launch that leaves the output uninitialised."""
+    dtype = DTYPES[0]
+    q, k = rand(3, 4, 16, dtype=dtype), rand(0, 2, 16, dtype=dtype)
+    cq, ck = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in ([0, 1, 3], [0, 0, 0]))
+    out, lse = fq.attention_varlen(q, k, k, cq, ck, 2, 0, causal=True, return_lse=True, backend="triton")
+    assert not out.float().abs().sum() and torch.isneginf(lse).all()
+    cache = rand(2, 0, 2, 16, dtype=dtype)
+    lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    out, lse = fq.attention_with_kvcache(q[:2, None], cache, cache, lens, return_lse=True, backend="triton")
+    assert not out.float().abs().sum() and torch.isneginf(lse).all()
+
+
 def make_cache(B, hkv, d, lens, paged, dtype, block_size=16, capacity=96):
     if paged:
         per_seq = capacity // block_size

@@ -362,9 +362,8 @@ def _combine_kernel(
     h = (row // seqlen_q) % num_heads
     s = row % seqlen_q
     valid_splits = num_splits
-    if (
-        VARLEN
-    ):  # a row past the last sequence has no partials (never written): merged as none, i.e. 0 and -inf
+    # varlen: a row past the last sequence has no partials (never written); merged as none, it gets 0 and -inf
+    if VARLEN:
         valid_splits = tl.where(s < tl.load(VarlenEnd), num_splits, 0)
     splits = tl.arange(0, SPLITS_P2)
     split_valid = splits < valid_splits
@@ -471,7 +470,11 @@ def _forward(
     block_m, block_n, warps, stages = _config(q.device, block_d, seqlen_q * group, config)
     grid_m = triton.cdiv(seqlen_q * group, block_m)
     split_size = 0
-    if mode != 0:
+    if (
+        mode == 0 or capacity <= 0
+    ):  # dense, or no keys anywhere (an empty cache, max_seqlen_k = 0): one program each
+        num_splits = 1
+    else:
         if num_splits == 0:
             num_splits = choose_num_splits(q.device, grid_m * batch * hkv, capacity, block_n)
         num_splits = max(1, min(num_splits, triton.cdiv(capacity, block_n)))
