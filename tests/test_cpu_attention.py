@@ -541,6 +541,19 @@ def test_auto_splits_a_varlen_batch_mixing_prompt_chunks_and_decode_steps(monkey
     assert calls == []
 
 
+def test_mixed_varlen_batch_compiles_fullgraph_on_the_pytorch_path():
+    """Under torch.compile auto cannot split a batch by cu_seqlens_q's values: the mixed batch traces as the one
+    custom op on the PyTorch path (no graph break), with the eager split's result."""
+    most = importlib.import_module("flashquant.attention").cpu_kvcache_max_sq(torch.float32, 16)
+    q, k, v, cu_q, cu_k = _varlen_inputs([1, most + 3, 2], [30, most + 3, 9], 4, 2, 16, torch.float32)
+
+    def f(q, k, v, cu_q, cu_k):
+        return fq.attention_varlen(q, k, v, cu_q, cu_k, most + 3, max(30, most + 3), causal=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")(q, k, v, cu_q, cu_k)
+    assert_close(compiled, f(q, k, v, cu_q, cu_k), torch.float32)
+
+
 def test_cpu_attention_splits_long_sequences_of_a_ragged_batch():
     """Default splits are per sequence (a long cache in pieces, short ones whole, empty ones none): the pieces of
     one sequence and the unused split slots of the others merge to the reference, for KV caches and packed
