@@ -381,18 +381,20 @@ def test_cpu_dense_attention_takes_transformers_layouts_and_empty_inputs():
     assert fq.attention(empty, empty[..., :2, :], empty[..., :2, :], backend="cpu").shape == empty.shape
 
 
+def _spy_on_op(monkeypatch, op: str, record) -> list:
+    """Wraps torch.ops.flashquant.<op> for this test: each call runs the real op and appends record(*args) to the
+    returned list (which calls the public functions made, and with what)."""
+    real, calls = getattr(torch.ops.flashquant, op), []
+    monkeypatch.setattr(torch.ops.flashquant, op, lambda *a: calls.append(record(*a)) or real(*a))
+    return calls
+
+
 def test_auto_runs_dense_attention_on_the_cpu_kernel_for_decode_sized_sq(monkeypatch):
     """auto: the C++ kernel up to cpu_kvcache_max_sq query tokens (decode, e.g. a transformers model's step with
     attn_implementation="fq"), SDPA above it; with inputs that require grad, the PyTorch path (the kernel is
     forward-only)."""
     attention = importlib.import_module("flashquant.attention")
-    calls = []
-    real = torch.ops.flashquant.kvcache_attention
-    monkeypatch.setattr(
-        attention.torch.ops.flashquant,
-        "kvcache_attention",
-        lambda *a: calls.append(a[0].shape[1]) or real(*a),
-    )
+    calls = _spy_on_op(monkeypatch, "kvcache_attention", lambda *a: a[0].shape[1])
     most = attention.cpu_kvcache_max_sq(torch.float32, 16)
     k, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
     for sq in (1, most, most + 1):
@@ -482,13 +484,7 @@ def test_auto_runs_varlen_attention_on_the_cpu_kernel_for_decode_sized_sequences
     decode-sized sequences only (here the second), SDPA for the longer; the PyTorch path when the inputs require
     grad."""
     attention = importlib.import_module("flashquant.attention")
-    calls = []
-    real = torch.ops.flashquant.varlen_attention
-    monkeypatch.setattr(
-        attention.torch.ops.flashquant,
-        "varlen_attention",
-        lambda *a: calls.append(a[0].shape[0]) or real(*a),
-    )
+    calls = _spy_on_op(monkeypatch, "varlen_attention", lambda *a: a[0].shape[0])
     most = attention.cpu_kvcache_max_sq(torch.float32, 16)
     for sq in (1, most, most + 1):
         q, k, v, cu_q, cu_k = _varlen_inputs([sq, 1], [40, 3], 4, 2, 16, torch.float32)
@@ -509,11 +505,7 @@ def test_auto_splits_a_varlen_batch_mixing_prompt_chunks_and_decode_steps(monkey
     ones with SDPA; outputs and lse land in their rows, rows past cu_seqlens_q[-1] stay zero, and every mask option
     agrees with the reference. A batch with only long (or empty) sequences makes no kernel call."""
     attention = importlib.import_module("flashquant.attention")
-    calls = []
-    real = torch.ops.flashquant.varlen_attention
-    monkeypatch.setattr(
-        attention.torch.ops.flashquant, "varlen_attention", lambda *a: calls.append(a[3].tolist()) or real(*a)
-    )
+    calls = _spy_on_op(monkeypatch, "varlen_attention", lambda *a: a[3].tolist())
     most = attention.cpu_kvcache_max_sq(dtype, 32)
     q_lens = [1, most + 5, 0, 2, 1, most + 1, 3]
     k_lens = [50, most + 9, 7, 2, 0, most + 1, 600]
